@@ -1,0 +1,181 @@
+"""Settings for the postback delivery service.
+
+Everything that differs between machines comes from the environment (see the README's
+configuration table); the defaults run the whole service on one machine: SQLite under
+`var/`, the project's own Redis on port 6380. Runtime delivery settings (attempts, backoff,
+default value, timeouts) are not here: they live in the database and are edited in admin.
+"""
+
+from pathlib import Path
+
+import django_stubs_ext
+import environ
+
+# Lets classes such as ModelAdmin[Model] take type parameters at run time, as mypy sees them.
+django_stubs_ext.monkeypatch()
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+env = environ.Env()
+
+DEBUG: bool = env.bool("DEBUG", default=False)
+
+# A missing SECRET_KEY is only tolerated while debugging on one's own machine.
+SECRET_KEY: str = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise environ.ImproperlyConfigured("Set SECRET_KEY (or DEBUG=true for local development).")
+    SECRET_KEY = "insecure-development-key-only-used-with-debug-on"
+
+ALLOWED_HOSTS: list[str] = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS: list[str] = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# HTTPS switches: secure by default in production, overridable one by one.
+SECURE_SSL_REDIRECT: bool = env.bool("SECURE_SSL_REDIRECT", default=not DEBUG)
+SESSION_COOKIE_SECURE: bool = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE: bool = env.bool("CSRF_COOKIE_SECURE", default=not DEBUG)
+SECURE_HSTS_SECONDS: int = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 31536000)
+# Behind nginx the scheme arrives in X-Forwarded-Proto; trust it only when told to.
+if env.bool("USE_X_FORWARDED_PROTO", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_rq",
+    "ingestion",
+    "delivery",
+    "dashboard",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "postbackproject.urls"
+WSGI_APPLICATION = "postbackproject.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}"),
+}
+if "DATABASE_URL" not in env:
+    VAR_DIR.mkdir(exist_ok=True)
+# Keep connections between requests; workers also close stale ones between jobs.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the web process read while a worker writes attempts.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "admin:login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = env.path("STATIC_ROOT", default=VAR_DIR / "static")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+
+# --- Queue -------------------------------------------------------------------------------
+
+REDIS_URL: str = env.str("REDIS_URL", default="redis://127.0.0.1:6380/0")
+POSTBACK_QUEUE = "postbacks"
+RQ_QUEUES = {
+    POSTBACK_QUEUE: {
+        "URL": REDIS_URL,
+        "SERIALIZER": "postbackproject.queue.CompactJSONSerializer",
+    },
+}
+RQ = {
+    # `manage.py rqworker` builds this worker: no fork per job, stale DB connections
+    # closed between jobs, and the JSON serializer whatever the command line says.
+    "WORKER_CLASS": "delivery.worker.DeliveryWorker",
+    "COMMIT_MODE": "auto",
+}
+# How many jobs may wait in the queue before ingestion answers 503.
+INGEST_MAX_QUEUED_JOBS: int = env.int("INGEST_MAX_QUEUED_JOBS", default=100_000)
+# How often each web process re-reads the queue depth and Redis memory (seconds).
+INGEST_BACKLOG_CHECK_SECONDS: float = env.float("INGEST_BACKLOG_CHECK_SECONDS", default=1.0)
+
+# --- Ingestion ---------------------------------------------------------------------------
+
+INGEST_MAX_BODY_BYTES: int = env.int("INGEST_MAX_BODY_BYTES", default=1024 * 1024)
+INGEST_MAX_DATA_OBJECTS: int = env.int("INGEST_MAX_DATA_OBJECTS", default=10_000)
+# Django's own cap on request bodies must not cut in before ours.
+DATA_UPLOAD_MAX_MEMORY_SIZE = INGEST_MAX_BODY_BYTES + 1
+
+# --- Delivery ----------------------------------------------------------------------------
+
+# Private, loopback and link-local destinations are refused unless listed here (CIDRs).
+DELIVERY_ALLOW_NETWORKS: list[str] = env.list("DELIVERY_ALLOW_NETWORKS", default=[])
+# Requests one worker process keeps in flight at once (threads sharing one pool).
+DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=16)
+# How long a worker trusts its copy of the admin-edited delivery settings.
+DELIVERY_SETTINGS_CACHE_SECONDS: float = env.float("DELIVERY_SETTINGS_CACHE_SECONDS", default=5.0)
+
+# --- Logging -----------------------------------------------------------------------------
+
+LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        # Attempt lines are JSON already; print them as they are.
+        "bare": {"format": "%(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "attempts": {"class": "logging.StreamHandler", "formatter": "bare"},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "delivery.attempts": {"handlers": ["attempts"], "level": "INFO", "propagate": False},
+    },
+}

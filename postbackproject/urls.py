@@ -1,0 +1,11 @@
+"""URL routes: ingestion at the root (the senders' contract), dashboards and admin behind a login."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("", include("ingestion.urls")),
+    path("dashboard/", include("dashboard.urls")),
+    path("admin/rq/", include("django_rq.urls")),
+    path("admin/", admin.site.urls),
+]
