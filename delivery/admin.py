@@ -1,0 +1,67 @@
+"""Admin: the delivery settings (one row) and the read-only attempt log."""
+
+from django.contrib import admin
+from django.http import HttpRequest, HttpResponseRedirect
+from django.urls import reverse
+
+from delivery.forms import DeliverySettingsForm
+from delivery.models import DeliveryAttempt, DeliverySettings
+
+
+@admin.register(DeliverySettings)
+class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
+    form = DeliverySettingsForm
+    fieldsets = [
+        ("Retries", {"fields": ["max_attempts", "backoff_base_seconds", "backoff_factor", "backoff_max_seconds"]}),
+        ("URL values", {"fields": ["unmatched_default"]}),
+        ("Requests", {"fields": ["connect_timeout_seconds", "read_timeout_seconds", "response_body_max_bytes"]}),
+        ("Queueing", {"fields": ["batch_size"]}),
+    ]
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, object] | None = None
+    ) -> HttpResponseRedirect:
+        """There is one row: the list goes straight to it (created with defaults if need be)."""
+        settings_row = DeliverySettings.load()
+        if settings_row._state.adding:
+            settings_row.save()
+        return HttpResponseRedirect(reverse("admin:delivery_deliverysettings_change", args=[settings_row.pk]))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: DeliverySettings | None = None) -> bool:
+        return False
+
+
+@admin.register(DeliveryAttempt)
+class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
+    list_display = [
+        "delivered_at",
+        "postback_id",
+        "attempt",
+        "method",
+        "short_url",
+        "response_code",
+        "response_time_ms",
+        "outcome",
+    ]
+    list_filter = ["outcome", "response_code", "method", "delivered_at"]
+    # "=" makes the id an exact (indexed) lookup; URLs are matched by prefix.
+    search_fields = ["=postback_id", "^url"]
+    date_hierarchy = "delivered_at"
+    list_per_page = 50
+    show_full_result_count = False  # COUNT(*) over millions of rows on every page is slow
+
+    @admin.display(description="URL")
+    def short_url(self, obj: DeliveryAttempt) -> str:
+        return obj.url if len(obj.url) <= 80 else obj.url[:77] + "..."
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: DeliveryAttempt | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: DeliveryAttempt | None = None) -> bool:
+        return False

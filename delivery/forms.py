@@ -1,0 +1,27 @@
+"""The one validation of delivery settings, shared by admin and the command line."""
+
+from django import forms
+
+from delivery.models import DeliverySettings
+
+EDITABLE_FIELDS = [
+    "max_attempts",
+    "backoff_base_seconds",
+    "backoff_factor",
+    "backoff_max_seconds",
+    "unmatched_default",
+    "connect_timeout_seconds",
+    "read_timeout_seconds",
+    "response_body_max_bytes",
+    "batch_size",
+]
+
+
+class DeliverySettingsForm(forms.ModelForm[DeliverySettings]):
+    class Meta:
+        model = DeliverySettings
+        fields = EDITABLE_FIELDS
+
+    def clean_unmatched_default(self) -> str:
+        # A form strips whitespace by default; an admin may mean a space.
+        return str(self.data.get("unmatched_default", ""))

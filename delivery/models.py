@@ -1,0 +1,137 @@
+"""Delivery records and the runtime settings that admins tune."""
+
+import time
+from typing import ClassVar
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+
+class DeliverySettings(models.Model):
+    """The one row of runtime delivery settings, edited in admin or `manage.py deliverysettings`.
+
+    Workers and ingestion read it through `current()`, which caches it for a few seconds
+    (DELIVERY_SETTINGS_CACHE_SECONDS), so a change applies without a restart.
+    """
+
+    SINGLETON_ID = 1
+
+    max_attempts = models.PositiveSmallIntegerField(
+        default=5,
+        validators=[MinValueValidator(1), MaxValueValidator(50)],
+        help_text="Tries per postback, counting the first. 1 means never retry.",
+    )
+    backoff_base_seconds = models.FloatField(
+        default=10,
+        validators=[MinValueValidator(0), MaxValueValidator(86400)],
+        help_text="Wait before the first retry. Later waits grow by the factor; "
+        "each is jittered between half and all of its value.",
+    )
+    backoff_factor = models.FloatField(
+        default=4,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="Each retry waits this many times longer than the one before.",
+    )
+    backoff_max_seconds = models.FloatField(
+        default=3600,
+        validators=[MinValueValidator(0), MaxValueValidator(7 * 86400)],
+        help_text="Longest wait between tries, also the cap on a receiver's Retry-After.",
+    )
+    unmatched_default = models.CharField(
+        max_length=1000,
+        blank=True,
+        default="",
+        help_text="Value for a {placeholder} that the data object does not have or sets to null. "
+        "Percent-encoded like any other value.",
+    )
+    connect_timeout_seconds = models.FloatField(
+        default=5,
+        validators=[MinValueValidator(0.1), MaxValueValidator(60)],
+        help_text="How long to wait for the receiver to accept a connection.",
+    )
+    read_timeout_seconds = models.FloatField(
+        default=10,
+        validators=[MinValueValidator(0.1), MaxValueValidator(300)],
+        help_text="How long to wait for the receiver between bytes of its response.",
+    )
+    response_body_max_bytes = models.PositiveIntegerField(
+        default=4096,
+        validators=[MaxValueValidator(1024 * 1024)],
+        help_text="How much of each response body is kept in the attempt log. 0 keeps none.",
+    )
+    batch_size = models.PositiveIntegerField(
+        default=100,
+        validators=[MinValueValidator(1), MaxValueValidator(10000)],
+        help_text="Most postbacks per queue job; a larger request is split into several jobs.",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    _cache: ClassVar[tuple[float, "DeliverySettings"] | None] = None
+
+    class Meta:
+        verbose_name = "delivery settings"
+        verbose_name_plural = "delivery settings"
+
+    def __str__(self) -> str:
+        return "Delivery settings"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        self.pk = self.SINGLETON_ID
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+        DeliverySettings._cache = None
+
+    @classmethod
+    def load(cls) -> "DeliverySettings":
+        """The settings row as stored now (defaults if it was never saved)."""
+        found = cls.objects.filter(pk=cls.SINGLETON_ID).first()
+        return found if found is not None else cls(pk=cls.SINGLETON_ID)
+
+    @classmethod
+    def current(cls) -> "DeliverySettings":
+        """The settings, at most DELIVERY_SETTINGS_CACHE_SECONDS old."""
+        cached = cls._cache
+        now = time.monotonic()
+        if cached is None or now - cached[0] >= settings.DELIVERY_SETTINGS_CACHE_SECONDS:
+            cached = (now, cls.load())
+            cls._cache = cached
+        return cached[1]
+
+
+class Outcome(models.TextChoices):
+    SUCCESS = "success", "success"
+    RETRY = "retry", "will retry"
+    FAILED = "failed", "failed"
+
+
+FINAL_OUTCOMES = (Outcome.SUCCESS, Outcome.FAILED)
+
+
+class DeliveryAttempt(models.Model):
+    """One try at delivering one postback: what was sent and what came back."""
+
+    postback_id = models.CharField(max_length=64)
+    attempt = models.PositiveSmallIntegerField(help_text="1 for the first try.")
+    method = models.CharField(max_length=7)
+    url = models.TextField(help_text="The URL as sent, placeholders replaced.")
+    request_body = models.TextField(blank=True, help_text="The JSON body sent (POST, PUT, PATCH).")
+    delivered_at = models.DateTimeField(help_text="When the request started.")
+    response_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_time_ms = models.FloatField(null=True, blank=True)
+    response_body = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    outcome = models.CharField(max_length=7, choices=Outcome.choices)
+
+    class Meta:
+        ordering = ["-delivered_at", "-id"]
+        constraints = [
+            # A job rerun after a crash may record the same try again; the row is kept once.
+            models.UniqueConstraint(fields=["postback_id", "attempt"], name="one_row_per_try"),
+        ]
+        indexes = [
+            models.Index(fields=["delivered_at"], name="attempt_delivered_at"),
+            models.Index(fields=["outcome", "delivered_at"], name="attempt_outcome_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.postback_id} try {self.attempt}: {self.outcome}"
