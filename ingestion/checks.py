@@ -1,0 +1,17 @@
+"""System checks for the ingestion limits."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, register
+
+
+@register()
+def check_ingestion_limits(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    for name in ("INGEST_MAX_BODY_BYTES", "INGEST_MAX_DATA_OBJECTS", "INGEST_MAX_QUEUED_JOBS"):
+        if getattr(settings, name) < 1:
+            errors.append(Error(f"{name} must be a positive number.", id="ingestion.E001"))
+    return errors
