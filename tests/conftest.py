@@ -1,0 +1,225 @@
+"""Real parts for the suite: a redis-server of its own, HTTP receivers on loopback, and the
+real RQ worker code (DeliveryWorker, a SimpleWorker, in burst mode)."""
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.conf import settings
+from redis import Redis
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
+
+from delivery import transport
+from delivery.worker import DeliveryWorker
+from postbackproject.queue import get_connection, get_queue
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll with a deadline (the suite's only way of waiting)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def start_redis() -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="postback-test-redis-")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+    )
+    client = Redis(port=port)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except Exception:  # noqa: BLE001
+            return False
+
+    wait_until(answers, what="redis-server to answer")
+    return RedisServer(port=port, process=process)
+
+
+def use_redis(url: str) -> None:
+    settings.REDIS_URL = url
+    settings.RQ_QUEUES = {settings.POSTBACK_QUEUE: {**settings.RQ_QUEUES[settings.POSTBACK_QUEUE], "URL": url}}
+    get_connection.cache_clear()
+    get_queue.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = start_redis()
+    use_redis(server.url)
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def clean_redis(redis_server: RedisServer) -> Iterator[Redis]:
+    """Every test starts with an empty Redis and fresh per-process state."""
+    use_redis(redis_server.url)
+    get_connection().flushall()
+    transport.allowed_networks.cache_clear()
+    yield get_connection()
+
+
+# --- receivers -----------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b"ok"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before answering (to provoke read timeouts)
+
+
+@dataclass
+class Received:
+    method: str
+    target: str  # the request target exactly as sent: path and query
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """An HTTP server on loopback that records every request and answers from a script."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.script: list[Reply] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_one(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with receiver._lock:
+                    receiver.requests.append(Received(self.command, self.path, dict(self.headers), body))
+                    reply = receiver.script.pop(0) if receiver.script else Reply()
+                if reply.delay:
+                    time.sleep(reply.delay)
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def answer(self, *replies: Reply) -> None:
+        with self._lock:
+            self.script.extend(replies)
+
+    @property
+    def targets(self) -> list[str]:
+        return [request.target for request in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """A loopback URL where nothing listens: connections are refused."""
+    return f"http://127.0.0.1:{free_port()}/gone"
+
+
+# --- workers -------------------------------------------------------------------------------
+
+
+def run_worker() -> None:
+    """One burst of the real worker: every job now in the queue, then stop."""
+    DeliveryWorker([get_queue()], connection=get_connection()).work(burst=True, logging_level="WARNING")
+
+
+def scheduled_retries() -> list[tuple[Job, float]]:
+    """Jobs waiting in the RQ scheduler, with the Unix time each is due."""
+    queue = get_queue()
+    registry = ScheduledJobRegistry(queue=queue)
+    due: list[tuple[bytes, float]] = registry.connection.zrange(registry.key, 0, -1, withscores=True)  # type: ignore[assignment]
+    return [
+        (Job.fetch(job_id.decode(), connection=get_connection(), serializer=queue.serializer), score)
+        for job_id, score in due
+    ]
+
+
+def release_scheduled() -> int:
+    """Enqueue every scheduled job now, as the scheduler would once its time came."""
+    queue = get_queue()
+    registry = ScheduledJobRegistry(queue=queue)
+    released = 0
+    for job, _ in scheduled_retries():
+        registry.remove(job)
+        queue.enqueue_job(job)
+        released += 1
+    return released
+
+
+def deliver_everything(max_rounds: int = 20) -> None:
+    """Run workers until no job is queued or scheduled, skipping the waits between retries."""
+    for _ in range(max_rounds):
+        run_worker()
+        if not release_scheduled() and get_queue().count == 0:
+            return
+    raise AssertionError("jobs kept coming back")
+
+
+def ingest_json(client, document: object, path: str = "/ingest.php"):
+    return client.generic("POST", path, json.dumps(document).encode())
