@@ -6,6 +6,7 @@ be raced by DNS. So the check runs on the socket itself, after it connects and b
 is sent: the peer address must be public, or inside DELIVERY_ALLOW_NETWORKS.
 """
 
+import codecs
 import http.cookiejar
 import ipaddress
 import socket
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from email.message import Message
 from email.utils import parsedate_to_datetime
 from functools import cache
 from typing import Any
@@ -155,7 +157,18 @@ def _read_capped(response: requests.Response, max_bytes: int) -> str:
     head = raw.read(max_bytes, decode_content=True) if max_bytes else b""
     if not raw.isclosed() and raw.read(1, decode_content=True):
         response.close()
-    return head.decode(response.encoding or "utf-8", errors="replace")
+    return head.decode(_declared_charset(response.headers.get("Content-Type")), errors="replace")
+
+
+def _declared_charset(content_type: str | None) -> str:
+    """The charset the receiver declared, else UTF-8 (requests would guess ISO-8859-1 for text/*)."""
+    message = Message()
+    message["Content-Type"] = content_type or ""
+    charset = message.get_content_charset()
+    try:
+        return codecs.lookup(charset).name if charset else "utf-8"
+    except LookupError:
+        return "utf-8"
 
 
 def _describe(exc: BaseException) -> tuple[str, bool]:
