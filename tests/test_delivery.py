@@ -306,3 +306,12 @@ def test_private_addresses_are_refused_without_sending(client, receiver, setting
 
 def test_the_worker_class_is_configured_for_rqworker():
     assert get_worker_class() is DeliveryWorker
+
+
+def test_manage_py_rqworker_runs_jobs_with_the_json_serializer(client, receiver):
+    """The production command, whose default --serializer is pickle, still reads our jobs."""
+    ingest_json(client, {"endpoint": endpoint(receiver, "/cmd?k={k}"), "data": [{"k": "v"}]})
+
+    call_command("rqworker", "postbacks", "--burst", "--with-scheduler", verbosity=0)
+
+    assert receiver.targets == ["/cmd?k=v"]

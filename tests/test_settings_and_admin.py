@@ -1,0 +1,126 @@
+"""Runtime delivery settings (command line and admin) and the admin's attempt log."""
+
+import io
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from delivery.models import DeliveryAttempt, DeliverySettings
+
+pytestmark = pytest.mark.django_db
+
+
+def run_command(*args: str) -> str:
+    out = io.StringIO()
+    call_command("deliverysettings", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.fixture
+def staff_client(client):
+    user = User.objects.create_superuser("admin", "admin@example.com", "a-long-test-password")
+    client.force_login(user)
+    return client
+
+
+def test_the_command_prints_the_defaults():
+    printed = run_command()
+    assert "max_attempts = 5" in printed
+    assert "backoff_base_seconds = 10" in printed
+    assert "backoff_factor = 4" in printed
+    assert "backoff_max_seconds = 3600" in printed
+    assert "unmatched_default = ''" in printed
+
+
+def test_the_command_changes_several_settings():
+    printed = run_command("--set", "max_attempts=3", "--set", "unmatched_default= x ")
+    assert "max_attempts = 3" in printed
+    stored = DeliverySettings.load()
+    assert (stored.max_attempts, stored.unmatched_default) == (3, " x ")
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("max_attempts=0", "max_attempts"),
+        ("max_attempts=many", "max_attempts"),
+        ("read_timeout_seconds=-1", "read_timeout_seconds"),
+        ("colour=blue", "unknown setting"),
+        ("max_attempts", "name=value"),
+    ],
+)
+def test_the_command_refuses_invalid_values_and_changes_nothing(assignment, message):
+    with pytest.raises(CommandError, match=message):
+        run_command("--set", "batch_size=7", "--set", assignment)
+    assert DeliverySettings.load().batch_size == 100
+
+
+def test_current_settings_are_cached_for_the_configured_time(settings):
+    settings.DELIVERY_SETTINGS_CACHE_SECONDS = 3600
+    DeliverySettings().save()
+    assert DeliverySettings.current().max_attempts == 5
+    DeliverySettings.objects.filter(pk=1).update(max_attempts=9)  # an edit made by another process
+    assert DeliverySettings.current().max_attempts == 5
+    settings.DELIVERY_SETTINGS_CACHE_SECONDS = 0
+    assert DeliverySettings.current().max_attempts == 9
+
+
+@pytest.mark.parametrize("path", ["/admin/", "/admin/delivery/deliveryattempt/", "/dashboard/", "/admin/rq/"])
+def test_admin_and_dashboards_need_a_login(client, path):
+    response = client.get(path)
+    assert response.status_code == 302
+    assert "/login/" in response["Location"]
+
+
+def test_the_settings_admin_opens_the_one_row_and_saves_with_validation(staff_client):
+    response = staff_client.get("/admin/delivery/deliverysettings/")
+    assert response.status_code == 302
+    assert response["Location"].endswith("/admin/delivery/deliverysettings/1/change/")
+
+    form = {
+        "max_attempts": "0",
+        "backoff_base_seconds": "10",
+        "backoff_factor": "4",
+        "backoff_max_seconds": "3600",
+        "unmatched_default": "",
+        "connect_timeout_seconds": "5",
+        "read_timeout_seconds": "10",
+        "response_body_max_bytes": "4096",
+        "batch_size": "100",
+    }
+    refused = staff_client.post("/admin/delivery/deliverysettings/1/change/", form)
+    assert refused.status_code == 200
+    assert "Ensure this value is greater than or equal to 1" in refused.content.decode()
+
+    saved = staff_client.post("/admin/delivery/deliverysettings/1/change/", {**form, "max_attempts": "2"})
+    assert saved.status_code == 302
+    assert DeliverySettings.load().max_attempts == 2
+
+
+def test_the_attempt_log_is_searchable_by_postback_id_and_filterable(staff_client):
+    for pid, outcome in [("aaa", "success"), ("bbb", "failed")]:
+        DeliveryAttempt.objects.create(
+            postback_id=pid,
+            attempt=1,
+            method="GET",
+            url=f"http://example.com/{pid}",
+            delivered_at=timezone.now(),
+            response_code=200 if outcome == "success" else 404,
+            outcome=outcome,
+        )
+
+    found = staff_client.get("/admin/delivery/deliveryattempt/", {"q": "bbb"}).content.decode()
+    assert "http://example.com/bbb" in found and "http://example.com/aaa" not in found
+    filtered = staff_client.get("/admin/delivery/deliveryattempt/", {"outcome__exact": "success"}).content.decode()
+    assert "http://example.com/aaa" in filtered and "http://example.com/bbb" not in filtered
+    assert staff_client.get("/admin/delivery/deliveryattempt/add/").status_code == 403
+
+
+def test_the_dashboard_counts_attempts_by_outcome(staff_client):
+    DeliveryAttempt.objects.create(
+        postback_id="p", attempt=1, method="GET", url="http://e/", delivered_at=timezone.now(), outcome="success"
+    )
+    page = staff_client.get("/dashboard/").content.decode()
+    assert "<td>success</td><td>1</td>" in page
