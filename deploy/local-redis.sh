@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The `redis` process of deploy/Procfile: the project's Redis for a local run.
+#
+# Runs redis-server with deploy/redis.conf, data in var/redis, and the password from
+# var/redis-auth.conf (deploy/run-local.sh writes it). It stays in the foreground, logging to
+# stdout, and exits with Redis's status.
+#
+# Why a wrapper rather than a bare redis-server line: on Ctrl-C honcho sends SIGTERM to
+# every process at once. A worker's warm shutdown finishes the job in hand and then records
+# the result and its own exit in Redis; if Redis had already gone, the job would stay
+# "started" and the worker registered. So Redis runs in a session of its own, out of reach of
+# honcho's SIGTERM, and this script stops it once every other client has disconnected, or
+# after 4 s: honcho SIGKILLs whatever is still running 5 s after the first process exits.
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
+root=$PWD
+port=6380 # as in deploy/redis.conf
+auth_file=$root/var/redis-auth.conf
+
+if [[ ! -r $auth_file ]]; then
+    echo "local-redis: $auth_file is missing: run deploy/run-local.sh" >&2
+    exit 1
+fi
+mkdir -p var/redis
+
+# --include before --dir: Redis chdir()s into `dir` while reading its configuration.
+setsid redis-server deploy/redis.conf --include "$auth_file" --dir "$root/var/redis" &
+redis_pid=$!
+
+password=$(sed -n 's/^requirepass[[:space:]]\{1,\}//p' "$auth_file")
+
+# shellcheck disable=SC2317 # reached from the trap below
+connected_clients() {
+    REDISCLI_AUTH=$password redis-cli -p "$port" INFO clients 2>/dev/null |
+        sed -n 's/^connected_clients:\([0-9]*\).*/\1/p'
+}
+
+# shellcheck disable=SC2317 # reached from the trap below
+stop() {
+    trap '' TERM INT # a second signal must not interrupt the orderly stop
+    local i clients
+    for ((i = 0; i < 20; i++)); do # 20 x 0.2 s = 4 s
+        clients=$(connected_clients)
+        # 1 is this redis-cli itself; empty means Redis no longer answers.
+        if [[ -z $clients || $clients -le 1 ]]; then
+            break
+        fi
+        sleep 0.2
+    done
+    kill -TERM "$redis_pid" 2>/dev/null || true # Redis: fsync the AOF, save, exit
+    local status=0
+    wait "$redis_pid" || status=$?
+    exit "$status"
+}
+trap stop TERM INT
+
+status=0
+wait "$redis_pid" || status=$? # returns when Redis exits on its own (e.g. port taken)
+exit "$status"

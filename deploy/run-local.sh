@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Set up and run the whole postback service on this machine (Debian or Ubuntu):
+# Redis on port 6380, gunicorn on 127.0.0.1:8000 and two RQ workers, under honcho.
+#
+#   deploy/run-local.sh          (from anywhere; Ctrl-C stops everything)
+#
+# Safe to run again: each step only does what is missing. State lives in var/ (git-ignored):
+#   var/local.env         settings and generated secrets (mode 0600), read by every process
+#   var/redis-auth.conf   Redis's password, included by deploy/local-redis.sh
+#   var/redis/            Redis's append-only file and snapshot
+#   var/db.sqlite3        the database;  var/static/  collected static files
+# Production is different: deploy/provision.sh and systemd (see docs/operations.md).
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
+root=$PWD
+
+say() { printf '==> %s\n' "$*"; }
+die() {
+    printf 'run-local: %s\n' "$*" >&2
+    exit 1
+}
+
+# Install Debian packages when root; otherwise say what to run and stop.
+apt_install() {
+    if [[ $EUID -eq 0 ]]; then
+        say "Installing $*"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+    else
+        die "this needs the Debian package(s) $*. Install them with
+    sudo apt-get install -y $*
+and run $0 again."
+    fi
+}
+
+# --- 1. System packages ---------------------------------------------------------------------
+
+# Only the binary is needed: we run our own redis-server (deploy/redis.conf, port 6380). A
+# stock Redis service the package may start on 6379 is left alone.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    apt_install redis-server
+fi
+command -v python3 >/dev/null || apt_install python3
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+    die "Python 3.10 or newer is needed (Django 5.2); python3 is $(python3 -V 2>&1)."
+
+# --- 2. Python environment ------------------------------------------------------------------
+
+mkdir -p var/redis
+stamp=var/requirements.sha256 # hash of the requirements.txt last installed into .venv
+
+if [[ ! -x .venv/bin/python ]]; then
+    say "Creating the virtualenv .venv"
+    # Debian ships venv's pip bootstrap (ensurepip) in a separate package, python3-venv.
+    if ! python3 -m venv .venv >/dev/null 2>&1; then
+        rm -rf .venv
+        apt_install python3-venv
+        python3 -m venv .venv
+    fi
+    rm -f "$stamp"
+fi
+
+wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [[ ! -f $stamp || $(<"$stamp") != "$wanted" ]]; then
+    say "Installing the Python packages of requirements.txt"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+    echo "$wanted" >"$stamp"
+fi
+
+# --- 3. Settings and secrets (generated once) -----------------------------------------------
+
+umask 077 # what follows holds secrets: readable by this user only
+if [[ ! -f var/local.env ]]; then
+    say "Generating var/local.env with new secrets"
+    secret_key=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(50))')
+    redis_password=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')
+    cat >var/local.env.tmp <<EOF
+# Settings of the local run, made by deploy/run-local.sh on $(date -u +%F).
+# Secret: keep it out of git (var/ is ignored). Read by deploy/run-local.sh, honcho
+# (-e var/local.env) and deploy/manage.sh. Names: see postbackproject/settings.py.
+SECRET_KEY=$secret_key
+# Redis's copy of this password is var/redis-auth.conf, rewritten from here on every start.
+REDIS_PASSWORD=$redis_password
+REDIS_URL=redis://:$redis_password@127.0.0.1:6380/0
+DEBUG=false
+ALLOWED_HOSTS=localhost,127.0.0.1,[::1]
+# Plain HTTP on loopback: no HTTPS redirect, cookies without the Secure flag, no HSTS.
+SECURE_SSL_REDIRECT=false
+SESSION_COOKIE_SECURE=false
+CSRF_COOKIE_SECURE=false
+SECURE_HSTS_SECONDS=0
+# Delivery refuses private and loopback destinations (SSRF guard). To deliver to receivers
+# on this machine (tests, benchmarks), set: DELIVERY_ALLOW_NETWORKS=127.0.0.0/8
+DELIVERY_ALLOW_NETWORKS=
+# Optional: WEB_CONCURRENCY=4 (gunicorn processes; default 2 x CPU cores + 1),
+# GUNICORN_BIND=127.0.0.1:8000. More: README.md, "Configuration".
+EOF
+    mv var/local.env.tmp var/local.env
+fi
+
+set -a
+# shellcheck source=/dev/null
+. var/local.env
+set +a
+
+[[ ${REDIS_PASSWORD:-} =~ ^[A-Za-z0-9._~-]+$ ]] ||
+    die "REDIS_PASSWORD in var/local.env must be set, with letters, digits and ._~- only."
+printf 'requirepass %s\n' "$REDIS_PASSWORD" >var/redis-auth.conf.tmp
+mv var/redis-auth.conf.tmp var/redis-auth.conf
+umask 022
+
+# --- 4. Ports: fail now, clearly, rather than inside honcho ---------------------------------
+
+port_in_use() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+if port_in_use 127.0.0.1 6380; then
+    die "port 6380 is already in use: a previous run still going, or another Redis.
+    See what holds it:  ss -ltnp 'sport = :6380'
+Stop it (a previous run: Ctrl-C in its terminal), then run $0 again."
+fi
+web_bind=${GUNICORN_BIND:-127.0.0.1:8000}
+if [[ $web_bind != unix:* ]]; then
+    web_host=${web_bind%:*}
+    web_host=${web_host#[}
+    web_host=${web_host%]}
+    [[ $web_host == 0.0.0.0 || -z $web_host ]] && web_host=127.0.0.1
+    [[ $web_host == :: ]] && web_host=::1
+    if port_in_use "$web_host" "${web_bind##*:}"; then
+        die "$web_bind (the web process's address) is already in use.
+    See what holds it:  ss -ltnp 'sport = :${web_bind##*:}'
+Stop it, or choose another address with GUNICORN_BIND=host:port in var/local.env."
+    fi
+fi
+
+# --- 5. Database and static files -----------------------------------------------------------
+
+say "Applying database migrations"
+.venv/bin/python manage.py migrate --noinput
+say "Collecting static files"
+.venv/bin/python manage.py collectstatic --noinput --verbosity 0
+
+# --- 6. Run ---------------------------------------------------------------------------------
+
+web_url=http://${web_bind#unix:}
+cat <<EOF
+
+The service is starting: Redis :6380, web $web_bind, workers 1 and 2. Ctrl-C stops it all.
+  Send a postback:   curl -i --data-binary '{"endpoint":{"method":"GET","url":"https://example.com/?k={key}"},"data":[{"key":"v"}]}' $web_url/ingest.php
+  Dashboard:         $web_url/dashboard/
+  Admin:             $web_url/admin/
+  First admin user:  deploy/manage.sh createsuperuser    (in another terminal)
+  Queue statistics:  deploy/manage.sh rqstats
+  Troubleshooting:   docs/operations.md
+
+EOF
+
+export PATH="$root/.venv/bin:$PATH"
+exec .venv/bin/honcho -f deploy/Procfile -e var/local.env start

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Wait until the Redis named by REDIS_URL answers PING, then exit 0.
+
+Runs before the web and worker processes start (deploy/Procfile, and ExecStartPre in the
+systemd units), so that they do not start against a Redis that is still starting or still
+loading its append-only file (Redis answers LOADING until it has).
+
+Exit status: 0 when PING succeeds; 1 after the deadline, or at once when Redis refuses the
+credentials (waiting would not fix that).
+
+--forget-worker NAME: after PING, mark a leftover registration of the RQ worker NAME as
+dead. RQ refuses to start a worker whose name is still registered as alive, and a worker
+that was killed (SIGKILL after the stop timeout, OOM, power cut) leaves its registration
+alive for up to worker_ttl + 60 s (480 s). The systemd units name workers
+postback-<host>-<n>, and systemd runs at most one process per unit, so a registration under
+that name is always a dead one when the unit starts.
+
+Usage: python deploy/wait-for-redis.py [--timeout SECONDS] [--forget-worker NAME]
+"""
+
+import argparse
+import os
+import sys
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from rq.worker import Worker
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6380/0"  # the default of postbackproject/settings.py
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def forget_worker(client: redis.Redis, name: str) -> None:
+    """Register the death of worker `name` if Redis still holds it as alive."""
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=client)
+    if worker is not None and not client.hexists(worker.key, "death"):
+        worker.register_death()  # type: ignore[no-untyped-call]  # rq leaves it unannotated
+        print(f"wait-for-redis: cleared the stale registration of worker {name}", file=sys.stderr)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    parser.add_argument("--forget-worker", metavar="NAME", help="see the module docstring")
+    args = parser.parse_args()
+
+    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.AuthenticationError as exc:  # before ConnectionError: it is one
+            print(f"wait-for-redis: {redacted(url)} refuses the credentials: {exc}", file=sys.stderr)
+            return 1
+        except redis.RedisError as exc:  # refused, LOADING, timeout: keep trying
+            if time.monotonic() >= deadline:
+                print(
+                    f"wait-for-redis: no answer from {redacted(url)} in {args.timeout:g} s: {exc}",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.2)
+
+    if args.forget_worker:
+        forget_worker(client, args.forget_worker)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
