@@ -42,10 +42,16 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
 class RedisServer:
     port: int
     process: subprocess.Popen[bytes]
+    workdir: str
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def start_redis() -> RedisServer:
@@ -67,7 +73,7 @@ def start_redis() -> RedisServer:
             return False
 
     wait_until(answers, what="redis-server to answer")
-    return RedisServer(port=port, process=process)
+    return RedisServer(port=port, process=process, workdir=workdir)
 
 
 def use_redis(url: str) -> None:
@@ -82,8 +88,7 @@ def redis_server() -> Iterator[RedisServer]:
     server = start_redis()
     use_redis(server.url)
     yield server
-    server.process.terminate()
-    server.process.wait(timeout=10)
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

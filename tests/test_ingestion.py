@@ -144,8 +144,7 @@ def test_too_many_data_objects_get_400(client, settings):
 def test_redis_down_gets_503_with_retry_after(client):
     server = start_redis()
     use_redis(server.url)
-    server.process.terminate()
-    server.process.wait(timeout=10)
+    server.stop()
 
     response = ingest_json(client, SAMPLE)
 
