@@ -15,24 +15,8 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 root=$PWD
 
-say() { printf '==> %s\n' "$*"; }
-die() {
-    printf 'run-local: %s\n' "$*" >&2
-    exit 1
-}
-
-# Install Debian packages when root; otherwise say what to run and stop.
-apt_install() {
-    if [[ $EUID -eq 0 ]]; then
-        say "Installing $*"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
-    else
-        die "this needs the Debian package(s) $*. Install them with
-    sudo apt-get install -y $*
-and run $0 again."
-    fi
-}
+# shellcheck source=deploy/lib.sh
+. deploy/lib.sh
 
 # --- 1. System packages ---------------------------------------------------------------------
 
@@ -48,25 +32,7 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
 # --- 2. Python environment ------------------------------------------------------------------
 
 mkdir -p var/redis
-stamp=var/requirements.sha256 # hash of the requirements.txt last installed into .venv
-
-if [[ ! -x .venv/bin/python ]]; then
-    say "Creating the virtualenv .venv"
-    # Debian ships venv's pip bootstrap (ensurepip) in a separate package, python3-venv.
-    if ! python3 -m venv .venv >/dev/null 2>&1; then
-        rm -rf .venv
-        apt_install python3-venv
-        python3 -m venv .venv
-    fi
-    rm -f "$stamp"
-fi
-
-wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [[ ! -f $stamp || $(<"$stamp") != "$wanted" ]]; then
-    say "Installing the Python packages of requirements.txt"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-    echo "$wanted" >"$stamp"
-fi
+ensure_venv requirements.txt
 
 # --- 3. Settings and secrets (generated once) -----------------------------------------------
 

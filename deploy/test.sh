@@ -11,36 +11,11 @@ set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
-say() { printf '==> %s\n' "$*"; }
-
-apt_install() {
-    if [[ $EUID -ne 0 ]]; then
-        echo "test.sh: needs the Debian package(s) $*: sudo apt-get install -y $*" >&2
-        exit 1
-    fi
-    say "Installing $*"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
+# shellcheck source=deploy/lib.sh
+. deploy/lib.sh
 
 command -v redis-server >/dev/null || apt_install redis-server
-
-if [[ ! -x .venv/bin/python ]]; then
-    say "Creating the virtualenv .venv"
-    if ! python3 -m venv .venv >/dev/null 2>&1; then
-        rm -rf .venv
-        apt_install python3-venv
-        python3 -m venv .venv
-    fi
-fi
-mkdir -p var
-stamp=var/requirements-dev.sha256
-wanted=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
-if [[ ! -f $stamp || $(<"$stamp") != "$wanted" ]]; then
-    say "Installing requirements-dev.txt"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-    echo "$wanted" >"$stamp"
-fi
+ensure_venv requirements-dev.txt
 
 say "ruff"
 .venv/bin/ruff check .
