@@ -110,11 +110,11 @@ def deliver_batch(batch: Batch) -> dict[str, int]:
     progress = recorded_progress([pid for pid, _ in batch["postbacks"]], batch["attempt"])
 
     to_send = [(pid, text) for pid, text in batch["postbacks"] if pid not in progress.finished | progress.tried_now]
-    requests = [build_request(batch, pid, text, config) for pid, text in to_send]
-    responses = send_all(requests, config)
+    outgoing = [build_request(batch, pid, text, config) for pid, text in to_send]
+    responses = send_all(outgoing, config)
     rows = [
         attempt_row(req, resp, outcome_of(resp, try_in_series, config))
-        for req, resp in zip(requests, responses, strict=True)
+        for req, resp in zip(outgoing, responses, strict=True)
     ]
     DeliveryAttempt.objects.bulk_create(rows, ignore_conflicts=True)
     for row in rows:

@@ -4,6 +4,9 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from rq.job import Job
 
 from delivery.models import DeliverySettings
@@ -163,3 +166,31 @@ def test_a_full_backlog_gets_503(client, settings):
     assert response.status_code == 503
     assert "backlog" in response.json()["error"]
     assert get_queue().count == 2
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+ENDPOINTS = st.fixed_dictionaries(
+    {
+        "method": st.sampled_from(["GET", "post", "TRACE", ""]) | JSON_VALUES,
+        "url": st.just("http://h/{k}") | JSON_VALUES,
+    }
+)
+DOCUMENTS = st.fixed_dictionaries({"endpoint": ENDPOINTS | JSON_VALUES, "data": JSON_VALUES}) | JSON_VALUES
+
+
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=DOCUMENTS)
+def test_no_json_document_gets_a_500(client, document):
+    response = ingest_json(client, document)
+    assert response.status_code in (202, 400)
+    assert ("error" in response.json()) == (response.status_code == 400)
+
+
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=200))
+def test_no_byte_string_gets_a_500(client, body):
+    assert client.generic("POST", "/i", body).status_code in (202, 400)
