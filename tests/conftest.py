@@ -109,6 +109,8 @@ class Reply:
     body: bytes = b"ok"
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering (to provoke read timeouts)
+    # Answer only once this many requests wait together (500 if they never do).
+    barrier: threading.Barrier | None = None
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Received:
     target: str  # the request target exactly as sent: path and query
     headers: dict[str, str]
     body: bytes
+    client_port: int  # tells connections apart: a kept-alive connection keeps its port
 
 
 class Receiver:
@@ -135,11 +138,18 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with receiver._lock:
-                    receiver.requests.append(Received(self.command, self.path, dict(self.headers), body))
+                    received = Received(self.command, self.path, dict(self.headers), body, self.client_address[1])
+                    receiver.requests.append(received)
                     reply = receiver.script.pop(0) if receiver.script else Reply()
                 if reply.delay:
                     time.sleep(reply.delay)
-                self.send_response(reply.status)
+                status = reply.status
+                if reply.barrier is not None:
+                    try:
+                        reply.barrier.wait(timeout=5)
+                    except threading.BrokenBarrierError:
+                        status = 500
+                self.send_response(status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(reply.body)))

@@ -1,6 +1,7 @@
 """End to end: ingest over HTTP, the real worker delivers to a real receiver, attempts recorded."""
 
 import json
+import threading
 import time
 
 import pytest
@@ -84,6 +85,26 @@ def test_other_methods_are_delivered_with_or_without_a_body(client, receiver, me
     [request] = receiver.requests
     assert (request.method, request.target) == (method, "/x/7")
     assert (request.body == b"") == (method == "DELETE")
+
+
+def test_a_batch_is_delivered_concurrently(client, receiver):
+    together = threading.Barrier(4)  # answers only when all four requests are in flight at once
+    receiver.answer(*[Reply(200, barrier=together) for _ in range(4)])
+    ingest_json(client, {"endpoint": endpoint(receiver, "/p?n={n}"), "data": [{"n": n} for n in range(4)]})
+
+    run_worker()
+
+    assert DeliveryAttempt.objects.filter(outcome="success").count() == 4
+
+
+def test_connections_are_kept_alive_across_jobs(client, receiver):
+    for n in range(3):
+        ingest_json(client, {"endpoint": endpoint(receiver, f"/k{n}"), "data": [{}]})
+
+    run_worker()
+
+    assert len(receiver.requests) == 3
+    assert len({request.client_port for request in receiver.requests}) == 1
 
 
 def test_a_changed_default_reaches_a_running_worker(client, receiver):
