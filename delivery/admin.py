@@ -1,11 +1,13 @@
 """Admin: the delivery settings (one row) and the read-only attempt log."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import reverse
 
 from delivery.forms import DeliverySettingsForm
 from delivery.models import DeliveryAttempt, DeliverySettings
+from delivery.replay import replay
 
 
 @admin.register(DeliverySettings)
@@ -52,6 +54,22 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     date_hierarchy = "delivered_at"
     list_per_page = 50
     show_full_result_count = False  # COUNT(*) over millions of rows on every page is slow
+    actions = ["replay_postbacks"]
+
+    @admin.action(description="Replay the selected postbacks that failed for good", permissions=["replay"])
+    def replay_postbacks(self, request: HttpRequest, queryset: QuerySet[DeliveryAttempt]) -> None:
+        ids = set(queryset.values_list("postback_id", flat=True))
+        queued = replay(ids)
+        level = messages.SUCCESS if queued else messages.WARNING
+        self.message_user(
+            request,
+            f"{queued} of {len(ids)} postbacks queued again; a postback is replayed only "
+            "when its last attempt failed for good.",
+            level,
+        )
+
+    def has_replay_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("delivery.replay_postback")
 
     @admin.display(description="URL")
     def short_url(self, obj: DeliveryAttempt) -> str:

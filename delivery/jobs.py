@@ -33,8 +33,12 @@ class Progress:
     tried_now: frozenset[str]  # this very try is recorded (as "retry")
 
 
-def recorded_progress(postback_ids: Sequence[str], attempt: int) -> Progress:
-    rows = DeliveryAttempt.objects.filter(postback_id__in=postback_ids).values_list("postback_id", "attempt", "outcome")
+def recorded_progress(batch: Batch) -> Progress:
+    """Only this series counts: a replay (offset > 0) follows tries that ended in failure."""
+    rows = DeliveryAttempt.objects.filter(
+        postback_id__in=[pid for pid, _ in batch["postbacks"]], attempt__gt=batch["offset"]
+    ).values_list("postback_id", "attempt", "outcome")
+    attempt = batch["attempt"]
     finished = {pid for pid, _, outcome in rows if outcome in FINAL_OUTCOMES}
     tried_now = {pid for pid, number, _ in rows if number >= attempt} - finished
     return Progress(frozenset(finished), frozenset(tried_now))
@@ -43,7 +47,7 @@ def recorded_progress(postback_ids: Sequence[str], attempt: int) -> Progress:
 def build_request(batch: Batch, postback_id: str, data_text: str, config: DeliverySettings) -> Request:
     data = loads_data_object(data_text)
     body = data_text.encode() if batch["method"] in METHODS_WITH_BODY else None
-    url = render_url(batch["url"], data, config.unmatched_default)
+    url = batch["url"] if batch.get("rendered") else render_url(batch["url"], data, config.unmatched_default)
     return Request(postback_id=postback_id, attempt=batch["attempt"], method=batch["method"], url=url, body=body)
 
 
@@ -107,7 +111,7 @@ def deliver_batch(batch: Batch) -> dict[str, int]:
     """Deliver the batch's postbacks once; returns a count per outcome (for the RQ log)."""
     config = DeliverySettings.current()
     try_in_series = batch["attempt"] - batch["offset"]
-    progress = recorded_progress([pid for pid, _ in batch["postbacks"]], batch["attempt"])
+    progress = recorded_progress(batch)
 
     to_send = [(pid, text) for pid, text in batch["postbacks"] if pid not in progress.finished | progress.tried_now]
     outgoing = [build_request(batch, pid, text, config) for pid, text in to_send]

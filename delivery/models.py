@@ -124,6 +124,7 @@ class DeliveryAttempt(models.Model):
 
     class Meta:
         ordering = ["-delivered_at", "-id"]
+        permissions = [("replay_postback", "Can replay failed postbacks")]
         constraints = [
             # A job rerun after a crash may record the same try again; the row is kept once.
             models.UniqueConstraint(fields=["postback_id", "attempt"], name="one_row_per_try"),

@@ -7,7 +7,7 @@ rewrite them, and the URL must carry a number as written.
 """
 
 import json
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 # The job function, named by path so that ingestion never imports delivery code.
 DELIVER_BATCH = "delivery.jobs.deliver_batch"
@@ -36,6 +36,7 @@ class Batch(TypedDict):
     method: str
     url: str  # URL template with {name} placeholders
     postbacks: list[list[str]]  # [postback id, data object as JSON text]
+    rendered: NotRequired[bool]  # url is final, as last sent (a replay): fill in nothing
 
 
 def _reject_constant(name: str) -> None:

@@ -1,0 +1,113 @@
+"""Replaying postbacks that failed for good: same id, same request, a fresh series of tries."""
+
+import io
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.core.management import CommandError, call_command
+
+from delivery.models import DeliveryAttempt, DeliverySettings
+from postbackproject.queue import get_queue
+from tests.conftest import Reply, deliver_everything, ingest_json
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def replay_command(*args: str) -> str:
+    out = io.StringIO()
+    call_command("replay", *args, stdout=out)
+    return out.getvalue()
+
+
+def history(postback_id: str) -> list[tuple[int, str, int | None]]:
+    rows = DeliveryAttempt.objects.filter(postback_id=postback_id).order_by("attempt")
+    return [(row.attempt, row.outcome, row.response_code) for row in rows]
+
+
+def failed_once(client, receiver, document):
+    receiver.answer(Reply(404))
+    [pid] = ingest_json(client, document).json()["postbacks"]
+    deliver_everything()
+    assert history(pid) == [(1, "failed", 404)]
+    return pid
+
+
+def test_a_failed_postback_is_sent_again_as_it_was(client, receiver):
+    document = {"endpoint": {"method": "POST", "url": receiver.url("/r?q={q}&x={missing}")}, "data": [{"q": "a/b"}]}
+    pid = failed_once(client, receiver, document)
+    DeliverySettings(unmatched_default="changed since").save()
+
+    assert "1 of 1 postbacks queued" in replay_command(pid)
+    deliver_everything()
+
+    first, again = receiver.requests
+    assert (again.method, again.target, again.body) == (first.method, first.target, first.body)
+    assert again.headers["X-Postback-Id"] == pid
+    assert history(pid) == [(1, "failed", 404), (2, "success", 200)]
+
+
+def test_a_replay_gets_a_fresh_series_of_tries(client, receiver):
+    DeliverySettings(max_attempts=2, backoff_base_seconds=0).save()
+    receiver.answer(Reply(500), Reply(500), Reply(500), Reply(200))
+    [pid] = ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/f")}, "data": [{}]}).json()[
+        "postbacks"
+    ]
+    deliver_everything()
+
+    replay_command(pid)
+    deliver_everything()
+
+    assert [(a, o) for a, o, _ in history(pid)] == [(1, "retry"), (2, "failed"), (3, "retry"), (4, "success")]
+
+
+def test_only_postbacks_that_failed_for_good_are_replayed(client, receiver):
+    [pid] = ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/ok")}, "data": [{}]}).json()[
+        "postbacks"
+    ]
+    deliver_everything()
+
+    assert "0 of 2 postbacks queued" in replay_command(pid, "no-such-id")
+    assert get_queue().count == 0
+
+
+def test_everything_failed_since_a_time_can_be_replayed(client, receiver):
+    pids = [
+        failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url(f"/s{n}")}, "data": [{}]})
+        for n in range(2)
+    ]
+
+    assert "2 of 2 postbacks queued" in replay_command("--since", "2000-01-01T00:00Z")
+    deliver_everything()
+
+    assert all(history(pid)[-1][1] == "success" for pid in pids)
+
+
+def test_the_command_explains_its_arguments():
+    with pytest.raises(CommandError, match="name postback ids"):
+        replay_command()
+    with pytest.raises(CommandError, match="ISO 8601"):
+        replay_command("--since", "yesterday")
+
+
+def test_staff_with_the_permission_replay_from_admin(client, receiver):
+    pid = failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url("/adm")}, "data": [{}]})
+    user = User.objects.create_user("ops", password="a-long-test-password", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_deliveryattempt", "replay_postback"]))
+    client.force_login(user)
+    row = DeliveryAttempt.objects.get(postback_id=pid)
+
+    response = client.post(
+        "/admin/delivery/deliveryattempt/", {"action": "replay_postbacks", "_selected_action": [row.pk]}, follow=True
+    )
+
+    assert "1 of 1 postbacks queued again" in response.content.decode()
+    deliver_everything()
+    assert history(pid)[-1][1] == "success"
+
+
+def test_staff_without_the_permission_see_no_replay_action(client, receiver):
+    user = User.objects.create_user("viewer", password="a-long-test-password", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_deliveryattempt"))
+    client.force_login(user)
+    page = client.get("/admin/delivery/deliveryattempt/").content.decode()
+    assert "replay_postbacks" not in page
