@@ -4,14 +4,16 @@ import json
 import threading
 import time
 
+import psycopg
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from django_rq.workers import get_worker_class
 from rq.job import Job
 
 from delivery.models import DeliveryAttempt, DeliverySettings
 from delivery.worker import DeliveryWorker
-from postbackproject.queue import get_queue
+from postbackproject.queue import enqueue_batches, get_queue
 from tests.conftest import Reply, deliver_everything, ingest_json, release_scheduled, run_worker, scheduled_retries
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -338,3 +340,18 @@ def test_manage_py_rqworker_runs_jobs_with_the_json_serializer(client, receiver)
     call_command("rqworker", "postbacks", "--burst", "--with-scheduler", verbosity=0)
 
     assert receiver.targets == ["/cmd?k=v"]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="needs a database server whose session can be killed")
+def test_a_worker_survives_a_database_restart(client, receiver):
+    ingest_json(client, {"endpoint": endpoint(receiver, "/before"), "data": [{}]})
+    run_worker()
+    with psycopg.connect(**connection.get_connection_params(), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
+    batch = {"batch": "after", "attempt": 1, "offset": 0, "method": "GET", "url": receiver.url("/after")}
+    enqueue_batches([{**batch, "postbacks": [["after", "{}"]]}], timeout=60)  # type: ignore[typeddict-item]
+
+    run_worker()
+
+    assert receiver.targets == ["/before", "/after"]
+    assert DeliveryAttempt.objects.get(postback_id="after").outcome == "success"
