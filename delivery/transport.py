@@ -28,6 +28,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 USER_AGENT = "postback-delivery/1.0"
+# Response bytes past the logged part that are still read, to keep the connection reusable.
+DRAIN_MAX_BYTES = 64 * 1024
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -151,12 +153,18 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 
 
 def _read_capped(response: requests.Response, max_bytes: int) -> str:
-    """Up to max_bytes of the body, decoded leniently. A longer body is not drained: the
-    connection is closed instead, so a huge response costs no more than its first bytes."""
+    """Up to max_bytes of the body, decoded leniently.
+
+    The rest is read and dropped up to DRAIN_MAX_BYTES, so that a short reply leaves its
+    connection ready for the next request; a longer one closes the connection instead, so a
+    huge response costs no more than its first bytes.
+    """
     raw = response.raw
     head = raw.read(max_bytes, decode_content=True) if max_bytes else b""
-    if not raw.isclosed() and raw.read(1, decode_content=True):
-        response.close()
+    if len(head) == max_bytes:
+        rest = raw.read(DRAIN_MAX_BYTES, decode_content=True)
+        if len(rest) == DRAIN_MAX_BYTES and raw.read(1, decode_content=True):
+            response.close()
     return head.decode(_declared_charset(response.headers.get("Content-Type")), errors="replace")
 
 

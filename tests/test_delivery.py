@@ -265,6 +265,25 @@ def test_long_response_bodies_are_cut(client, receiver):
     assert attempts_of(pid)[0].response_body == "0123456789"
 
 
+def test_short_replies_keep_the_connection_even_when_no_body_is_logged(client, receiver):
+    DeliverySettings(response_body_max_bytes=0).save()
+    for n in range(2):
+        ingest_json(client, {"endpoint": endpoint(receiver, f"/n{n}"), "data": [{}]})
+    run_worker()
+    assert len({request.client_port for request in receiver.requests}) == 1
+    assert set(DeliveryAttempt.objects.values_list("response_body", flat=True)) == {""}
+
+
+def test_a_huge_reply_closes_the_connection_instead_of_being_read(client, receiver):
+    receiver.answer(Reply(200, b"x" * 1_000_000), Reply(200))
+    for n in range(2):
+        ingest_json(client, {"endpoint": endpoint(receiver, f"/h{n}"), "data": [{}]})
+    run_worker()
+    first, second = receiver.requests
+    assert first.client_port != second.client_port
+    assert DeliveryAttempt.objects.filter(outcome="success").count() == 2
+
+
 def test_each_attempt_is_one_json_log_line(client, receiver, caplog):
     [pid] = ingest_json(client, {"endpoint": endpoint(receiver, "/log"), "data": [{}]}).json()["postbacks"]
     with caplog.at_level("INFO", logger="delivery.attempts"):
