@@ -10,10 +10,11 @@ from django.core.management import call_command
 from django.db import connection
 from django_rq.workers import get_worker_class
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 
 from delivery.models import DeliveryAttempt, DeliverySettings
 from delivery.worker import DeliveryWorker
-from postbackproject.queue import enqueue_batches, get_queue
+from postbackproject.queue import enqueue_batches, get_connection, get_queue
 from tests.conftest import Reply, deliver_everything, ingest_json, release_scheduled, run_worker, scheduled_retries
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -374,3 +375,24 @@ def test_a_worker_survives_a_database_restart(client, receiver):
 
     assert receiver.targets == ["/before", "/after"]
     assert DeliveryAttempt.objects.get(postback_id="after").outcome == "success"
+
+
+def test_a_job_left_behind_by_a_dead_worker_is_run_again(client, receiver):
+    """RQ's own recovery: the job a killed worker had started is requeued once its heartbeat
+    has run out, because every job carries RQ reruns."""
+    [pid] = ingest_json(client, {"endpoint": endpoint(receiver, "/orphan"), "data": [{}]}).json()["postbacks"]
+    queue = get_queue()
+    doomed = DeliveryWorker([queue], connection=get_connection())
+    taken = queue.dequeue_any([queue], timeout=None, connection=get_connection(), serializer=queue.serializer)
+    assert taken is not None
+    job, _ = taken
+    doomed.prepare_execution(job)
+    doomed.prepare_job_execution(job)  # the job is "started"... and the worker dies here
+    started = StartedJobRegistry(queue=queue)
+    assert job.id in started.get_job_ids(cleanup=False)
+
+    started.cleanup(timestamp=time.time() + 3600)  # what any worker's maintenance does later
+    deliver_everything()
+
+    assert receiver.targets == ["/orphan"]
+    assert [a.outcome for a in attempts_of(pid)] == ["success"]
