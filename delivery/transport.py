@@ -63,17 +63,16 @@ def _check_peer(sock: socket.socket) -> None:
 
 
 class GuardedHTTPConnection(HTTPConnection):
+    """Checks the peer of every new socket before anything is sent on it."""
+
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
         _check_peer(sock)
         return sock
 
 
-class GuardedHTTPSConnection(HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _check_peer(sock)
-        return sock
+class GuardedHTTPSConnection(GuardedHTTPConnection, HTTPSConnection):
+    """The same check, before the TLS handshake."""
 
 
 class GuardedHTTPConnectionPool(HTTPConnectionPool):

@@ -336,9 +336,10 @@ def test_a_rerun_after_a_lost_retry_reschedules_without_resending(client, receiv
     assert len(receiver.requests) == 2
 
 
-def test_private_addresses_are_refused_without_sending(client, receiver, settings):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_private_addresses_are_refused_without_sending(client, receiver, settings, scheme):
     settings.DELIVERY_ALLOW_NETWORKS = []
-    document = {"endpoint": {"method": "GET", "url": f"http://2130706433:{receiver.port}/in"}, "data": [{}]}
+    document = {"endpoint": {"method": "GET", "url": f"{scheme}://2130706433:{receiver.port}/in"}, "data": [{}]}
     [pid] = ingest_json(client, document).json()["postbacks"]
 
     deliver_everything()
