@@ -1,5 +1,7 @@
 """The one validation of delivery settings, shared by admin and the command line."""
 
+from typing import Any
+
 from django import forms
 
 from delivery.models import DeliverySettings
@@ -22,6 +24,7 @@ class DeliverySettingsForm(forms.ModelForm[DeliverySettings]):
         model = DeliverySettings
         fields = EDITABLE_FIELDS
 
-    def clean_unmatched_default(self) -> str:
-        # A form strips whitespace by default; an admin may mean a space.
-        return str(self.data.get("unmatched_default", ""))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Form fields strip whitespace by default; an admin may mean a space.
+        self.fields["unmatched_default"].strip = False  # type: ignore[attr-defined]

@@ -152,8 +152,6 @@ INGEST_BACKLOG_CHECK_SECONDS: float = env.float("INGEST_BACKLOG_CHECK_SECONDS", 
 
 INGEST_MAX_BODY_BYTES: int = env.int("INGEST_MAX_BODY_BYTES", default=1024 * 1024)
 INGEST_MAX_DATA_OBJECTS: int = env.int("INGEST_MAX_DATA_OBJECTS", default=10_000)
-# Django's own cap on request bodies must not cut in before ours.
-DATA_UPLOAD_MAX_MEMORY_SIZE = INGEST_MAX_BODY_BYTES + 1
 
 # --- Delivery ----------------------------------------------------------------------------
 

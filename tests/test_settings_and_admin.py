@@ -49,6 +49,7 @@ def test_the_command_changes_several_settings():
         ("read_timeout_seconds=-1", "read_timeout_seconds"),
         ("colour=blue", "unknown setting"),
         ("max_attempts", "name=value"),
+        ("unmatched_default=" + " " * 1001, "unmatched_default"),  # whitespace counts too
     ],
 )
 def test_the_command_refuses_invalid_values_and_changes_nothing(assignment, message):
