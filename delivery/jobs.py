@@ -8,6 +8,7 @@ is only rescheduled. Delivery stays at-least-once; receivers deduplicate on X-Po
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from delivery.policy import outcome_of, retry_delay_seconds
 from delivery.templating import render_url
 from delivery.transport import Request, Response, send
 from postbackproject.postback import METHODS_WITH_BODY, Batch, loads_data_object
-from postbackproject.queue import job_timeout_seconds, schedule_batch
+from postbackproject.queue import schedule_batch
 
 attempt_log = logging.getLogger("delivery.attempts")
 
@@ -64,7 +65,7 @@ def send_all(requests: Sequence[Request], config: DeliverySettings) -> list[Resp
             request, config.connect_timeout_seconds, config.read_timeout_seconds, config.response_body_max_bytes
         )
 
-    if len(requests) == 1:
+    if len(requests) == 1:  # the common small request: no hand-off to a thread
         return [send_one(requests[0])]
     return list(_executor().map(send_one, requests))
 
@@ -113,7 +114,8 @@ def deliver_batch(batch: Batch) -> dict[str, int]:
     try_in_series = batch["attempt"] - batch["offset"]
     progress = recorded_progress(batch)
 
-    to_send = [(pid, text) for pid, text in batch["postbacks"] if pid not in progress.finished | progress.tried_now]
+    done_in_this_try = progress.finished | progress.tried_now
+    to_send = [(pid, text) for pid, text in batch["postbacks"] if pid not in done_in_this_try]
     outgoing = [build_request(batch, pid, text, config) for pid, text in to_send]
     responses = send_all(outgoing, config)
     rows = [
@@ -132,10 +134,7 @@ def deliver_batch(batch: Batch) -> dict[str, int]:
         delay = retry_delay_seconds(try_in_series, max(asked, default=None), config)
         schedule_retry(batch, retry_ids, delay, config)
 
-    counts = {outcome.value: 0 for outcome in Outcome}
-    for row in rows:
-        counts[row.outcome] += 1
-    return counts
+    return dict(Counter(str(row.outcome) for row in rows))
 
 
 def schedule_retry(batch: Batch, postback_ids: set[str], delay: float, config: DeliverySettings) -> None:
@@ -145,5 +144,4 @@ def schedule_retry(batch: Batch, postback_ids: set[str], delay: float, config: D
         "attempt": batch["attempt"] + 1,
         "postbacks": [pair for pair in batch["postbacks"] if pair[0] in postback_ids],
     }
-    timeout = job_timeout_seconds(len(retry["postbacks"]), config.connect_timeout_seconds, config.read_timeout_seconds)
-    schedule_batch(retry, delay, timeout)
+    schedule_batch(retry, delay, config.job_timeout_seconds(len(retry["postbacks"])))

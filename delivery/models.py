@@ -1,5 +1,6 @@
 """Delivery records and the runtime settings that admins tune."""
 
+import math
 import time
 from typing import ClassVar
 
@@ -80,6 +81,12 @@ class DeliverySettings(models.Model):
         self.pk = self.SINGLETON_ID
         super().save(*args, **kwargs)  # type: ignore[arg-type]
         DeliverySettings._cache = None
+
+    def job_timeout_seconds(self, postbacks: int) -> int:
+        """Longest a job of this size may run: rounds of concurrent requests, each at worst
+        connect + read timeout (twice, for a slow body), plus room for the database."""
+        rounds = math.ceil(postbacks / max(1, settings.DELIVERY_CONCURRENCY))
+        return 60 + int(rounds * 2 * (self.connect_timeout_seconds + self.read_timeout_seconds))
 
     @classmethod
     def load(cls) -> "DeliverySettings":

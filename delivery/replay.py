@@ -10,7 +10,10 @@ from collections.abc import Iterable
 
 from delivery.models import DeliveryAttempt, DeliverySettings, Outcome
 from postbackproject.postback import Batch
-from postbackproject.queue import enqueue_batches, job_timeout_seconds
+from postbackproject.queue import enqueue_batches
+
+# Postbacks looked up and queued per query and pipeline.
+REPLAY_CHUNK = 1000
 
 
 def failed_postbacks(postback_ids: Iterable[str]) -> list[DeliveryAttempt]:
@@ -35,9 +38,17 @@ def replay_batch(last: DeliveryAttempt) -> Batch:
 
 
 def replay(postback_ids: Iterable[str]) -> int:
-    """Queue the failed ones among these postbacks again; returns how many were queued."""
-    batches = [replay_batch(row) for row in failed_postbacks(postback_ids)]
-    if batches:
-        config = DeliverySettings.current()
-        enqueue_batches(batches, job_timeout_seconds(1, config.connect_timeout_seconds, config.read_timeout_seconds))
-    return len(batches)
+    """Queue the failed ones among these postbacks again; returns how many were queued.
+
+    Works through the ids a chunk at a time, so replaying a day of failures keeps one
+    bounded query and one pipeline in hand, not all of them.
+    """
+    ids = sorted(set(postback_ids))
+    timeout = DeliverySettings.current().job_timeout_seconds(1)
+    queued = 0
+    for start in range(0, len(ids), REPLAY_CHUNK):
+        batches = [replay_batch(row) for row in failed_postbacks(ids[start : start + REPLAY_CHUNK])]
+        if batches:
+            enqueue_batches(batches, timeout)
+        queued += len(batches)
+    return queued

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from delivery.models import DeliverySettings
 from ingestion.validation import IngestRequest, InvalidRequest, parse_body
 from postbackproject.postback import Batch
-from postbackproject.queue import backlog, enqueue_batches, job_timeout_seconds
+from postbackproject.queue import backlog, enqueue_batches
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def ingest(request: HttpRequest) -> JsonResponse:
     config = batching_settings()
     ids = [uuid.uuid4().hex for _ in parsed.data_texts]
     batches = make_batches(parsed, ids, config.batch_size)
-    timeout = job_timeout_seconds(config.batch_size, config.connect_timeout_seconds, config.read_timeout_seconds)
+    timeout = config.job_timeout_seconds(config.batch_size)
     try:
         if (reason := backlog.full_reason()) is not None:
             return unavailable(reason)

@@ -57,13 +57,6 @@ def get_queue() -> Queue:
     return Queue(settings.POSTBACK_QUEUE, connection=get_connection(), serializer=CompactJSONSerializer)
 
 
-def job_timeout_seconds(postbacks: int, connect_timeout: float, read_timeout: float) -> int:
-    """Longest a job of this size may run: rounds of concurrent requests, each at worst
-    connect + read timeout (twice, for a slow body), plus room for the database."""
-    rounds = math.ceil(postbacks / max(1, settings.DELIVERY_CONCURRENCY))
-    return 60 + int(rounds * 2 * (connect_timeout + read_timeout))
-
-
 def _job_options(batch: Batch, timeout: int) -> dict[str, Any]:
     count = len(batch["postbacks"])
     return {
@@ -89,13 +82,11 @@ def enqueue_batches(batches: list[Batch], timeout: int) -> None:
 def schedule_batch(batch: Batch, delay_seconds: float, timeout: int) -> None:
     """Enqueue a retry now, or hand it to the RQ scheduler when it must wait."""
     queue = get_queue()
-    options = _job_options(batch, timeout)
-    options["job_timeout"] = options.pop("timeout")  # enqueue() names it differently
+    job = queue.create_job(DELIVER_BATCH, args=(batch,), **_job_options(batch, timeout))
     if delay_seconds <= 0:
-        queue.enqueue(DELIVER_BATCH, batch, **options)
+        queue.enqueue_job(job)
     else:
-        when = datetime.now(UTC) + timedelta(seconds=delay_seconds)
-        queue.enqueue_at(when, DELIVER_BATCH, batch, **options)
+        queue.schedule_job(job, datetime.now(UTC) + timedelta(seconds=delay_seconds))
 
 
 class Backlog:

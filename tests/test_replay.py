@@ -6,6 +6,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
 
+from delivery import replay as replay_module
 from delivery.models import DeliveryAttempt, DeliverySettings
 from postbackproject.queue import get_queue
 from tests.conftest import Reply, deliver_everything, ingest_json
@@ -70,7 +71,8 @@ def test_only_postbacks_that_failed_for_good_are_replayed(client, receiver):
     assert get_queue().count == 0
 
 
-def test_everything_failed_since_a_time_can_be_replayed(client, receiver):
+def test_everything_failed_since_a_time_can_be_replayed(client, receiver, monkeypatch):
+    monkeypatch.setattr(replay_module, "REPLAY_CHUNK", 1)  # two chunks for two postbacks
     pids = [
         failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url(f"/s{n}")}, "data": [{}]})
         for n in range(2)
