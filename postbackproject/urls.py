@@ -3,7 +3,10 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from postbackproject import views
+
 urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
     path("", include("ingestion.urls")),
     path("dashboard/", include("dashboard.urls")),
     path("admin/rq/", include("django_rq.urls")),
