@@ -16,7 +16,21 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
     fieldsets = [
         ("Retries", {"fields": ["max_attempts", "backoff_base_seconds", "backoff_factor", "backoff_max_seconds"]}),
         ("URL values", {"fields": ["unmatched_default"]}),
-        ("Requests", {"fields": ["connect_timeout_seconds", "read_timeout_seconds", "response_body_max_bytes"]}),
+        (
+            "Requests",
+            {
+                "fields": [
+                    "connect_timeout_seconds",
+                    "read_timeout_seconds",
+                    "total_timeout_seconds",
+                    "response_body_max_bytes",
+                ]
+            },
+        ),
+        (
+            "Protecting receivers and each other",
+            {"fields": ["max_in_flight_per_host", "circuit_failure_threshold", "circuit_open_seconds"]},
+        ),
         ("Queueing", {"fields": ["batch_size"]}),
     ]
 

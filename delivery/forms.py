@@ -14,8 +14,12 @@ EDITABLE_FIELDS = [
     "unmatched_default",
     "connect_timeout_seconds",
     "read_timeout_seconds",
+    "total_timeout_seconds",
     "response_body_max_bytes",
     "batch_size",
+    "max_in_flight_per_host",
+    "circuit_failure_threshold",
+    "circuit_open_seconds",
 ]
 
 

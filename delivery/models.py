@@ -1,6 +1,5 @@
 """Delivery records and the runtime settings that admins tune."""
 
-import math
 import time
 from typing import ClassVar
 
@@ -56,6 +55,12 @@ class DeliverySettings(models.Model):
         validators=[MinValueValidator(0.1), MaxValueValidator(300)],
         help_text="How long to wait for the receiver between bytes of its response.",
     )
+    total_timeout_seconds = models.FloatField(
+        default=15,
+        validators=[MinValueValidator(0.1), MaxValueValidator(600)],
+        help_text="Longest one request may take, from connecting to the last byte of the response, "
+        "however slowly the receiver sends it. A request cut off here is retried.",
+    )
     response_body_max_bytes = models.PositiveIntegerField(
         default=4096,
         validators=[MaxValueValidator(1024 * 1024)],
@@ -64,7 +69,27 @@ class DeliverySettings(models.Model):
     batch_size = models.PositiveIntegerField(
         default=100,
         validators=[MinValueValidator(1), MaxValueValidator(10000)],
-        help_text="Most postbacks per queue job; a larger request is split into several jobs.",
+        help_text="Most postbacks per inbox entry; a larger request is split into several entries, "
+        "which different workers can deliver at once.",
+    )
+    max_in_flight_per_host = models.PositiveIntegerField(
+        default=56,
+        validators=[MinValueValidator(1), MaxValueValidator(10000)],
+        help_text="Most requests one worker keeps in flight to one destination host. Keep it below "
+        "DELIVERY_CONCURRENCY (64 by default), so that one slow host cannot take every connection. "
+        "A host starts lower and earns this limit with answered requests.",
+    )
+    circuit_failure_threshold = models.PositiveIntegerField(
+        default=5,
+        validators=[MinValueValidator(1), MaxValueValidator(10000)],
+        help_text="Failures or timeouts in a row after which a host's circuit opens: its postbacks "
+        "wait, without using up their attempts, until one probe request gets through.",
+    )
+    circuit_open_seconds = models.FloatField(
+        default=30,
+        validators=[MinValueValidator(1), MaxValueValidator(86400)],
+        help_text="How long an open circuit waits before its probe. Each failed probe doubles the "
+        "wait, up to 16 times this.",
     )
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -81,12 +106,6 @@ class DeliverySettings(models.Model):
         self.pk = self.SINGLETON_ID
         super().save(*args, **kwargs)  # type: ignore[arg-type]
         DeliverySettings._cache = None
-
-    def job_timeout_seconds(self, postbacks: int) -> int:
-        """Longest a job of this size may run: rounds of concurrent requests, each at worst
-        connect + read timeout (twice, for a slow body), plus room for the database."""
-        rounds = math.ceil(postbacks / max(1, settings.DELIVERY_CONCURRENCY))
-        return 60 + int(rounds * 2 * (self.connect_timeout_seconds + self.read_timeout_seconds))
 
     @classmethod
     def load(cls) -> "DeliverySettings":
@@ -109,6 +128,8 @@ class Outcome(models.TextChoices):
     SUCCESS = "success", "success"
     RETRY = "retry", "will retry"
     FAILED = "failed", "failed"
+    # Not sent: the host's circuit is open. The try keeps its number and is made later.
+    DEFERRED = "deferred", "deferred"
 
 
 FINAL_OUTCOMES = (Outcome.SUCCESS, Outcome.FAILED)
@@ -127,14 +148,16 @@ class DeliveryAttempt(models.Model):
     response_time_ms = models.FloatField(null=True, blank=True)
     response_body = models.TextField(blank=True)
     error = models.TextField(blank=True)
-    outcome = models.CharField(max_length=7, choices=Outcome.choices)
+    outcome = models.CharField(max_length=8, choices=Outcome.choices)
 
     class Meta:
         ordering = ["-delivered_at", "-id"]
         permissions = [("replay_postback", "Can replay failed postbacks")]
         constraints = [
-            # A job rerun after a crash may record the same try again; the row is kept once.
-            models.UniqueConstraint(fields=["postback_id", "attempt"], name="one_row_per_try"),
+            # A try recorded again after a crash is kept once. A try that was really sent twice
+            # with different outcomes keeps both rows; a deferred try is recorded once, however
+            # often its circuit defers it.
+            models.UniqueConstraint(fields=["postback_id", "attempt", "outcome"], name="one_row_per_try_outcome"),
         ]
         indexes = [
             models.Index(fields=["delivered_at"], name="attempt_delivered_at"),

@@ -43,3 +43,12 @@ def retry_delay_seconds(try_in_series: int, retry_after: float | None, config: D
     if retry_after is not None:
         delay = max(delay, min(retry_after, config.backoff_max_seconds))
     return delay
+
+
+def host_answered(response: Response) -> bool | None:
+    """What a try says about its host, for the circuit breaker: True when the host answered
+    usefully, False when it failed or went silent (counts toward opening its circuit), None
+    when the try says nothing about the host (the address was refused before sending)."""
+    if response.status is not None:
+        return not is_retryable(response)
+    return False if response.transient else None

@@ -3,52 +3,57 @@
 After its last try a postback is failed for good; when the receiver has recovered (it was down
 longer than the retry window, say), staff replay it from admin or `manage.py replay`. The
 replay keeps the postback's id and continues its attempt numbers, so the log reads as one
-history and receivers still deduplicate on X-Postback-Id.
+history and receivers still deduplicate on X-Postback-Id. Replays are scheduled like retries,
+keyed by postback, so replaying twice queues one try.
 """
 
+import time
 from collections.abc import Iterable
 
-from delivery.models import DeliveryAttempt, DeliverySettings, Outcome
-from postbackproject.postback import Batch
-from postbackproject.queue import enqueue_batches
+from delivery.models import DeliveryAttempt, Outcome
+from postbackproject import inbox
+from postbackproject.postback import METHODS_WITH_BODY, Try
+from postbackproject.queue import get_connection
 
-# Postbacks looked up and queued per query and pipeline.
+# Postbacks looked up and queued per query and transaction.
 REPLAY_CHUNK = 1000
 
 
 def failed_postbacks(postback_ids: Iterable[str]) -> list[DeliveryAttempt]:
     """The last attempt of each postback whose last attempt failed for good."""
     latest: dict[str, DeliveryAttempt] = {}
-    for row in DeliveryAttempt.objects.filter(postback_id__in=set(postback_ids)).order_by("postback_id", "attempt"):
+    rows = (
+        DeliveryAttempt.objects.filter(postback_id__in=set(postback_ids))
+        .exclude(outcome=Outcome.DEFERRED)
+        .order_by("postback_id", "attempt", "id")
+    )
+    for row in rows:
         latest[row.postback_id] = row
     return [row for row in latest.values() if row.outcome == Outcome.FAILED]
 
 
-def replay_batch(last: DeliveryAttempt) -> Batch:
+def replay_try(last: DeliveryAttempt) -> Try:
     """One postback's replay: the final URL and body it was last sent with."""
-    return {
-        "batch": last.postback_id,
-        "attempt": last.attempt + 1,
-        "offset": last.attempt,
-        "method": last.method,
-        "url": last.url,
-        "rendered": True,
-        "postbacks": [[last.postback_id, last.request_body or "{}"]],
-    }
+    body = last.request_body if last.method in METHODS_WITH_BODY else None
+    return Try(last.postback_id, last.attempt + 1, last.attempt, last.method, last.url, body)
 
 
 def replay(postback_ids: Iterable[str]) -> int:
     """Queue the failed ones among these postbacks again; returns how many were queued.
 
     Works through the ids a chunk at a time, so replaying a day of failures keeps one
-    bounded query and one pipeline in hand, not all of them.
+    bounded query and one transaction in hand, not all of them.
     """
     ids = sorted(set(postback_ids))
-    timeout = DeliverySettings.current().job_timeout_seconds(1)
     queued = 0
     for start in range(0, len(ids), REPLAY_CHUNK):
-        batches = [replay_batch(row) for row in failed_postbacks(ids[start : start + REPLAY_CHUNK])]
-        if batches:
-            enqueue_batches(batches, timeout)
-        queued += len(batches)
+        tries = [replay_try(row) for row in failed_postbacks(ids[start : start + REPLAY_CHUNK])]
+        if tries:
+            now = time.time()
+            with get_connection().pipeline(transaction=True) as pipe:
+                inbox.schedule_tries([(item, now) for item in tries], pipe)
+                pipe.execute()
+        queued += len(tries)
+    if queued:
+        inbox.sweep()  # due now: into the inbox, and a drainer started if none is alive
     return queued

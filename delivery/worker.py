@@ -1,26 +1,61 @@
-"""The RQ worker class that `manage.py rqworker` builds (settings.RQ["WORKER_CLASS"])."""
+"""The RQ worker that `manage.py rqworker` builds (settings.RQ["WORKER_CLASS"])."""
 
+import logging
+from collections.abc import Iterable
 from typing import Any
 
+from django.conf import settings
 from django.db import close_old_connections
+from django_rq.queues import DjangoRQ
+from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
+from delivery.drain import request_stop
+from postbackproject.inbox import sweep
 from postbackproject.queue import CompactJSONSerializer
+
+logger = logging.getLogger(__name__)
+
+
+class DeliveryQueue(DjangoRQ):
+    """The queue as a worker sees it: every look for a job first sweeps the inbox.
+
+    The sweep moves retries that came due into the inbox and starts a drainer when work waits
+    that nobody will read (a web process died before starting one, or a drainer died). Idle
+    workers look every DELIVERY_WORKER_POLL_SECONDS, so that is how late a retry can be.
+    """
+
+    @classmethod
+    def dequeue_any(  # type: ignore[override]  # same arguments, passed on as they came
+        cls, queues: Iterable[Queue], timeout: int | None, connection: Redis, **kwargs: Any
+    ) -> tuple[Job, Queue] | None:
+        try:
+            sweep()
+        except RedisError as exc:
+            logger.warning("inbox sweep failed: %s", exc)  # the dequeue below reports Redis trouble
+        return super().dequeue_any(queues, timeout, connection=connection, **kwargs)
 
 
 class DeliveryWorker(SimpleWorker):
     """Runs jobs in its own process, without a fork per job.
 
-    A fork per job would throw away the keep-alive connection pool and the thread pool that
-    make delivery fast, and costs more than a delivery on loopback. Database connections are
-    checked between jobs, so a database restart costs one failed job at most, not a dead worker.
+    A fork per job would throw away the keep-alive connections that make delivery fast, and
+    costs more than a delivery on loopback. Database connections are checked between jobs, so
+    a database restart costs one failed job at most, not a dead worker.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # `rqworker` passes its own --serializer (pickle by default); jobs are JSON, always.
+        # `rqworker` passes its own --serializer (pickle by default) and queue class; jobs are
+        # JSON, always, and the worker's queue sweeps the inbox.
         kwargs["serializer"] = CompactJSONSerializer
+        kwargs["queue_class"] = DeliveryQueue
         super().__init__(*args, **kwargs)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        return max(1, round(settings.DELIVERY_WORKER_POLL_SECONDS))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         close_old_connections()
@@ -28,3 +63,8 @@ class DeliveryWorker(SimpleWorker):
             super().execute_job(job, queue)
         finally:
             close_old_connections()
+
+    def handle_warm_shutdown_request(self) -> None:
+        """SIGTERM: the drain job in hand stops reading, finishes its requests and hands over."""
+        super().handle_warm_shutdown_request()  # type: ignore[no-untyped-call]
+        request_stop()

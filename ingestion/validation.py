@@ -4,12 +4,15 @@ Every problem raises InvalidRequest naming the field, so the sender can fix it; 
 can raise anything else for any input.
 """
 
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from postbackproject.postback import METHODS, JsonNumber, dumps_data_object, loads_keeping_numbers
 
 MAX_URL_LENGTH = 8192
+# Python's \s is exactly str.isspace(): Unicode white space as well as ASCII.
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 class InvalidRequest(Exception):
@@ -65,7 +68,7 @@ def _validate_url(url: object) -> str:
         raise InvalidRequest("endpoint.url", "must be a non-empty string")
     if len(url) > MAX_URL_LENGTH:
         raise InvalidRequest("endpoint.url", f"must be at most {MAX_URL_LENGTH} characters")
-    if not _is_utf8_encodable(url) or any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in url):
+    if not _is_utf8_encodable(url) or _SPACE_OR_CONTROL.search(url):
         raise InvalidRequest("endpoint.url", "must not contain spaces or control characters")
     try:
         parts = urlsplit(url)

@@ -1,18 +1,18 @@
-"""The ingestion endpoint: one validated request in, one queue job per batch out, 202."""
+"""The ingestion endpoint: one validated request in, appended to the inbox in one round trip, 202."""
 
 import logging
 import uuid
 
 from django.conf import settings
 from django.db import DatabaseError
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
 from delivery.models import DeliverySettings
-from ingestion.validation import IngestRequest, InvalidRequest, parse_body
-from postbackproject.postback import Batch
-from postbackproject.queue import backlog, enqueue_batches
+from ingestion.validation import InvalidRequest, parse_body
+from postbackproject.inbox import BacklogFull, append_request, postback_id, request_entries
+from postbackproject.queue import memory_gauge
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def unavailable(message: str) -> JsonResponse:
 
 
 @csrf_exempt
-def ingest(request: HttpRequest) -> JsonResponse:
+def ingest(request: HttpRequest) -> HttpResponse:
     """POST /ingest.php and /i: the body is raw JSON, whatever the Content-Type says."""
     if request.method != "POST":
         response = error(405, "use POST with a raw JSON body")
@@ -46,18 +46,25 @@ def ingest(request: HttpRequest) -> JsonResponse:
     except InvalidRequest as exc:
         return error(400, str(exc), field=exc.field)
 
-    config = batching_settings()
-    ids = [uuid.uuid4().hex for _ in parsed.data_texts]
-    batches = make_batches(parsed, ids, config.batch_size)
-    timeout = config.job_timeout_seconds(config.batch_size)
+    request_id = uuid.uuid4().hex
+    entries = request_entries(request_id, parsed.method, parsed.url, parsed.data_texts, batching_settings().batch_size)
     try:
-        if (reason := backlog.full_reason()) is not None:
+        if (reason := memory_gauge.full_reason()) is not None:
             return unavailable(reason)
-        enqueue_batches(batches, timeout)
+        append_request(entries)
+    except BacklogFull:
+        return unavailable("delivery backlog is full, nothing was accepted")
     except RedisError as exc:
         logger.error("queue unavailable: %s", exc)
         return unavailable("queue unavailable, nothing was accepted")
-    return JsonResponse({"accepted": len(ids), "postbacks": ids}, status=202)
+    return accepted(request_id, len(parsed.data_texts))
+
+
+def accepted(request_id: str, count: int) -> HttpResponse:
+    """202 `{"accepted": N, "postbacks": [ids]}`, written directly: the ids need no escaping."""
+    ids = ",".join(f'"{postback_id(request_id, index)}"' for index in range(count))
+    body = f'{{"accepted": {count}, "postbacks": [{ids}]}}'
+    return HttpResponse(body, status=202, content_type="application/json")
 
 
 def read_body(request: HttpRequest, limit: int) -> bytes | None:
@@ -79,19 +86,3 @@ def batching_settings() -> DeliverySettings:
     except DatabaseError:
         logger.warning("delivery settings unreadable, batching with defaults", exc_info=True)
         return DeliverySettings()
-
-
-def make_batches(parsed: IngestRequest, ids: list[str], batch_size: int) -> list[Batch]:
-    """One batch per batch_size data objects, each carrying the endpoint once."""
-    pairs = [[pid, text] for pid, text in zip(ids, parsed.data_texts, strict=True)]
-    return [
-        {
-            "batch": ids[start],
-            "attempt": 1,
-            "offset": 0,
-            "method": parsed.method,
-            "url": parsed.url,
-            "postbacks": pairs[start : start + batch_size],
-        }
-        for start in range(0, len(pairs), batch_size)
-    ]

@@ -1,16 +1,17 @@
-"""The postback batch: what ingestion puts on the queue and delivery takes off it.
+"""The postback as it travels between ingestion and delivery.
 
-One batch travels as one RQ job. It carries the endpoint once and, for each postback, its id
-and its data object. Data objects travel as compact JSON text in which numbers keep the
-exact text the sender wrote (`1.50` stays `1.50`, `1e5` stays `1e5`): Python's float would
-rewrite them, and the URL must carry a number as written.
+Data objects travel as compact JSON text in which numbers keep the exact text the sender wrote
+(`1.50` stays `1.50`, `1e5` stays `1e5`): Python's float would rewrite them, and the URL must
+carry a number as written. A request's postbacks travel in inbox entries
+(`postbackproject.inbox`); a postback that must be tried again travels as a `Try`.
 """
 
 import json
-from typing import NotRequired, TypedDict
+from dataclasses import dataclass
+from typing import Any
 
-# The job function, named by path so that ingestion never imports delivery code.
-DELIVER_BATCH = "delivery.jobs.deliver_batch"
+# The drain job, named by path so that ingestion never imports delivery code.
+DRAIN = "delivery.jobs.drain"
 
 METHODS_WITHOUT_BODY = frozenset({"GET", "DELETE"})
 METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -27,16 +28,33 @@ Scalar = str | bool | None  # JsonNumber is a str
 DataObject = dict[str, Scalar]
 
 
-class Batch(TypedDict):
-    """One job's payload. Retries carry the same ids with a higher `attempt`."""
+@dataclass(frozen=True)
+class Try:
+    """One request to make for one postback: a first try, a retry, a deferral or a replay.
 
-    batch: str  # batch id; the job ids of its tries derive from it
-    attempt: int  # 1-based number of this try
+    Retries and replays carry the URL as it was first sent, so a postback goes to the same
+    URL on every try even if the unmatched default changes meanwhile.
+    """
+
+    postback_id: str
+    attempt: int  # 1-based number of this try in the postback's history
     offset: int  # tries made before this series (a replay starts a new series)
     method: str
-    url: str  # URL template with {name} placeholders
-    postbacks: list[list[str]]  # [postback id, data object as JSON text]
-    rendered: NotRequired[bool]  # url is final, as last sent (a replay): fill in nothing
+    url: str  # final, as it goes on the wire
+    body: str | None  # the data object's JSON text, for methods that send one
+
+    @property
+    def try_in_series(self) -> int:
+        return self.attempt - self.offset
+
+    def to_json(self) -> str:
+        fields = [self.postback_id, self.attempt, self.offset, self.method, self.url, self.body]
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_fields(cls, fields: list[Any]) -> "Try":
+        postback_id, attempt, offset, method, url, body = fields
+        return cls(str(postback_id), int(attempt), int(offset), str(method), str(url), body)
 
 
 def _reject_constant(name: str) -> None:
@@ -59,8 +77,13 @@ def _scalar_json(value: Scalar) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps_data_object(data: DataObject) -> str:
     """Compact JSON text of a flat data object, numbers exactly as they were written."""
+    if not any(isinstance(value, JsonNumber) for value in data.values()):
+        return _COMPACT.encode(data)  # no number to keep as written: the C encoder does it all
     members = (f"{json.dumps(key, ensure_ascii=False)}:{_scalar_json(value)}" for key, value in data.items())
     return "{" + ",".join(members) + "}"
 
@@ -70,8 +93,3 @@ def loads_data_object(text: str) -> DataObject:
     data = loads_keeping_numbers(text)
     assert isinstance(data, dict)
     return data
-
-
-def batch_job_id(batch: Batch) -> str:
-    """Job id of one try of a batch: stable, so a try scheduled twice is one job."""
-    return f"{batch['batch']}-{batch['attempt']}"

@@ -143,11 +143,13 @@ RQ = {
     # `manage.py rqworker` builds this worker: no fork per job, stale DB connections
     # closed between jobs, and the JSON serializer whatever the command line says.
     "WORKER_CLASS": "delivery.worker.DeliveryWorker",
+    "QUEUE_CLASS": "delivery.worker.DeliveryQueue",
     "COMMIT_MODE": "auto",
 }
-# How many jobs may wait in the queue before ingestion answers 503.
+# How many inbox entries (requests, or batch_size pieces of larger ones) may wait before
+# ingestion answers 503.
 INGEST_MAX_QUEUED_JOBS: int = env.int("INGEST_MAX_QUEUED_JOBS", default=100_000)
-# How often each web process re-reads the queue depth and Redis memory (seconds).
+# How often each web process re-reads Redis's memory use (seconds).
 INGEST_BACKLOG_CHECK_SECONDS: float = env.float("INGEST_BACKLOG_CHECK_SECONDS", default=1.0)
 
 # --- Ingestion ---------------------------------------------------------------------------
@@ -159,8 +161,14 @@ INGEST_MAX_DATA_OBJECTS: int = env.int("INGEST_MAX_DATA_OBJECTS", default=10_000
 
 # Private, loopback and link-local destinations are refused unless listed here (CIDRs).
 DELIVERY_ALLOW_NETWORKS: list[str] = env.list("DELIVERY_ALLOW_NETWORKS", default=[])
-# Requests one worker process keeps in flight at once (threads sharing one pool).
-DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=16)
+# Requests one worker process keeps in flight at once (libcurl connections on one thread).
+DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=64)
+# A drain job leaves after this long idle (a lone postback arriving within it goes out at
+# once, without starting a job), and hands over to a fresh job after DRAINER_MAX_SECONDS.
+DELIVERY_DRAINER_IDLE_SECONDS: float = env.float("DELIVERY_DRAINER_IDLE_SECONDS", default=2.0)
+DELIVERY_DRAINER_MAX_SECONDS: float = env.float("DELIVERY_DRAINER_MAX_SECONDS", default=30.0)
+# How often an idle worker moves due retries into the inbox and checks for orphaned work.
+DELIVERY_WORKER_POLL_SECONDS: float = env.float("DELIVERY_WORKER_POLL_SECONDS", default=1.0)
 # How long a worker trusts its copy of the admin-edited delivery settings.
 DELIVERY_SETTINGS_CACHE_SECONDS: float = env.float("DELIVERY_SETTINGS_CACHE_SECONDS", default=5.0)
 

@@ -15,11 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from django.conf import settings
 from redis import Redis
-from rq.job import Job
-from rq.registry import ScheduledJobRegistry
 
-from delivery import transport
+from delivery import drain
 from delivery.worker import DeliveryWorker
+from postbackproject import inbox
+from postbackproject.postback import Try
 from postbackproject.queue import get_connection, get_queue
 
 
@@ -81,6 +81,7 @@ def use_redis(url: str) -> None:
     settings.RQ_QUEUES = {settings.POSTBACK_QUEUE: {**settings.RQ_QUEUES[settings.POSTBACK_QUEUE], "URL": url}}
     get_connection.cache_clear()
     get_queue.cache_clear()
+    inbox._script.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +97,8 @@ def clean_redis(redis_server: RedisServer) -> Iterator[Redis]:
     """Every test starts with an empty Redis and fresh per-process state."""
     use_redis(redis_server.url)
     get_connection().flushall()
-    transport.allowed_networks.cache_clear()
+    drain.process_transport.cache_clear()  # picks up DELIVERY_ALLOW_NETWORKS afresh
+    drain._stop.clear()
     yield get_connection()
 
 
@@ -201,37 +203,31 @@ def refused_url() -> str:
 
 def run_worker() -> None:
     """One burst of the real worker: every job now in the queue, then stop."""
-    DeliveryWorker([get_queue()], connection=get_connection()).work(burst=True, logging_level="WARNING")
+    DeliveryWorker([settings.POSTBACK_QUEUE], connection=get_connection()).work(burst=True, logging_level="WARNING")
 
 
-def scheduled_retries() -> list[tuple[Job, float]]:
-    """Jobs waiting in the RQ scheduler, with the Unix time each is due."""
-    queue = get_queue()
-    registry = ScheduledJobRegistry(queue=queue)
-    due: list[tuple[bytes, float]] = registry.connection.zrange(registry.key, 0, -1, withscores=True)  # type: ignore[assignment]
-    return [
-        (Job.fetch(job_id.decode(), connection=get_connection(), serializer=queue.serializer), score)
-        for job_id, score in due
-    ]
+def scheduled_retries() -> list[tuple[Try, float]]:
+    """Tries waiting for their time (retries, deferrals, replays), with the Unix time each is due."""
+    connection = get_connection()
+    due: list[tuple[bytes, float]] = connection.zrange(inbox.DUE, 0, -1, withscores=True)  # type: ignore[assignment]
+    tries: dict[bytes, bytes] = connection.hgetall(inbox.DUE_TRIES)  # type: ignore[assignment]
+    return [(Try.from_fields(json.loads(tries[pid])), score / 1000) for pid, score in due]
 
 
 def release_scheduled() -> int:
-    """Enqueue every scheduled job now, as the scheduler would once its time came."""
-    queue = get_queue()
-    registry = ScheduledJobRegistry(queue=queue)
-    released = 0
-    for job, _ in scheduled_retries():
-        registry.remove(job)
-        queue.enqueue_job(job)
-        released += 1
-    return released
+    """Make every waiting try due now, as time passing would."""
+    connection = get_connection()
+    waiting: list[bytes] = connection.zrange(inbox.DUE, 0, -1)  # type: ignore[assignment]
+    if waiting:
+        connection.zadd(inbox.DUE, dict.fromkeys(waiting, 0))
+    return len(waiting)
 
 
 def deliver_everything(max_rounds: int = 20) -> None:
     """Run workers until no job is queued or scheduled, skipping the waits between retries."""
     for _ in range(max_rounds):
         run_worker()
-        if not release_scheduled() and get_queue().count == 0:
+        if not release_scheduled() and get_queue().count == 0 and not inbox.waiting_counts()["entries"]:
             return
     raise AssertionError("jobs kept coming back")
 

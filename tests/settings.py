@@ -12,6 +12,8 @@ os.environ.setdefault("DELIVERY_SETTINGS_CACHE_SECONDS", "0")
 os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
 os.environ.setdefault("DELIVERY_CONCURRENCY", "4")
 os.environ.setdefault("INGEST_BACKLOG_CHECK_SECONDS", "0")
+# A burst worker's drain job leaves as soon as the inbox is empty.
+os.environ.setdefault("DELIVERY_DRAINER_IDLE_SECONDS", "0")
 
 from postbackproject.settings import *  # noqa: F403
 

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from rq.job import Job
+from redis.connection import Connection
 
 from delivery.models import DeliverySettings
+from postbackproject import inbox
 from postbackproject.queue import get_connection, get_queue
 from tests.conftest import ingest_json, start_redis, use_redis
 
@@ -21,27 +22,57 @@ SAMPLE: dict[str, Any] = {
 pytestmark = pytest.mark.django_db
 
 
-def queued_jobs() -> list[Job]:
-    queue = get_queue()
-    return [Job.fetch(job_id, connection=get_connection(), serializer=queue.serializer) for job_id in queue.job_ids]
+def inbox_entries() -> list[list[Any]]:
+    """The request entries in the inbox: [request id, first index, method, URL, [objects]]."""
+    entries: Any = get_connection().xrange(inbox.INBOX)
+    assert all(fields.keys() == {b"r"} for _, fields in entries)
+    return [json.loads(fields[b"r"]) for _, fields in entries]
+
+
+def raw_entries() -> list[bytes]:
+    entries: Any = get_connection().xrange(inbox.INBOX)
+    return [fields[b"r"] for _, fields in entries]
 
 
 @pytest.mark.parametrize("path", ["/ingest.php", "/i"])
-def test_it_accepts_the_sample_as_one_job(client, path):
+def test_it_accepts_the_sample_as_one_inbox_entry(client, path):
     response = ingest_json(client, SAMPLE, path)
 
     assert response.status_code == 202
     body = response.json()
     assert body["accepted"] == 2
     assert len(body["postbacks"]) == 2 and len(set(body["postbacks"])) == 2
-    [job] = queued_jobs()
-    batch = job.args[0]
-    assert batch["method"] == "GET"
-    assert batch["url"] == SAMPLE["endpoint"]["url"]
-    assert [pid for pid, _ in batch["postbacks"]] == body["postbacks"]
-    assert [json.loads(text) for _, text in batch["postbacks"]] == SAMPLE["data"]
-    assert job.func_name == "delivery.jobs.deliver_batch"
+    [[request_id, first, method, url, objects]] = inbox_entries()
+    assert (first, method, url) == (0, "GET", SAMPLE["endpoint"]["url"])
+    assert body["postbacks"] == [f"{request_id}-0", f"{request_id}-1"]
+    assert objects == SAMPLE["data"]
+
+
+def test_the_first_request_starts_a_drainer_and_the_next_ones_do_not(client):
+    ingest_json(client, SAMPLE)
+    ingest_json(client, SAMPLE)
+
+    [job] = get_queue().jobs
+    assert job.func_name == "delivery.jobs.drain"
     assert job.result_ttl == 0
+    assert get_connection().zscore(inbox.LEASES, job.id) is not None
+
+
+def test_the_sample_costs_one_round_trip_to_redis(client, monkeypatch, settings):
+    settings.INGEST_BACKLOG_CHECK_SECONDS = 60  # Redis's memory use is read once a while, not per request
+    ingest_json(client, SAMPLE)  # the first starts a drainer (and loads the script)
+    sent: list[bytes] = []
+    original = Connection.send_packed_command
+
+    def counting(self: Connection, command: Any, check_health: bool = True) -> None:
+        sent.append(b"".join(command) if isinstance(command, list) else command)
+        original(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counting)
+
+    ingest_json(client, SAMPLE)
+
+    assert len(sent) == 1 and b"EVALSHA" in sent[0]
 
 
 def test_it_needs_no_content_type_and_takes_any(client):
@@ -54,26 +85,26 @@ def test_it_needs_no_content_type_and_takes_any(client):
 def test_method_is_case_insensitive_and_stored_upper(client):
     document = {**SAMPLE, "endpoint": {**SAMPLE["endpoint"], "method": "post"}}
     assert ingest_json(client, document).status_code == 202
-    assert queued_jobs()[0].args[0]["method"] == "POST"
+    assert inbox_entries()[0][2] == "POST"
 
 
 def test_numbers_travel_as_written(client):
     raw = b'{"endpoint":{"method":"GET","url":"http://h/?a={a}"},"data":[{"a":1.50,"b":1e5,"c":true,"d":null}]}'
     assert client.generic("POST", "/i", raw).status_code == 202
-    assert queued_jobs()[0].args[0]["postbacks"][0][1] == '{"a":1.50,"b":1e5,"c":true,"d":null}'
+    assert raw_entries()[0].endswith(b',[{"a":1.50,"b":1e5,"c":true,"d":null}]]')
 
 
-def test_large_requests_are_split_into_batches(client):
+def test_large_requests_are_split_into_entries_of_batch_size(client):
     DeliverySettings(batch_size=3).save()
     document = {**SAMPLE, "data": [{"key": str(n)} for n in range(7)]}
 
     response = ingest_json(client, document)
 
     assert response.status_code == 202
-    sizes = sorted(len(job.args[0]["postbacks"]) for job in queued_jobs())
-    assert sizes == [1, 3, 3]
-    carried = [pid for job in queued_jobs() for pid, _ in job.args[0]["postbacks"]]
-    assert sorted(carried) == sorted(response.json()["postbacks"])
+    entries = inbox_entries()
+    assert [(first, len(objects)) for _, first, _, _, objects in entries] == [(0, 3), (3, 3), (6, 1)]
+    carried = [f"{rid}-{first + n}" for rid, first, _, _, objects in entries for n in range(len(objects))]
+    assert carried == response.json()["postbacks"]
 
 
 BAD_BODIES = [
@@ -113,6 +144,7 @@ def test_bad_input_gets_a_400_naming_the_field(client, body, field, words):
     assert words in response.json()["error"]
     assert response.json()["field"] == field
     assert get_queue().count == 0
+    assert not get_connection().exists(inbox.INBOX)
 
 
 def test_the_error_names_the_field_as_the_contract_shows(client):
@@ -134,7 +166,7 @@ def test_too_large_bodies_get_413(client, settings):
     response = ingest_json(client, {**SAMPLE, "pad": "x" * 200})
     assert response.status_code == 413
     assert "error" in response.json()
-    assert get_queue().count == 0
+    assert not get_connection().exists(inbox.INBOX)
 
 
 def test_too_many_data_objects_get_400(client, settings):
@@ -164,8 +196,9 @@ def test_a_full_backlog_gets_503(client, settings):
     response = ingest_json(client, SAMPLE)
 
     assert response.status_code == 503
+    assert int(response["Retry-After"]) > 0
     assert "backlog" in response.json()["error"]
-    assert get_queue().count == 2
+    assert len(inbox_entries()) == 2
 
 
 JSON_VALUES = st.recursive(

@@ -88,8 +88,12 @@ def test_the_settings_admin_opens_the_one_row_and_saves_with_validation(staff_cl
         "unmatched_default": "",
         "connect_timeout_seconds": "5",
         "read_timeout_seconds": "10",
+        "total_timeout_seconds": "15",
         "response_body_max_bytes": "4096",
         "batch_size": "100",
+        "max_in_flight_per_host": "56",
+        "circuit_failure_threshold": "5",
+        "circuit_open_seconds": "30",
     }
     refused = staff_client.post("/admin/delivery/deliverysettings/1/change/", form)
     assert refused.status_code == 200

@@ -1,0 +1,348 @@
+"""The drainer: one RQ job that reads the inbox and delivers what it finds until it runs dry.
+
+Each turn of its loop it reads new entries (blocking briefly only when it has nothing else to
+do), hands their postbacks to the engine, and settles what finished: attempt rows in one
+INSERT, then one Redis transaction that schedules retries and deferrals and acknowledges the
+entries whose postbacks are all recorded. An entry is acknowledged only after its records are
+written, so a drainer that dies at any instant leaves its entries pending; they go to the next
+drainer that looks, which first reads the attempt log (`progress.resume`) and sends only what
+was not recorded.
+
+A drainer leaves when it has been idle DELIVERY_DRAINER_IDLE_SECONDS with nothing unread, or
+after DELIVERY_DRAINER_MAX_SECONDS (or on a warm shutdown) by handing over to a successor job,
+so that RQ's own bookkeeping stays short-lived and no job runs unbounded.
+"""
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import cache
+
+from django.conf import settings
+from redis.exceptions import ResponseError
+
+from delivery.circuit import Circuits, HostReport
+from delivery.engine import Engine, Finished, Work
+from delivery.models import DeliveryAttempt, DeliverySettings, Outcome
+from delivery.policy import host_answered, outcome_of, retry_delay_seconds
+from delivery.progress import resume
+from delivery.recording import attempt_row, deferral_row, log_attempt, save_attempts
+from delivery.templating import render_url
+from delivery.transport import Transport, parse_allowed_networks
+from postbackproject import inbox
+from postbackproject.postback import METHODS_WITH_BODY, Try, dumps_data_object, loads_keeping_numbers
+from postbackproject.queue import get_connection
+
+logger = logging.getLogger(__name__)
+
+# Entries that cannot be read (not written by ingestion) are kept here for a person to look at.
+REJECTED = "postback:inbox:rejected"
+# Finished tries are settled when this many have gathered, or the oldest has waited this long.
+SETTLE_BATCH = 500
+SETTLE_WAIT_SECONDS = 0.02
+HOUSEKEEPING_SECONDS = 1.0
+# Longest a read waits for new entries when the drainer has nothing else to do.
+IDLE_BLOCK_MS = 200
+# After a drain job fails, its entries wait this long before another drainer takes them.
+FAILURE_PAUSE_MS = 5000
+
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Warm shutdown (SIGTERM to the worker): stop reading, finish what is in flight, hand over."""
+    _stop.set()
+
+
+@cache
+def process_transport() -> Transport:
+    """The worker process's transport: its connections outlive each job."""
+    return Transport(parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS))
+
+
+@dataclass(eq=False)
+class EntryState:
+    """An entry read and not yet acknowledged: acknowledged once nothing of it is outstanding."""
+
+    id: str
+    outstanding: int
+    follow_ups: list[tuple[Try, float]] = field(default_factory=list)
+
+
+class Drainer:
+    def __init__(self, drainer_id: str) -> None:
+        self.id = drainer_id
+        self.connection = get_connection()
+        self.circuits = Circuits(drainer_id)
+        self.engine = Engine(process_transport(), self.circuits, settings.DELIVERY_CONCURRENCY)
+        self.finished: list[Finished] = []
+        self.finished_since = 0.0
+        self.settled_entries: list[EntryState] = []  # done, waiting to be acknowledged
+        self.open_entries = 0
+        self.postbacks_per_entry = 10.0  # running estimate, to size reads
+        self.counts: Counter[str] = Counter()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, int]:
+        if not self._take_lease():
+            return {"not needed": 1}
+        self._create_group()
+        started = time.monotonic()
+        last_work = started
+        next_housekeeping = 0.0
+        try:
+            while True:
+                config = DeliverySettings.current()
+                now = time.monotonic()
+                if now >= next_housekeeping:
+                    self._housekeeping(config)
+                    next_housekeeping = now + HOUSEKEEPING_SECONDS
+                accepting = not _stop.is_set() and now - started < settings.DELIVERY_DRAINER_MAX_SECONDS
+                if not accepting:
+                    self._give_back_unsent()
+                read = self._read(config) if accepting and self._has_room(config) else 0
+                self._collect(self.engine.step(config, timeout=0.0 if read else 0.005))
+                if self._settle_due():
+                    self._settle(config)
+                if read or self._busy():
+                    last_work = time.monotonic()
+                elif not accepting:
+                    self._leave(handing_over=True)
+                    break
+                elif time.monotonic() - last_work >= settings.DELIVERY_DRAINER_IDLE_SECONDS and self._leave():
+                    break
+        except BaseException:
+            self._release_after_failure()
+            raise
+        return dict(self.counts)
+
+    def _busy(self) -> bool:
+        return self.engine.busy or bool(self.finished) or bool(self.settled_entries)
+
+    def _has_room(self, config: DeliverySettings) -> bool:
+        return self.engine.waiting + self.engine.in_flight < self._hold_limit(config)
+
+    def _hold_limit(self, config: DeliverySettings) -> int:
+        """Postbacks read ahead of sending: enough to keep every connection busy and hosts
+        that stall from blocking others, bounded so memory is."""
+        return max(16 * self.engine.concurrency, 4 * config.batch_size)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _read(self, config: DeliverySettings) -> int:
+        room = self._hold_limit(config) - self.engine.waiting - self.engine.in_flight
+        count = max(1, min(256, int(room / max(1.0, self.postbacks_per_entry))))
+        idle = not self._busy()
+        block = min(IDLE_BLOCK_MS, int(settings.DELIVERY_DRAINER_IDLE_SECONDS * 1000)) if idle else 0
+        reply = self._xreadgroup(count, block or None)
+        entries = inbox.entries_from_reply(reply[0][1]) if reply else []
+        if entries:
+            self._accept(entries, config, reclaimed=False)
+            if len(entries) == count:
+                self._recruit()
+        return len(entries)
+
+    def _xreadgroup(self, count: int, block: int | None) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        try:
+            return self.connection.xreadgroup(inbox.GROUP, self.id, {inbox.INBOX: ">"}, count=count, block=block)  # type: ignore[return-value]
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._create_group()
+            return []
+
+    def _create_group(self) -> None:
+        try:
+            self.connection.xgroup_create(inbox.INBOX, inbox.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _accept(self, entries: list[inbox.Entry], config: DeliverySettings, reclaimed: bool) -> None:
+        """Turn entries into work for the engine; tries come round again only after a check."""
+        for entry in entries:
+            try:
+                tries = entry_tries(entry, config.unmatched_default)
+            except (ValueError, TypeError, KeyError, IndexError):
+                self._reject(entry)
+                continue
+            self.postbacks_per_entry = 0.9 * self.postbacks_per_entry + 0.1 * len(tries)
+            state = EntryState(entry.id, 0)
+            if reclaimed or entry.kind == "t":
+                resumed = resume(tries, config)
+                tries, state.follow_ups = resumed.to_send, resumed.follow_ups
+                self.counts["already recorded"] += resumed.settled
+            state.outstanding = len(tries)
+            self.open_entries += 1
+            if not tries:
+                self._entry_done(state)
+            self.engine.add((Work(item, state) for item in tries), config)
+
+    def _reject(self, entry: inbox.Entry) -> None:
+        logger.error("inbox entry %s is not a postback entry; kept in %s", entry.id, REJECTED)
+        with self.connection.pipeline() as pipe:
+            pipe.rpush(
+                REJECTED,
+                json.dumps({"id": entry.id, "kind": entry.kind, "payload": entry.payload.decode("utf-8", "replace")}),
+            )
+            pipe.xack(inbox.INBOX, inbox.GROUP, entry.id)
+            pipe.xdel(inbox.INBOX, entry.id)
+            pipe.execute()
+
+    # --- settling ---------------------------------------------------------------------------
+
+    def _collect(self, finished: list[Finished]) -> None:
+        if finished and not self.finished:
+            self.finished_since = time.monotonic()
+        self.finished.extend(finished)
+
+    def _settle_due(self) -> bool:
+        if self.settled_entries and not self.finished:
+            return True
+        if not self.finished:
+            return False
+        waited = time.monotonic() - self.finished_since
+        return len(self.finished) >= SETTLE_BATCH or waited >= SETTLE_WAIT_SECONDS or not self.engine.busy
+
+    def _settle(self, config: DeliverySettings) -> None:
+        """Record what finished, then schedule its follow-ups and acknowledge done entries."""
+        finished, self.finished = self.finished, []
+        rows: list[DeliveryAttempt] = []
+        follow_ups: list[tuple[Try, float]] = []
+        reports: dict[str, HostReport] = {}
+        now = time.time()
+        for item in finished:
+            work, response = item.work, item.response
+            if response is None:
+                until = datetime.fromtimestamp(item.deferred_until, UTC)
+                rows.append(deferral_row(work.item, item.reason, until))
+                follow_ups.append((work.item, item.deferred_until))
+            else:
+                outcome = outcome_of(response, work.item.try_in_series, config)
+                rows.append(attempt_row(work.item, response, outcome))
+                if outcome == Outcome.RETRY:
+                    delay = retry_delay_seconds(work.item.try_in_series, response.retry_after_seconds, config)
+                    follow_ups.append((replace(work.item, attempt=work.item.attempt + 1), now + delay))
+                answered = host_answered(response)
+                if answered is not None or work.probe:
+                    report = reports.setdefault(work.host, HostReport())
+                    report.add(bool(answered))
+                    report.probed = report.probed or work.probe
+            self.counts[rows[-1].outcome] += 1
+            self._one_done(work)
+        save_attempts(rows, keep_alive=self._renew_lease)
+        self._commit_to_redis(follow_ups)
+        self.circuits.report(reports, config.circuit_failure_threshold, config.circuit_open_seconds)
+        self.engine.reconsider()
+        for row in rows:
+            log_attempt(row)
+
+    def _one_done(self, work: Work) -> None:
+        state = work.origin
+        assert isinstance(state, EntryState)
+        state.outstanding -= 1
+        if state.outstanding == 0:
+            self._entry_done(state)
+
+    def _entry_done(self, state: EntryState) -> None:
+        self.settled_entries.append(state)
+
+    def _commit_to_redis(self, follow_ups: list[tuple[Try, float]]) -> None:
+        entries, self.settled_entries = self.settled_entries, []
+        for state in entries:
+            follow_ups.extend(state.follow_ups)
+        if not follow_ups and not entries:
+            return
+        ids = [state.id for state in entries]
+        with self.connection.pipeline(transaction=True) as pipe:
+            inbox.schedule_tries(follow_ups, pipe)
+            if ids:
+                pipe.xack(inbox.INBOX, inbox.GROUP, *ids)
+                pipe.xdel(inbox.INBOX, *ids)
+            pipe.execute()
+        self.open_entries -= len(entries)
+
+    # --- leases and housekeeping ------------------------------------------------------------
+
+    def _take_lease(self) -> bool:
+        """Start under the lease registered for this job; a job queued so long that its lease
+        ran out still runs, unless enough drainers are alive already."""
+        live = self.connection.zscore(inbox.LEASES, self.id)
+        if live is None:
+            started = inbox.run_script("recruit", [inbox.LEASES, inbox.recruit_key()], [inbox.LEASE_MS, self.id])
+            if not started:
+                return False
+        self._renew_lease()
+        return True
+
+    def _renew_lease(self) -> None:
+        expiry = self.connection.time()
+        now_ms = int(expiry[0]) * 1000 + int(expiry[1]) // 1000
+        self.connection.zadd(inbox.LEASES, {self.id: now_ms + inbox.LEASE_MS}, gt=True)
+
+    def _housekeeping(self, config: DeliverySettings) -> None:
+        self._renew_lease()
+        inbox.sweep()
+        if self._has_room(config):
+            claimed = inbox.run_script("reclaim", [inbox.INBOX, inbox.LEASES], [inbox.GROUP, self.id, 100])
+            entries = inbox.entries_from_reply(claimed)
+            if entries:
+                logger.info("drainer %s took over %d entries of a drainer that left or died", self.id, len(entries))
+                self._accept(entries, config, reclaimed=True)
+        self.circuits.report({}, config.circuit_failure_threshold, config.circuit_open_seconds)
+        self.engine.reconsider()
+
+    def _recruit(self) -> None:
+        colleague = inbox.new_drainer_id()
+        if inbox.run_script("recruit", [inbox.LEASES, inbox.recruit_key()], [inbox.LEASE_MS, colleague]):
+            inbox.start_drainer(colleague)
+
+    def _give_back_unsent(self) -> None:
+        """Stop sending: tries not yet started stay pending in their entries for a successor."""
+        dropped = self.engine.drop_waiting()
+        if dropped:
+            self.counts["handed over"] += len(dropped)
+
+    def _leave(self, handing_over: bool = False) -> bool:
+        """Retire (idle) or hand over; False when there is still work to read."""
+        successor = inbox.new_drainer_id() if handing_over else ""
+        verdict = inbox.run_script(
+            "leave", [inbox.INBOX, inbox.LEASES], [inbox.GROUP, self.id, successor, inbox.LEASE_MS]
+        )
+        if verdict == 1:
+            inbox.start_drainer(successor)
+        return bool(verdict != -1)
+
+    def _release_after_failure(self) -> None:
+        """The job is failing: its entries go to another drainer after a short pause, not after
+        the whole lease, and not at once either (a failure that repeats must not spin)."""
+        try:
+            now = self.connection.time()
+            expiry = int(now[0]) * 1000 + int(now[1]) // 1000 + FAILURE_PAUSE_MS
+            self.connection.zadd(inbox.LEASES, {self.id: expiry})
+        except Exception:  # already failing; the lease runs out by itself
+            logger.warning("drainer %s could not shorten its lease", self.id, exc_info=True)
+
+
+def entry_tries(entry: inbox.Entry, unmatched_default: str) -> list[Try]:
+    """The tries an entry asks for: a request's first tries, or tries that came due."""
+    document = loads_keeping_numbers(entry.payload)
+    if entry.kind == "t":
+        assert isinstance(document, list)
+        return [Try.from_fields(fields) for fields in document]
+    if entry.kind != "r":
+        raise ValueError(f"unknown entry kind {entry.kind!r}")
+    assert isinstance(document, list)
+    request_id, start, method, template, objects = document
+    with_body = method in METHODS_WITH_BODY
+    tries = []
+    for index, data in enumerate(objects, start=int(start)):
+        url = render_url(template, data, unmatched_default)
+        body = dumps_data_object(data) if with_body else None
+        tries.append(Try(inbox.postback_id(request_id, index), 1, 0, method, url, body))
+    return tries

@@ -1,0 +1,163 @@
+"""Recording attempts: one DeliveryAttempt row and one JSON log line per try.
+
+Rows are written in bulk, one INSERT per batch of finished tries. What a receiver sends back
+is not ours to trust: text the database refuses is escaped first (`storable`), a batch that
+fails anyway is written row by row so that one bad row cannot cost the others their records,
+and while the database is unreachable the rows wait in memory and the write is tried again.
+"""
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection, transaction
+from django.utils import timezone
+
+from delivery.models import DeliveryAttempt, Outcome
+from delivery.transport import Response
+from postbackproject.postback import Try
+
+attempt_log = logging.getLogger("delivery.attempts")
+logger = logging.getLogger(__name__)
+
+# How long a batch of rows waits for an unreachable database before the job gives up (its
+# entries then go to another drainer, which sends them again: at-least-once, never lost).
+DATABASE_OUTAGE_SECONDS = 600
+_RETRY_WAITS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def storable(text: str) -> str:
+    """Text every database accepts: NUL becomes the four characters `\\x00` and each unpaired
+    surrogate its `\\udXXX` escape; everything else is kept as it came."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def attempt_row(item: Try, response: Response, outcome: Outcome) -> DeliveryAttempt:
+    return _row(
+        item,
+        delivered_at=response.delivered_at,
+        response_code=response.status,
+        response_time_ms=round(response.elapsed_ms, 2),
+        response_body=storable(response.body),
+        error=storable(response.error),
+        outcome=outcome,
+    )
+
+
+def deferral_row(item: Try, reason: str, until: datetime) -> DeliveryAttempt:
+    """A try that was not sent: its circuit is open. The row says why and until when."""
+    return _row(
+        item,
+        delivered_at=timezone.now(),
+        error=f"not sent: {reason} (deferred until {until.isoformat(timespec='seconds')})",
+        outcome=Outcome.DEFERRED,
+    )
+
+
+def _row(item: Try, **facts: Any) -> DeliveryAttempt:
+    """A row with what the try asked for, and the given facts of what happened."""
+    return DeliveryAttempt(
+        postback_id=item.postback_id,
+        attempt=item.attempt,
+        method=item.method,
+        url=storable(item.url),
+        request_body=storable(item.body or ""),
+        **facts,
+    )
+
+
+def save_attempts(rows: Sequence[DeliveryAttempt], keep_alive: Callable[[], None] = lambda: None) -> None:
+    """Insert rows, retrying while the database is down; one bad row never costs the others.
+
+    keep_alive runs between retries (a drainer renews its lease there, so that nobody takes
+    its entries while it waits for the database).
+    """
+    if not rows:
+        return
+    deadline = time.monotonic() + DATABASE_OUTAGE_SECONDS
+    failures = 0
+    while True:
+        try:
+            _insert(rows)
+            return
+        except (OperationalError, InterfaceError):
+            wait = _RETRY_WAITS[min(failures, len(_RETRY_WAITS) - 1)]
+            failures += 1
+            if time.monotonic() + wait > deadline:
+                raise
+            logger.warning("database unavailable, %d attempt rows wait; trying again in %.1f s", len(rows), wait)
+            _reconnect()
+            time.sleep(wait)
+            keep_alive()
+
+
+def _insert(rows: Sequence[DeliveryAttempt]) -> None:
+    try:
+        with transaction.atomic():
+            DeliveryAttempt.objects.bulk_create(rows, ignore_conflicts=True)
+    except (OperationalError, InterfaceError):
+        raise
+    except DatabaseError:
+        logger.warning("bulk insert of %d attempt rows refused; writing them one by one", len(rows), exc_info=True)
+        for row in rows:
+            _insert_one(row)
+
+
+def _insert_one(row: DeliveryAttempt) -> None:
+    """One row alone; if the database still refuses it, the row keeps only what it accepts."""
+    try:
+        with transaction.atomic():
+            DeliveryAttempt.objects.bulk_create([row], ignore_conflicts=True)
+        return
+    except (OperationalError, InterfaceError):
+        raise
+    except DatabaseError as exc:
+        refusal = f"{type(exc).__name__}: {exc}"
+    row.response_body = ""
+    row.request_body = ""
+    row.error = storable(f"{row.error} [this row's texts were refused by the database: {refusal}]"[:2000])
+    try:
+        with transaction.atomic():
+            DeliveryAttempt.objects.bulk_create([row], ignore_conflicts=True)
+    except (OperationalError, InterfaceError):
+        raise
+    except DatabaseError:
+        logger.exception("attempt %s try %s could not be recorded; its log line stands", row.postback_id, row.attempt)
+
+
+def _reconnect() -> None:
+    with contextlib.suppress(DatabaseError):
+        connection.close()
+    close_old_connections()
+
+
+def log_attempt(row: DeliveryAttempt) -> None:
+    """One JSON line per attempt, with the same facts as the row."""
+    attempt_log.info(
+        json.dumps(
+            {
+                "event": "delivery_attempt",
+                "postback_id": row.postback_id,
+                "attempt": row.attempt,
+                "method": row.method,
+                "url": row.url,
+                "delivered_at": row.delivered_at.isoformat(),
+                "response_code": row.response_code,
+                "response_time_ms": row.response_time_ms,
+                "response_body": row.response_body,
+                "error": row.error,
+                "outcome": row.outcome,
+            },
+            ensure_ascii=False,
+        )
+    )
