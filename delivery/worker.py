@@ -53,6 +53,13 @@ class DeliveryWorker(SimpleWorker):
         kwargs["queue_class"] = DeliveryQueue
         super().__init__(*args, **kwargs)
 
+    def _start_scheduler(self, *args: Any, **kwargs: Any) -> None:
+        """`--with-scheduler` is accepted and needs nothing: delayed tries wait in the inbox's
+        due set, which every worker sweeps. RQ's scheduler would be one more process per
+        worker, and one that inherits the worker's Redis connections: after the worker is
+        SIGKILLed it keeps the worker's blocking read alive, and that read takes the next job."""
+        self.log.info("Worker %s: retries are scheduled by the inbox; RQ's scheduler is not needed", self.name)
+
     @property
     def dequeue_timeout(self) -> int:
         return max(1, round(settings.DELIVERY_WORKER_POLL_SECONDS))
