@@ -1,12 +1,18 @@
-"""Admin: the delivery settings (one row) and the read-only attempt log."""
+"""Admin: the delivery settings (one row), the read-only attempt log and the open circuits."""
+
+from datetime import UTC, datetime
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.urls import reverse
+from redis.exceptions import RedisError
 
+from delivery.circuit import close_circuits, open_circuits
 from delivery.forms import DeliverySettingsForm
-from delivery.models import DeliveryAttempt, DeliverySettings
+from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings
 from delivery.replay import replay
 
 
@@ -96,4 +102,50 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: DeliveryAttempt | None = None) -> bool:
+        return False
+
+
+@admin.register(CircuitBreaker)
+class CircuitBreakerAdmin(admin.ModelAdmin[CircuitBreaker]):
+    """The hosts whose circuit is open, read from Redis; staff with "change" may close them."""
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, object] | None = None) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            return self._close(request)
+        try:
+            circuits = [
+                {"host": host, "until": datetime.fromtimestamp(until, UTC), "failures": failures}
+                for host, until, failures in open_circuits()
+            ]
+        except RedisError as exc:
+            circuits = []
+            self.message_user(request, f"Redis is unavailable: {exc}", messages.ERROR)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Open circuits",
+            "opts": self.model._meta,
+            "circuits": circuits,
+            "can_close": self.has_change_permission(request),
+        }
+        return TemplateResponse(request, "admin/delivery/circuits.html", context)
+
+    def _close(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        hosts = request.POST.getlist("host")
+        released = close_circuits(hosts)
+        self.message_user(
+            request,
+            f"Closed {len(hosts)} circuit{'s' if len(hosts) != 1 else ''}; "
+            f"{released} deferred postback{'s go' if released != 1 else ' goes'} out now.",
+            messages.SUCCESS,
+        )
+        return HttpResponseRedirect(request.path)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: CircuitBreaker | None = None) -> bool:
         return False

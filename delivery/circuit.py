@@ -9,11 +9,15 @@ Every worker keeps a local copy of which hosts are open or failing, refreshed ea
 after each report, so a healthy host costs no Redis round trip at all.
 """
 
+import json
 import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from delivery.hosts import host_of
+from postbackproject import inbox
+from postbackproject.postback import Try
 from postbackproject.queue import get_connection
 
 OPEN = "postback:circuits:open"  # sorted set: host -> open until (ms since the epoch)
@@ -25,7 +29,7 @@ MAX_WAIT_FACTOR = 16
 
 # KEYS: open, failures, trips. ARGV: threshold, base wait ms, probe key prefix, then per host:
 # host, answered (1/0), failures since its last answer, probed (1/0).
-# Returns {open hosts and their times (ms), flat}, {hosts with failures counted}.
+# Returns {open hosts and their times (ms), flat}, {hosts with failures counted and the counts, flat}.
 _REPORT = """
 local open, failures, trips = KEYS[1], KEYS[2], KEYS[3]
 local threshold, base = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -49,7 +53,7 @@ for i = 4, #ARGV, 4 do
     end
   end
 end
-return {redis.call('ZRANGE', open, 0, -1, 'WITHSCORES'), redis.call('HKEYS', failures)}
+return {redis.call('ZRANGE', open, 0, -1, 'WITHSCORES'), redis.call('HGETALL', failures)}
 """.replace("__MAX_FACTOR__", str(MAX_WAIT_FACTOR))
 
 
@@ -88,7 +92,7 @@ class Circuits:
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self._open: dict[str, float] = {}  # host -> open until (Unix seconds)
-        self._failing: set[str] = set()
+        self._failures: dict[str, int] = {}  # host -> failures in a row, as last reported
         self._probing: set[str] = set()
         self._refreshed_at = 0.0
         self._script = get_connection().register_script(_REPORT)
@@ -109,9 +113,13 @@ class Circuits:
         later = now + probe_seconds
         return Admission(send=False, defer_until=self._spread(later, open_seconds), reason=self._why(host, until))
 
+    def failures_in_row(self, host: str) -> int:
+        """Failures in a row counted for the host by every worker, as of the last report."""
+        return self._failures.get(host, 0)
+
     def needs_report(self, host: str, report: HostReport) -> bool:
         """Healthy hosts are not reported: only failures, and answers that close or reset."""
-        return report.failures_since_answer > 0 or report.probed or host in self._failing or host in self._open
+        return report.failures_since_answer > 0 or report.probed or host in self._failures or host in self._open
 
     def report(self, reports: dict[str, HostReport], threshold: int, open_seconds: float) -> None:
         """Send what hosts did; refresh the local view from the answer. Also refreshes on a timer."""
@@ -125,7 +133,7 @@ class Circuits:
                 self._probing.discard(host)
         opened, failing = self._script(keys=[OPEN, FAILURES, TRIPS], args=args, client=get_connection())
         self._open = {opened[i].decode(): float(opened[i + 1]) / 1000 for i in range(0, len(opened), 2)}
-        self._failing = {host.decode() for host in failing}
+        self._failures = {failing[i].decode(): int(failing[i + 1]) for i in range(0, len(failing), 2)}
         self._refreshed_at = time.monotonic()
 
     def _why(self, host: str, until: float) -> str:
@@ -149,15 +157,29 @@ def open_circuits() -> list[tuple[str, float, int]]:
     return [(host.decode(), score / 1000, counts.get(host.decode(), 0)) for host, score in opened]
 
 
-def close_circuits(hosts: Iterable[str]) -> None:
-    """Close circuits by hand (staff, in admin): their postbacks go out at their next due time."""
-    hosts = list(hosts)
-    if not hosts:
-        return
+def close_circuits(hosts: Iterable[str]) -> int:
+    """Close circuits by hand (staff, in admin); their deferred postbacks are due at once.
+
+    Returns how many deferred postbacks were released. Finding them reads every waiting try
+    (the due set is keyed by postback, not host): fine for an occasional admin action.
+    """
+    closing = set(hosts)
+    if not closing:
+        return 0
     connection = get_connection()
     with connection.pipeline() as pipe:
-        pipe.zrem(OPEN, *hosts)
-        pipe.hdel(FAILURES, *hosts)
-        pipe.hdel(TRIPS, *hosts)
-        pipe.delete(*(PROBE_PREFIX + host for host in hosts))
+        pipe.zrem(OPEN, *closing)
+        pipe.hdel(FAILURES, *closing)
+        pipe.hdel(TRIPS, *closing)
+        pipe.delete(*(PROBE_PREFIX + host for host in closing))
         pipe.execute()
+    released = [
+        postback_id
+        for postback_id, text in connection.hscan_iter(inbox.DUE_TRIES, count=1000)
+        if host_of(Try.from_fields(json.loads(text)).url) in closing
+    ]
+    for start in range(0, len(released), 1000):
+        connection.zadd(inbox.DUE, dict.fromkeys(released[start : start + 1000], 0), xx=True)
+    if released:
+        inbox.sweep()
+    return len(released)

@@ -81,6 +81,9 @@ class Drainer:
         self.engine = Engine(process_transport(), self.circuits, settings.DELIVERY_CONCURRENCY)
         self.finished: list[Finished] = []
         self.finished_since = 0.0
+        # Failures in a row per host among `finished`, and whether a circuit must hear now.
+        self.failing: Counter[str] = Counter()
+        self.urgent = False
         self.settled_entries: list[EntryState] = []  # done, waiting to be acknowledged
         self.open_entries = 0
         self.postbacks_per_entry = 10.0  # running estimate, to size reads
@@ -106,7 +109,7 @@ class Drainer:
                 if not accepting:
                     self._give_back_unsent()
                 read = self._read(config) if accepting and self._has_room(config) else 0
-                self._collect(self.engine.step(config, timeout=0.0 if read else 0.005))
+                self._collect(self.engine.step(config, timeout=0.0 if read else 0.005), config)
                 if self._settle_due():
                     self._settle(config)
                 if read or self._busy():
@@ -196,22 +199,44 @@ class Drainer:
 
     # --- settling ---------------------------------------------------------------------------
 
-    def _collect(self, finished: list[Finished]) -> None:
+    def _collect(self, finished: list[Finished], config: DeliverySettings) -> None:
         if finished and not self.finished:
             self.finished_since = time.monotonic()
         self.finished.extend(finished)
+        for item in finished:
+            self._watch_circuit(item, config)
+
+    def _watch_circuit(self, item: Finished, config: DeliverySettings) -> None:
+        """Settle at once when a host reaches its failure threshold or a probe lands, so that
+        its circuit opens (or closes) before more of its postbacks go out."""
+        if item.response is None:
+            return
+        host = item.work.host
+        answered = host_answered(item.response)
+        if answered:
+            self.failing[host] = 0
+        elif answered is False:
+            self.failing[host] += 1
+            if self.circuits.failures_in_row(host) + self.failing[host] >= config.circuit_failure_threshold:
+                self.urgent = True
+        if item.work.probe:
+            self.urgent = True
 
     def _settle_due(self) -> bool:
         if self.settled_entries and not self.finished:
             return True
         if not self.finished:
             return False
+        if self.urgent:
+            return True
         waited = time.monotonic() - self.finished_since
         return len(self.finished) >= SETTLE_BATCH or waited >= SETTLE_WAIT_SECONDS or not self.engine.busy
 
     def _settle(self, config: DeliverySettings) -> None:
         """Record what finished, then schedule its follow-ups and acknowledge done entries."""
         finished, self.finished = self.finished, []
+        self.failing.clear()
+        self.urgent = False
         rows: list[DeliveryAttempt] = []
         follow_ups: list[tuple[Try, float]] = []
         reports: dict[str, HostReport] = {}

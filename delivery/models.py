@@ -166,3 +166,20 @@ class DeliveryAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.postback_id} try {self.attempt}: {self.outcome}"
+
+
+class CircuitBreaker(models.Model):
+    """Not a table: admin's door to the circuits, which live in Redis (`delivery.circuit`).
+
+    The model gives admin a page, a place in its index and permissions: "view" to list the
+    open circuits, "change" to close one by hand.
+    """
+
+    class Meta:
+        managed = False
+        verbose_name = "open circuit"
+        verbose_name_plural = "open circuits"
+        default_permissions = ("view", "change")
+
+    def __str__(self) -> str:
+        return "open circuit"
