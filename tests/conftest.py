@@ -1,26 +1,34 @@
 """Real parts for the suite: a redis-server of its own, HTTP receivers on loopback, and the
 real RQ worker code (DeliveryWorker, a SimpleWorker, in burst mode)."""
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.db import connection
 from redis import Redis
 
 from delivery import drain
+from delivery.models import DeliveryAttempt, Outcome
 from delivery.worker import DeliveryWorker
 from postbackproject import inbox
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection, get_queue
+from postbackproject.settings import BASE_DIR
 
 
 def free_port() -> int:
@@ -53,15 +61,23 @@ class RedisServer:
         self.process.wait(timeout=10)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save; what survives is what the AOF holds."""
+        self.process.kill()
+        self.process.wait(timeout=10)
 
-def start_redis() -> RedisServer:
+
+def start_redis(aof: bool = False, port: int | None = None, workdir: str | None = None) -> RedisServer:
+    """A redis-server of the suite's own; with aof, persisting as production does (everysec).
+    Given the port and folder of one that stopped, it starts again from what that one wrote."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="postback-test-redis-")
+    port = port or free_port()
+    workdir = workdir or tempfile.mkdtemp(prefix="postback-test-redis-")
+    persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else ["--appendonly", "no"]
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", workdir],
         stdout=subprocess.DEVNULL,
     )
     client = Redis(port=port)
@@ -113,6 +129,8 @@ class Reply:
     delay: float = 0.0  # seconds before answering (to provoke read timeouts)
     # Answer only once this many requests wait together (500 if they never do).
     barrier: threading.Barrier | None = None
+    # Send the headers, then the body one byte every this many seconds (until `release`).
+    drip_every: float = 0.0
 
 
 @dataclass
@@ -124,12 +142,23 @@ class Received:
     client_port: int  # tells connections apart: a kept-alive connection keeps its port
 
 
-class Receiver:
-    """An HTTP server on loopback that records every request and answers from a script."""
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A client that hangs up (a worker killed, a request timed out) is not an error here."""
 
-    def __init__(self) -> None:
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+class Receiver:
+    """An HTTP server on loopback that records every request and answers from a script
+    (then with `default`). Dripping replies stop dripping once `release` is set."""
+
+    def __init__(self, default: Reply | None = None) -> None:
         self.requests: list[Received] = []
         self.script: list[Reply] = []
+        self.default = default or Reply()
+        self.release = threading.Event()
         self._lock = threading.Lock()
         receiver = self
 
@@ -142,7 +171,7 @@ class Receiver:
                 with receiver._lock:
                     received = Received(self.command, self.path, dict(self.headers), body, self.client_address[1])
                     receiver.requests.append(received)
-                    reply = receiver.script.pop(0) if receiver.script else Reply()
+                    reply = receiver.script.pop(0) if receiver.script else receiver.default
                 if reply.delay:
                     time.sleep(reply.delay)
                 status = reply.status
@@ -156,14 +185,25 @@ class Receiver:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(reply.body)))
                 self.end_headers()
-                self.wfile.write(reply.body)
+                if reply.drip_every:
+                    self.drip(reply)
+                else:
+                    self.wfile.write(reply.body)
+
+            def drip(self, reply: Reply) -> None:
+                for index in range(len(reply.body)):
+                    if receiver.release.wait(reply.drip_every):
+                        self.wfile.write(reply.body[index:])
+                        return
+                    self.wfile.write(reply.body[index : index + 1])
+                    self.wfile.flush()
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -180,7 +220,12 @@ class Receiver:
     def targets(self) -> list[str]:
         return [request.target for request in self.requests]
 
+    def postback_ids(self) -> list[str]:
+        with self._lock:
+            return [request.headers["X-Postback-Id"] for request in self.requests]
+
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -234,3 +279,72 @@ def deliver_everything(max_rounds: int = 20) -> None:
 
 def ingest_json(client, document: object, path: str = "/ingest.php"):
     return client.generic("POST", path, json.dumps(document).encode())
+
+
+# --- service processes ---------------------------------------------------------------------
+
+
+def database_url_for_processes() -> str:
+    """The test database as a DATABASE_URL, for processes the suite starts."""
+    params = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{params['NAME']}"
+    password = f":{params['PASSWORD']}" if params.get("PASSWORD") else ""
+    return f"postgres://{params['USER']}{password}@{params['HOST']}:{params['PORT']}/{params['NAME']}"
+
+
+def service_env(**overrides: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": database_url_for_processes(),
+        "REDIS_URL": settings.REDIS_URL,
+        "PYTHONUNBUFFERED": "1",
+        **overrides,
+    }
+
+
+class Processes:
+    """Real worker processes (`manage.py rqworker`), and other scripts, stopped after the test."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def worker(self, **env: str) -> subprocess.Popen[bytes]:
+        """The production command: `manage.py rqworker postbacks --with-scheduler`."""
+        return self.run([str(BASE_DIR / "manage.py"), "rqworker", "postbacks", "--with-scheduler"], **env)
+
+    def run(self, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"process-{len(self.started)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=BASE_DIR,
+            env=service_env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped with everything it started
+        )
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def output(self) -> str:
+        return "\n".join(path.read_text(errors="replace")[-3000:] for path in sorted(self.logs.glob("process-*.log")))
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(tmp_path)
+    yield started
+    started.stop_all()
+
+
+def success_ids() -> set[str]:
+    """Postbacks recorded as delivered."""
+    return set(DeliveryAttempt.objects.filter(outcome=Outcome.SUCCESS).values_list("postback_id", flat=True))
