@@ -1,0 +1,78 @@
+"""Recording never loses a batch: text the database refuses is escaped, one bad row never
+costs the others their records."""
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from delivery.models import DeliveryAttempt
+from delivery.recording import save_attempts, storable
+from tests.conftest import Reply, ingest_json, run_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("plain", "plain"),
+        ("é and 日本", "é and 日本"),
+        ("a\x00b", "a\\x00b"),
+        ("lone \udc80 surrogate", "lone \\udc80 surrogate"),
+        ("\x00\ud800", "\\x00\\ud800"),
+    ],
+)
+def test_storable_escapes_only_what_databases_refuse(text, stored):
+    assert storable(text) == stored
+
+
+def test_a_reply_with_nul_bytes_is_stored_escaped_beside_the_rest_of_its_batch(client, receiver):
+    """PostgreSQL refuses NUL in text: unescaped, this reply cost the whole batch its rows."""
+    receiver.answer(Reply(body=b"before\x00after"), Reply(), Reply())
+    document = {"endpoint": {"method": "GET", "url": receiver.url("/n?i={i}")}, "data": [{"i": i} for i in range(3)]}
+    ids = ingest_json(client, document).json()["postbacks"]
+
+    run_worker()
+
+    rows = DeliveryAttempt.objects.filter(postback_id__in=ids)
+    assert sorted(row.outcome for row in rows) == ["success"] * 3
+    assert {row.response_body for row in rows} == {"before\\x00after", "ok"}
+    assert len(receiver.requests) == 3
+
+
+def test_a_body_in_a_declared_charset_is_stored_as_text(client, receiver):
+    receiver.answer(Reply(body="déjà".encode("latin-1"), headers={"Content-Type": "text/plain; charset=latin-1"}))
+    ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/c")}, "data": [{}]})
+
+    run_worker()
+
+    assert DeliveryAttempt.objects.get().response_body == "déjà"
+
+
+def row(postback_id: str, code: int | None = 200) -> DeliveryAttempt:
+    return DeliveryAttempt(
+        postback_id=postback_id,
+        attempt=1,
+        method="GET",
+        url="http://h/",
+        delivered_at=timezone.now(),
+        response_code=code,
+        response_time_ms=1.0,
+        response_body="ok",
+        outcome="success",
+    )
+
+
+def test_one_row_the_database_refuses_does_not_cost_the_others_theirs(caplog):
+    save_attempts([row("good-1"), row("refused", code=-1), row("good-2")])  # -1 breaks a CHECK
+
+    assert set(DeliveryAttempt.objects.values_list("postback_id", flat=True)) == {"good-1", "good-2"}
+    if connection.vendor == "postgresql":  # SQLite's INSERT OR IGNORE skips such a row silently
+        assert "refused try 1 could not be recorded" in caplog.text
+
+
+def test_recording_the_same_try_twice_keeps_one_row():
+    save_attempts([row("once")])
+    save_attempts([row("once")])
+
+    assert DeliveryAttempt.objects.filter(postback_id="once").count() == 1
