@@ -27,14 +27,14 @@ from redis.exceptions import ResponseError
 
 from delivery.circuit import Circuits, HostReport
 from delivery.engine import Engine, Finished, Work
+from delivery.entries import entry_tries
 from delivery.models import DeliveryAttempt, DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.progress import resume
 from delivery.recording import attempt_row, deferral_row, log_attempt, save_attempts
-from delivery.templating import render_url
 from delivery.transport import Transport, parse_allowed_networks
 from postbackproject import inbox
-from postbackproject.postback import METHODS_WITH_BODY, Try, dumps_data_object, loads_keeping_numbers
+from postbackproject.postback import Try
 from postbackproject.queue import get_connection
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,24 @@ HOUSEKEEPING_SECONDS = 1.0
 IDLE_BLOCK_MS = 200
 # After a drain job fails, its entries wait this long before another drainer takes them.
 FAILURE_PAUSE_MS = 5000
+# An entry read by this many drainers that all died or failed is set aside, not read again.
+MAX_DELIVERIES = 5
 
 _stop = threading.Event()
+
+
+def host_reports(finished: list[Finished]) -> dict[str, HostReport]:
+    """What each host did, in the order its tries finished, for its circuit."""
+    reports: dict[str, HostReport] = {}
+    for item in finished:
+        if item.response is None:
+            continue
+        answered = host_answered(item.response)
+        if answered is not None or item.work.probe:
+            report = reports.setdefault(item.work.host, HostReport())
+            report.add(bool(answered))
+            report.probed = report.probed or item.work.probe
+    return reports
 
 
 def request_stop() -> None:
@@ -85,7 +101,6 @@ class Drainer:
         self.failing: Counter[str] = Counter()
         self.urgent = False
         self.settled_entries: list[EntryState] = []  # done, waiting to be acknowledged
-        self.open_entries = 0
         self.postbacks_per_entry = 10.0  # running estimate, to size reads
         self.counts: Counter[str] = Counter()
 
@@ -171,8 +186,8 @@ class Drainer:
         for entry in entries:
             try:
                 tries = entry_tries(entry, config.unmatched_default)
-            except (ValueError, TypeError, KeyError, IndexError):
-                self._reject(entry)
+            except ValueError as exc:
+                self._reject(entry, str(exc))
                 continue
             self.postbacks_per_entry = 0.9 * self.postbacks_per_entry + 0.1 * len(tries)
             state = EntryState(entry.id, 0)
@@ -181,18 +196,17 @@ class Drainer:
                 tries, state.follow_ups = resumed.to_send, resumed.follow_ups
                 self.counts["already recorded"] += resumed.settled
             state.outstanding = len(tries)
-            self.open_entries += 1
             if not tries:
                 self._entry_done(state)
             self.engine.add((Work(item, state) for item in tries), config)
 
-    def _reject(self, entry: inbox.Entry) -> None:
-        logger.error("inbox entry %s is not a postback entry; kept in %s", entry.id, REJECTED)
+    def _reject(self, entry: inbox.Entry, why: str) -> None:
+        """Set an entry aside, kept whole for a person to read: it is not ours, or it has
+        already brought down MAX_DELIVERIES drainers."""
+        logger.error("inbox entry %s set aside in %s: %s", entry.id, REJECTED, why)
+        kept = {"id": entry.id, "kind": entry.kind, "why": why, "payload": entry.payload.decode("utf-8", "replace")}
         with self.connection.pipeline() as pipe:
-            pipe.rpush(
-                REJECTED,
-                json.dumps({"id": entry.id, "kind": entry.kind, "payload": entry.payload.decode("utf-8", "replace")}),
-            )
+            pipe.rpush(REJECTED, json.dumps(kept))
             pipe.xack(inbox.INBOX, inbox.GROUP, entry.id)
             pipe.xdel(inbox.INBOX, entry.id)
             pipe.execute()
@@ -237,35 +251,35 @@ class Drainer:
         finished, self.finished = self.finished, []
         self.failing.clear()
         self.urgent = False
-        rows: list[DeliveryAttempt] = []
-        follow_ups: list[tuple[Try, float]] = []
-        reports: dict[str, HostReport] = {}
-        now = time.time()
-        for item in finished:
-            work, response = item.work, item.response
-            if response is None:
-                until = datetime.fromtimestamp(item.deferred_until, UTC)
-                rows.append(deferral_row(work.item, item.reason, until))
-                follow_ups.append((work.item, item.deferred_until))
-            else:
-                outcome = outcome_of(response, work.item.try_in_series, config)
-                rows.append(attempt_row(work.item, response, outcome))
-                if outcome == Outcome.RETRY:
-                    delay = retry_delay_seconds(work.item.try_in_series, response.retry_after_seconds, config)
-                    follow_ups.append((replace(work.item, attempt=work.item.attempt + 1), now + delay))
-                answered = host_answered(response)
-                if answered is not None or work.probe:
-                    report = reports.setdefault(work.host, HostReport())
-                    report.add(bool(answered))
-                    report.probed = report.probed or work.probe
-            self.counts[rows[-1].outcome] += 1
-            self._one_done(work)
+        rows, follow_ups = self._records(finished, config)
         save_attempts(rows, keep_alive=self._renew_lease)
         self._commit_to_redis(follow_ups)
-        self.circuits.report(reports, config.circuit_failure_threshold, config.circuit_open_seconds)
+        self.circuits.report(host_reports(finished), config.circuit_failure_threshold, config.circuit_open_seconds)
         self.engine.reconsider()
         for row in rows:
             log_attempt(row)
+
+    def _records(
+        self, finished: list[Finished], config: DeliverySettings
+    ) -> tuple[list[DeliveryAttempt], list[tuple[Try, float]]]:
+        """An attempt row for each finished try, and the tries that follow (due Unix time)."""
+        rows: list[DeliveryAttempt] = []
+        follow_ups: list[tuple[Try, float]] = []
+        now = time.time()
+        for item in finished:
+            tried, response = item.work.item, item.response
+            if response is None:
+                rows.append(deferral_row(tried, item.reason, datetime.fromtimestamp(item.deferred_until, UTC)))
+                follow_ups.append((tried, item.deferred_until))  # the same try, later
+            else:
+                outcome = outcome_of(response, tried.try_in_series, config)
+                rows.append(attempt_row(tried, response, outcome))
+                if outcome == Outcome.RETRY:
+                    delay = retry_delay_seconds(tried.try_in_series, response.retry_after_seconds, config)
+                    follow_ups.append((replace(tried, attempt=tried.attempt + 1), now + delay))
+            self.counts[rows[-1].outcome] += 1
+            self._one_done(item.work)
+        return rows, follow_ups
 
     def _one_done(self, work: Work) -> None:
         state = work.origin
@@ -290,7 +304,6 @@ class Drainer:
                 pipe.xack(inbox.INBOX, inbox.GROUP, *ids)
                 pipe.xdel(inbox.INBOX, *ids)
             pipe.execute()
-        self.open_entries -= len(entries)
 
     # --- leases and housekeeping ------------------------------------------------------------
 
@@ -306,21 +319,29 @@ class Drainer:
         return True
 
     def _renew_lease(self) -> None:
-        expiry = self.connection.time()
-        now_ms = int(expiry[0]) * 1000 + int(expiry[1]) // 1000
-        self.connection.zadd(inbox.LEASES, {self.id: now_ms + inbox.LEASE_MS}, gt=True)
+        self.connection.zadd(inbox.LEASES, {self.id: inbox.redis_now_ms() + inbox.LEASE_MS}, gt=True)
 
     def _housekeeping(self, config: DeliverySettings) -> None:
         self._renew_lease()
         inbox.sweep()
         if self._has_room(config):
-            claimed = inbox.run_script("reclaim", [inbox.INBOX, inbox.LEASES], [inbox.GROUP, self.id, 100])
-            entries = inbox.entries_from_reply(claimed)
-            if entries:
-                logger.info("drainer %s took over %d entries of a drainer that left or died", self.id, len(entries))
-                self._accept(entries, config, reclaimed=True)
+            self._take_over_orphans(config)
         self.circuits.report({}, config.circuit_failure_threshold, config.circuit_open_seconds)
         self.engine.reconsider()
+
+    def _take_over_orphans(self, config: DeliverySettings) -> None:
+        """Claim the entries of a drainer that left or died; one that has brought down
+        MAX_DELIVERIES drainers already is set aside rather than tried again."""
+        claimed, deliveries = inbox.run_script("reclaim", [inbox.INBOX, inbox.LEASES], [inbox.GROUP, self.id, 100])
+        entries = inbox.entries_from_reply(claimed)
+        if not entries:
+            return
+        logger.info("drainer %s took over %d entries of a drainer that left or died", self.id, len(entries))
+        counts = {inbox.text(entry_id): int(count) for entry_id, count in deliveries}
+        for entry in entries:
+            if counts.get(entry.id, 0) > MAX_DELIVERIES:
+                self._reject(entry, f"taken over {MAX_DELIVERIES} times: its drainers kept dying")
+        self._accept([entry for entry in entries if counts.get(entry.id, 0) <= MAX_DELIVERIES], config, reclaimed=True)
 
     def _recruit(self) -> None:
         colleague = inbox.new_drainer_id()
@@ -347,27 +368,6 @@ class Drainer:
         """The job is failing: its entries go to another drainer after a short pause, not after
         the whole lease, and not at once either (a failure that repeats must not spin)."""
         try:
-            now = self.connection.time()
-            expiry = int(now[0]) * 1000 + int(now[1]) // 1000 + FAILURE_PAUSE_MS
-            self.connection.zadd(inbox.LEASES, {self.id: expiry})
+            self.connection.zadd(inbox.LEASES, {self.id: inbox.redis_now_ms() + FAILURE_PAUSE_MS})
         except Exception:  # already failing; the lease runs out by itself
             logger.warning("drainer %s could not shorten its lease", self.id, exc_info=True)
-
-
-def entry_tries(entry: inbox.Entry, unmatched_default: str) -> list[Try]:
-    """The tries an entry asks for: a request's first tries, or tries that came due."""
-    document = loads_keeping_numbers(entry.payload)
-    if entry.kind == "t":
-        assert isinstance(document, list)
-        return [Try.from_fields(fields) for fields in document]
-    if entry.kind != "r":
-        raise ValueError(f"unknown entry kind {entry.kind!r}")
-    assert isinstance(document, list)
-    request_id, start, method, template, objects = document
-    with_body = method in METHODS_WITH_BODY
-    tries = []
-    for index, data in enumerate(objects, start=int(start)):
-        url = render_url(template, data, unmatched_default)
-        body = dumps_data_object(data) if with_body else None
-        tries.append(Try(inbox.postback_id(request_id, index), 1, 0, method, url, body))
-    return tries

@@ -167,19 +167,21 @@ return 1
 """
 
 # Take over the pending entries of one consumer whose drainer is gone.
-# KEYS: inbox, leases. ARGV: group, this drainer, most entries. Returns the entries claimed.
+# KEYS: inbox, leases. ARGV: group, this drainer, most entries.
+# Returns {the entries claimed, {entry id, times read by drainers}...}.
 _RECLAIM = """
 local inbox, leases, group, me = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 for _, orphan in ipairs(orphaned_consumers(inbox, group, leases, now_ms(), me)) do
-  local ids = {}
+  local ids, deliveries = {}, {}
   for _, p in ipairs(redis.call('XPENDING', inbox, group, '-', '+', tonumber(ARGV[3]), orphan[1])) do
     ids[#ids + 1] = p[1]
+    deliveries[#deliveries + 1] = {p[1], p[4] + 1}
   end
   local claimed = redis.call('XCLAIM', inbox, group, me, 0, unpack(ids))
   if #ids >= orphan[2] then redis.call('XGROUP', 'DELCONSUMER', inbox, group, orphan[1]) end
-  return claimed
+  return {claimed, deliveries}
 end
-return {}
+return {{}, {}}
 """
 
 # Leave: when idle, only if nothing is unread or orphaned (else keep draining, return 0);
@@ -263,12 +265,18 @@ def entries_from_reply(items: list[Any]) -> list[Entry]:
         if isinstance(fields, dict):
             fields = [part for pair in fields.items() for part in pair]
         if fields:
-            entries.append(Entry(_text(entry_id), _text(fields[0]), fields[1]))
+            entries.append(Entry(text(entry_id), text(fields[0]), fields[1]))
     return entries
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def redis_now_ms() -> int:
+    """Redis's clock, which every lease and due time is measured against."""
+    seconds, microseconds = get_connection().time()
+    return int(seconds) * 1000 + int(microseconds) // 1000
 
 
 # --- producers ---------------------------------------------------------------------------

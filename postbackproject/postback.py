@@ -8,7 +8,6 @@ carry a number as written. A request's postbacks travel in inbox entries
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 # The drain job, named by path so that ingestion never imports delivery code.
 DRAIN = "delivery.jobs.drain"
@@ -52,9 +51,19 @@ class Try:
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
-    def from_fields(cls, fields: list[Any]) -> "Try":
+    def from_fields(cls, fields: object) -> "Try":
+        """The inverse of to_json's list; ValueError for anything else (Redis is not trusted)."""
+        if not isinstance(fields, list) or len(fields) != 6:
+            raise ValueError(f"a try is six fields, not {fields!r:.100}")
         postback_id, attempt, offset, method, url, body = fields
-        return cls(str(postback_id), int(attempt), int(offset), str(method), str(url), body)
+        numbers = (attempt, offset)
+        if not all(isinstance(n, (int, str)) and str(n).isdigit() for n in numbers) or int(offset) >= int(attempt):
+            raise ValueError(f"a try's attempt and offset are whole numbers, offset below attempt: {fields!r:.100}")
+        if not isinstance(postback_id, str) or not isinstance(url, str) or method not in METHODS:
+            raise ValueError(f"a try has a postback id, a method and a URL: {fields!r:.100}")
+        if body is not None and not isinstance(body, str):
+            raise ValueError(f"a try's body is JSON text or null: {fields!r:.100}")
+        return cls(postback_id, int(attempt), int(offset), method, url, body)
 
 
 def _reject_constant(name: str) -> None:

@@ -153,3 +153,40 @@ def test_a_drainer_asked_to_stop_hands_its_unsent_postbacks_to_a_successor(clien
     run_worker()
     assert success_ids() == set(ids)
     assert len(receiver.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [
+        ("t", b'[["p-0", 1, 0, "GET", "http://h/", {"not": "text"}]]'),
+        ("t", b'[["p-0", 1, 1, "GET", "http://h/", null]]'),
+        ("t", b'[["p-0", 1, 0, "TRACE", "http://h/", null]]'),
+        ("r", b'["abc", 0, "GET", "http://h/{x}", [["not", "an", "object"]]]'),
+        ("r", b'["abc", 0, "GET", "http://h/{x}", [{"x": {"nested": 1}}]]'),
+        ("r", b"[" * 5000 + b"]" * 5000),
+        ("x", b"[]"),
+    ],
+)
+def test_entries_not_shaped_as_ours_are_set_aside_without_failing_the_drainer(client, receiver, kind, payload):
+    get_connection().xadd(inbox.INBOX, {kind: payload})
+    ingest_json(client, document(receiver, 1))
+
+    run_worker()
+
+    assert len(receiver.requests) == 1
+    assert get_connection().llen(REJECTED) == 1
+
+
+def test_an_entry_whose_drainers_keep_dying_is_set_aside(receiver):
+    connection = get_connection()
+    connection.xgroup_create(inbox.INBOX, inbox.GROUP, id="0", mkstream=True)
+    entry_id = connection.xadd(inbox.INBOX, {"r": json.dumps(["abc", 0, "GET", receiver.url("/x"), [{}]])})
+    connection.xreadgroup(inbox.GROUP, "drain-dead", {inbox.INBOX: ">"})
+    for n in range(5):  # five more drainers took it and died
+        connection.xclaim(inbox.INBOX, inbox.GROUP, f"drain-dead-{n}", 0, [entry_id])
+
+    run_worker()
+
+    assert receiver.requests == []
+    [kept] = connection.lrange(REJECTED, 0, -1)
+    assert "drainers kept dying" in json.loads(kept)["why"]
