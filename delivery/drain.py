@@ -32,6 +32,7 @@ from delivery.models import DeliveryAttempt, DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.progress import resume
 from delivery.recording import attempt_row, deferral_row, log_attempt, save_attempts
+from delivery.rollups import fold_accepted_now_and_then
 from delivery.transport import Transport, parse_allowed_networks
 from postbackproject import inbox
 from postbackproject.postback import Try
@@ -324,6 +325,7 @@ class Drainer:
     def _housekeeping(self, config: DeliverySettings) -> None:
         self._renew_lease()
         inbox.sweep()
+        fold_accepted_now_and_then()
         if self._has_room(config):
             self._take_over_orphans(config)
         self.circuits.report({}, config.circuit_failure_threshold, config.circuit_open_seconds)

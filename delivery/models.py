@@ -142,6 +142,7 @@ class DeliveryAttempt(models.Model):
     attempt = models.PositiveSmallIntegerField(help_text="1 for the first try.")
     method = models.CharField(max_length=7)
     url = models.TextField(help_text="The URL as sent, placeholders replaced.")
+    host = models.CharField(max_length=255, blank=True, help_text="The URL's host[:port], as circuits count it.")
     request_body = models.TextField(blank=True, help_text="The JSON body sent (POST, PUT, PATCH).")
     delivered_at = models.DateTimeField(help_text="When the request started.")
     response_code = models.PositiveSmallIntegerField(null=True, blank=True)
@@ -162,10 +163,79 @@ class DeliveryAttempt(models.Model):
         indexes = [
             models.Index(fields=["delivered_at"], name="attempt_delivered_at"),
             models.Index(fields=["outcome", "delivered_at"], name="attempt_outcome_time"),
+            models.Index(fields=["host", "delivered_at"], name="attempt_host_time"),
         ]
 
     def __str__(self) -> str:
         return f"{self.postback_id} try {self.attempt}: {self.outcome}"
+
+
+# Upper bounds (ms) of the latency histogram kept per rollup; a last bucket takes the rest.
+LATENCY_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+LATENCY_BUCKETS = (*(f"le_{bound}ms" for bound in LATENCY_BOUNDS_MS), f"over_{LATENCY_BOUNDS_MS[-1]}ms")
+
+
+def _bucket(bound: str) -> models.PositiveIntegerField[int, int]:
+    return models.PositiveIntegerField(default=0, help_text=f"Attempts answered in {bound}.")
+
+
+class DeliveryRollup(models.Model):
+    """Attempts per minute, destination host, outcome and status class: what charts read.
+
+    Written in the same transaction as the attempt rows, counting only rows really inserted,
+    so a try recorded twice after a crash counts once. Kept longer than the attempts.
+    """
+
+    minute = models.DateTimeField(help_text="Start of the minute (UTC) the attempts started in.")
+    host = models.CharField(max_length=255)
+    outcome = models.CharField(max_length=8, choices=Outcome.choices)
+    code_class = models.CharField(max_length=4, help_text='"2xx" to "5xx", or "none" without a response.')
+    attempts = models.PositiveIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0)
+    le_5ms = _bucket("5 ms or less")
+    le_10ms = _bucket("5 to 10 ms")
+    le_25ms = _bucket("10 to 25 ms")
+    le_50ms = _bucket("25 to 50 ms")
+    le_100ms = _bucket("50 to 100 ms")
+    le_250ms = _bucket("100 to 250 ms")
+    le_500ms = _bucket("250 to 500 ms")
+    le_1000ms = _bucket("0.5 to 1 s")
+    le_2500ms = _bucket("1 to 2.5 s")
+    le_5000ms = _bucket("2.5 to 5 s")
+    le_10000ms = _bucket("5 to 10 s")
+    le_30000ms = _bucket("10 to 30 s")
+    over_30000ms = _bucket("over 30 s")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["minute", "host", "outcome", "code_class"], name="one_rollup_per_group"),
+        ]
+        indexes = [models.Index(fields=["minute"], name="rollup_minute")]
+
+    def __str__(self) -> str:
+        return f"{self.minute:%Y-%m-%d %H:%M} {self.host} {self.outcome} {self.code_class}: {self.attempts}"
+
+
+class AcceptedRollup(models.Model):
+    """Postbacks accepted per minute. Ingestion counts in Redis, beside the inbox write; the
+    counts are folded in here a minute at a time (`delivery.rollups.fold_accepted`)."""
+
+    minute = models.DateTimeField(unique=True)
+    postbacks = models.PositiveBigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.minute:%Y-%m-%d %H:%M}: {self.postbacks} accepted"
+
+
+class RollupFold(models.Model):
+    """A fold of accepted counts that reached the database: a fold retried after a crash
+    finds its mark and is not counted twice."""
+
+    token = models.CharField(max_length=64, unique=True)
+    folded_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.token
 
 
 class CircuitBreaker(models.Model):

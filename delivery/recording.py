@@ -1,6 +1,7 @@
 """Recording attempts: one DeliveryAttempt row and one JSON log line per try.
 
-Rows are written in bulk, one INSERT per batch of finished tries. What a receiver sends back
+Rows are written in bulk, one INSERT per batch of finished tries, with their per-minute
+rollups in the same transaction (`delivery.rollups`). What a receiver sends back
 is not ours to trust: text the database refuses is escaped first (`storable`), a batch that
 fails anyway is written row by row so that one bad row cannot cost the others their records,
 and while the database is unreachable the rows wait in memory and the write is tried again.
@@ -17,7 +18,9 @@ from typing import Any
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.utils import timezone
 
+from delivery.hosts import host_of
 from delivery.models import DeliveryAttempt, Outcome
+from delivery.rollups import add_to_rollups, insert_new_attempts
 from delivery.transport import Response
 from postbackproject.postback import Try
 
@@ -71,6 +74,7 @@ def _row(item: Try, **facts: Any) -> DeliveryAttempt:
         attempt=item.attempt,
         method=item.method,
         url=storable(item.url),
+        host=host_of(item.url)[:255],
         request_body=storable(item.body or ""),
         **facts,
     )
@@ -103,8 +107,7 @@ def save_attempts(rows: Sequence[DeliveryAttempt], keep_alive: Callable[[], None
 
 def _insert(rows: Sequence[DeliveryAttempt]) -> None:
     try:
-        with transaction.atomic():
-            DeliveryAttempt.objects.bulk_create(rows, ignore_conflicts=True)
+        _insert_counted(rows)
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError:
@@ -113,11 +116,16 @@ def _insert(rows: Sequence[DeliveryAttempt]) -> None:
             _insert_one(row)
 
 
+def _insert_counted(rows: Sequence[DeliveryAttempt]) -> None:
+    """The rows and their rollups, in one transaction: counted if and only if inserted."""
+    with transaction.atomic():
+        add_to_rollups(insert_new_attempts(rows))
+
+
 def _insert_one(row: DeliveryAttempt) -> None:
     """One row alone; if the database still refuses it, the row keeps only what it accepts."""
     try:
-        with transaction.atomic():
-            DeliveryAttempt.objects.bulk_create([row], ignore_conflicts=True)
+        _insert_counted([row])
         return
     except (OperationalError, InterfaceError):
         raise
@@ -127,8 +135,7 @@ def _insert_one(row: DeliveryAttempt) -> None:
     row.request_body = ""
     row.error = storable(f"{row.error} [this row's texts were refused by the database: {refusal}]"[:2000])
     try:
-        with transaction.atomic():
-            DeliveryAttempt.objects.bulk_create([row], ignore_conflicts=True)
+        _insert_counted([row])
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError:

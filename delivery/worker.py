@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections
 from django_rq.queues import DjangoRQ
 from redis import Redis
 from redis.exceptions import RedisError
@@ -13,6 +13,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from delivery.drain import request_stop
+from delivery.rollups import fold_accepted_now_and_then
 from postbackproject.inbox import sweep
 from postbackproject.queue import CompactJSONSerializer
 
@@ -24,7 +25,8 @@ class DeliveryQueue(DjangoRQ):
 
     The sweep moves retries that came due into the inbox and starts a drainer when work waits
     that nobody will read (a web process died before starting one, or a drainer died). Idle
-    workers look every DELIVERY_WORKER_POLL_SECONDS, so that is how late a retry can be.
+    workers look every DELIVERY_WORKER_POLL_SECONDS, so that is how late a retry can be. Now
+    and then the look also folds the counts of accepted postbacks into the database.
     """
 
     @classmethod
@@ -33,8 +35,11 @@ class DeliveryQueue(DjangoRQ):
     ) -> tuple[Job, Queue] | None:
         try:
             sweep()
+            fold_accepted_now_and_then()
         except RedisError as exc:
             logger.warning("inbox sweep failed: %s", exc)  # the dequeue below reports Redis trouble
+        except DatabaseError as exc:
+            logger.warning("folding accepted counts failed: %s", exc)  # they wait in Redis
         return super().dequeue_any(queues, timeout, connection=connection, **kwargs)
 
 

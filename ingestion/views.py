@@ -51,7 +51,7 @@ def ingest(request: HttpRequest) -> HttpResponse:
     try:
         if (reason := memory_gauge.full_reason()) is not None:
             return unavailable(reason)
-        append_request(entries)
+        append_request(entries, len(parsed.data_texts))
     except BacklogFull:
         return unavailable("delivery backlog is full, nothing was accepted")
     except RedisError as exc:

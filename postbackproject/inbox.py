@@ -44,6 +44,7 @@ GROUP = "delivery"  # the consumer group every drainer reads in
 LEASES = "postback:drainers"  # sorted set: drainer id -> lease expiry (ms since the epoch)
 DUE = "postback:due"  # sorted set: postback id -> when its next try is due (ms)
 DUE_TRIES = "postback:due:tries"  # hash: postback id -> the try (JSON), beside DUE
+ACCEPTED = "postback:accepted"  # hash: minute (Unix seconds) -> postbacks accepted in it
 
 # A drainer renews its lease every second; one that stops renewing is taken for dead after
 # this long, and its pending entries go to the next drainer that looks.
@@ -110,17 +111,19 @@ end
 # Append a request's entries; start a drainer when none is alive. The hot path of ingestion:
 # few arguments, no cleanup (the sweep does that), the new drainer named after the entry, and
 # the consumer group left for drainers to create (with id 0: they read from the first entry).
-# KEYS: inbox, leases. ARGV: most entries waiting, entries...
+# Counts the postbacks accepted, per minute, for the dashboard.
+# KEYS: inbox, leases, accepted. ARGV: most entries waiting, postbacks, entries...
 # Returns -1 (backlog full, nothing added), 0, or the id of a drainer for the caller to start.
 _APPEND = """
 local inbox, leases = KEYS[1], KEYS[2]
 if redis.call('XLEN', inbox) >= tonumber(ARGV[1]) then return -1 end
 local first
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local id = redis.call('XADD', inbox, '*', 'r', ARGV[i])
   first = first or id
 end
 local now = now_ms()
+redis.call('HINCRBY', KEYS[3], math.floor(now / 60000) * 60, ARGV[2])
 if redis.call('ZCOUNT', leases, '(' .. now, '+inf') > 0 then return 0 end
 local drainer = 'drain-' .. first
 redis.call('ZADD', leases, now + __LEASE_MS__, drainer)
@@ -286,13 +289,13 @@ class BacklogFull(Exception):
     """The inbox holds INGEST_MAX_QUEUED_JOBS entries: nothing was added."""
 
 
-def append_request(entries: list[str]) -> None:
+def append_request(entries: list[str], postbacks: int) -> None:
     """Add a request's entries in one round trip; start a drainer if none is alive.
 
     Raises BacklogFull or RedisError, and then nothing was added (unless the connection broke
     after Redis ran the script, which the caller cannot tell from a refusal).
     """
-    started = run_script("append", [INBOX, LEASES], [settings.INGEST_MAX_QUEUED_JOBS, *entries])
+    started = run_script("append", [INBOX, LEASES, ACCEPTED], [settings.INGEST_MAX_QUEUED_JOBS, postbacks, *entries])
     if started == -1:
         raise BacklogFull
     if started:

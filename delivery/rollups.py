@@ -1,0 +1,183 @@
+"""Per-minute rollups: attempts by host, outcome and status class, and postbacks accepted.
+
+Charts over millions of attempts read these, not the attempts. They stay exact:
+- attempt rollups are added in the same transaction as the attempt rows, from the rows the
+  INSERT really wrote (a try recorded again after a crash is not counted again);
+- ingestion counts accepted postbacks in Redis, in the script that appends to the inbox, and
+  `fold_accepted` moves whole minutes into the database: the counts move to a staging key
+  named by a token, and the database keeps the token of every fold it took, so a fold that is
+  retried (or done by two processes at once) is counted once.
+"""
+
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db import IntegrityError, connection, transaction
+
+from delivery.models import (
+    LATENCY_BOUNDS_MS,
+    LATENCY_BUCKETS,
+    AcceptedRollup,
+    DeliveryAttempt,
+    DeliveryRollup,
+    RollupFold,
+)
+from postbackproject import inbox
+from postbackproject.queue import get_connection
+
+# How often a process folds accepted counts (seconds); any process may, at any time.
+FOLD_EVERY_SECONDS = 10.0
+_STAGING_PREFIX = inbox.ACCEPTED + ":folding:"
+
+# Move the accepted counts of every minute before ARGV[1] into the staging hash KEYS[2].
+_TAKE = """
+local live, staging, before = KEYS[1], KEYS[2], tonumber(ARGV[1])
+local counts = redis.call('HGETALL', live)
+for i = 1, #counts, 2 do
+  if tonumber(counts[i]) < before then
+    redis.call('HINCRBY', staging, counts[i], counts[i + 1])
+    redis.call('HDEL', live, counts[i])
+  end
+end
+return redis.call('HGETALL', staging)
+"""
+
+
+def code_class(status: int | None) -> str:
+    return "none" if status is None else f"{status // 100}xx"
+
+
+def minute_of(when: datetime) -> datetime:
+    return when.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+@dataclass
+class _Tally:
+    attempts: int = 0
+    latency_ms_sum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+
+    def add(self, latency_ms: float | None) -> None:
+        self.attempts += 1
+        if latency_ms is None:
+            return  # deferred: nothing was sent
+        self.latency_ms_sum += latency_ms
+        index = next((i for i, bound in enumerate(LATENCY_BOUNDS_MS) if latency_ms <= bound), len(LATENCY_BOUNDS_MS))
+        self.buckets[index] += 1
+
+
+def add_to_rollups(rows: Iterable[DeliveryAttempt]) -> None:
+    """Add attempt rows just inserted to their minutes' rollups (one upsert per group)."""
+    tallies: dict[tuple[datetime, str, str, str], _Tally] = defaultdict(_Tally)
+    for row in rows:
+        key = (minute_of(row.delivered_at), row.host, str(row.outcome), code_class(row.response_code))
+        tallies[key].add(row.response_time_ms)
+    if not tallies:
+        return
+    groups = ["minute", "host", "outcome", "code_class"]
+    sums = ["attempts", "latency_ms_sum", *LATENCY_BUCKETS]
+    values = [
+        [
+            connection.ops.adapt_datetimefield_value(minute),
+            host,
+            outcome,
+            klass,
+            t.attempts,
+            t.latency_ms_sum,
+            *t.buckets,
+        ]
+        for (minute, host, outcome, klass), t in tallies.items()
+    ]
+    _upsert_adding(DeliveryRollup._meta.db_table, groups, sums, values)
+
+
+def insert_new_attempts(rows: Sequence[DeliveryAttempt], chunk: int = 500) -> list[DeliveryAttempt]:
+    """INSERT the rows, skipping tries already recorded; returns the rows really inserted.
+
+    Django's bulk_create(ignore_conflicts=True) cannot say which rows it skipped, and the
+    rollups must not count a skipped one.
+    """
+    fields = [f for f in DeliveryAttempt._meta.concrete_fields if not f.primary_key]
+    quote = connection.ops.quote_name
+    key = ", ".join(quote(name) for name in ("postback_id", "attempt", "outcome"))
+    by_key = {(row.postback_id, row.attempt, str(row.outcome)): row for row in rows}
+    inserted: list[DeliveryAttempt] = []
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            row_sql = "(" + ", ".join(["%s"] * len(fields)) + ")"
+            cursor.execute(
+                f"INSERT INTO {quote(DeliveryAttempt._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+                f"VALUES {', '.join([row_sql] * len(part))} ON CONFLICT ({key}) DO NOTHING RETURNING {key}",
+                [f.get_db_prep_save(getattr(row, f.attname), connection) for row in part for f in fields],
+            )
+            inserted.extend(by_key[(pid, attempt, outcome)] for pid, attempt, outcome in cursor.fetchall())
+    return inserted
+
+
+def _upsert_adding(table: str, groups: list[str], sums: list[str], values: Sequence[Sequence[Any]]) -> None:
+    """INSERT rows; where a row of the same group exists, add the sums to it instead."""
+    quote = connection.ops.quote_name
+    columns = groups + sums
+    row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    additions = ", ".join(f"{quote(c)} = {quote(table)}.{quote(c)} + excluded.{quote(c)}" for c in sums)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) VALUES "
+            f"{', '.join([row_sql] * len(values))} "
+            f"ON CONFLICT ({', '.join(quote(c) for c in groups)}) DO UPDATE SET {additions}",
+            [value for row in values for value in row],
+        )
+
+
+# --- accepted postbacks ----------------------------------------------------------------------
+
+_last_fold = 0.0
+
+
+def fold_accepted_now_and_then() -> None:
+    """fold_accepted, at most every FOLD_EVERY_SECONDS in this process (called from loops)."""
+    global _last_fold
+    if time.monotonic() - _last_fold >= FOLD_EVERY_SECONDS:
+        _last_fold = time.monotonic()
+        fold_accepted()
+
+
+def fold_accepted() -> int:
+    """Move the accepted counts of past minutes from Redis into AcceptedRollup; returns how
+    many postbacks were folded. Also finishes folds that a crashed process left staged."""
+    redis = get_connection()
+    folded = sum(_fold_staged(key.decode()) for key in redis.scan_iter(_STAGING_PREFIX + "*", count=100))
+    token = uuid.uuid4().hex
+    this_minute = int(time.time() // 60 * 60)
+    staged = redis.register_script(_TAKE)(
+        keys=[inbox.ACCEPTED, _STAGING_PREFIX + token], args=[this_minute], client=redis
+    )
+    if staged:
+        folded += _fold_staged(_STAGING_PREFIX + token)
+    return folded
+
+
+def _fold_staged(key: str) -> int:
+    """Add one staging hash to the database once (its token marks it), then drop it."""
+    redis = get_connection()
+    counts = {int(minute): int(count) for minute, count in redis.hgetall(key).items()}
+    token = key.removeprefix(_STAGING_PREFIX)
+    try:
+        with transaction.atomic():
+            RollupFold.objects.create(token=token)  # a second fold of the same token fails here
+            values = [
+                [connection.ops.adapt_datetimefield_value(datetime.fromtimestamp(minute, UTC)), count]
+                for minute, count in counts.items()
+            ]
+            if values:
+                _upsert_adding(AcceptedRollup._meta.db_table, ["minute"], ["postbacks"], values)
+    except IntegrityError:
+        counts = {}  # folded already (by a process that died before dropping the key)
+    redis.delete(key)
+    return sum(counts.values())
