@@ -1,8 +1,9 @@
 """Operations endpoints: what load balancers and monitoring see."""
 
 import pytest
+import requests
 
-from tests.conftest import free_port, use_redis
+from tests.conftest import free_port, ingest_json, use_redis, wait_until
 
 
 @pytest.mark.django_db
@@ -25,3 +26,73 @@ def test_healthz_is_not_redirected_to_https(client, settings):
 def test_healthz_takes_only_get_and_head(client):
     assert client.head("/healthz").status_code == 200
     assert client.post("/healthz").status_code == 405
+
+
+@pytest.mark.django_db
+def test_readyz_is_ready_when_redis_and_the_database_answer(client):
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "checks": {"redis": "ok", "database": "ok"}}
+
+
+@pytest.mark.django_db
+def test_readyz_says_redis_is_down(client):
+    use_redis(f"redis://127.0.0.1:{free_port()}/0")
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"] == "ok"
+    assert response.json()["checks"]["redis"].startswith("unreachable")
+    assert response.json()["error"].startswith("not ready: redis: unreachable")
+
+
+@pytest.mark.django_db
+def test_readyz_says_the_backlog_is_full(client, settings):
+    settings.INGEST_MAX_QUEUED_JOBS = 1
+    ingest_json(client, {"endpoint": {"method": "GET", "url": "http://h/"}, "data": [{}]})
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"]["redis"].startswith("backlog full: 1 inbox entries")
+
+
+@pytest.mark.django_db
+def test_readyz_says_redis_memory_is_nearly_full(client, clean_redis):
+    clean_redis.config_set("maxmemory", "1mb")
+    try:
+        response = client.get("/readyz")
+    finally:
+        clean_redis.config_set("maxmemory", "0")
+
+    assert response.status_code == 503
+    assert response.json()["checks"]["redis"].startswith("memory nearly full")
+
+
+def test_readyz_says_the_database_is_down_and_healthz_still_answers(processes, tmp_path):
+    """A real web process whose database cannot be opened."""
+    port = free_port()
+    processes.run(
+        ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"],
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        WEB_CONCURRENCY="1",
+        DATABASE_URL=f"sqlite:///{tmp_path}/no/such/folder/db.sqlite3",
+    )
+    web = f"http://127.0.0.1:{port}"
+    wait_until(lambda: answers(f"{web}/healthz"), timeout=30, what="the web process")
+
+    ready = requests.get(f"{web}/readyz", timeout=10)
+
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["redis"] == "ok"
+    assert ready.json()["checks"]["database"].startswith("unreachable")
+    assert requests.get(f"{web}/healthz", timeout=10).status_code == 200
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
