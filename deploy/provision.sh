@@ -156,8 +156,10 @@ STATIC_ROOT=$state/static
 # Private or loopback networks delivery may reach anyway (comma-separated CIDRs).
 DELIVERY_ALLOW_NETWORKS=
 LOG_LEVEL=INFO
+# Every log line one JSON object, for journald and whatever reads it ("text" for people).
+LOG_FORMAT=json
 # Also recognised, shown with their defaults:
-# DELIVERY_CONCURRENCY=16
+# DELIVERY_CONCURRENCY=64
 # INGEST_MAX_BODY_BYTES=1048576 (keep nginx's client_max_body_size in step)
 # INGEST_MAX_DATA_OBJECTS=10000
 # INGEST_MAX_QUEUED_JOBS=100000

@@ -1,7 +1,11 @@
 """The ingestion endpoint: one validated request in, appended to the inbox in one round trip, 202."""
 
+import ipaddress
+import json
 import logging
+import time
 import uuid
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import DatabaseError
@@ -15,28 +19,59 @@ from postbackproject.inbox import BacklogFull, append_request, postback_id, requ
 from postbackproject.queue import memory_gauge
 
 logger = logging.getLogger(__name__)
+# One JSON line per request: the record of what was accepted or refused, and why.
+request_log = logging.getLogger("ingestion.requests")
+# Postback ids listed in a request's log line; a larger request lists these and says how many.
+LOGGED_IDS = 100
 
 # Seconds a sender should wait before trying again after a 503.
 RETRY_AFTER_SECONDS = 5
 
 
-def error(status: int, message: str, **extra: object) -> JsonResponse:
-    return JsonResponse({"error": message, **extra}, status=status)
+@dataclass(frozen=True)
+class Answer:
+    """What ingestion answers, and what its log line says about it."""
+
+    response: HttpResponse
+    log: dict[str, object]
 
 
-def unavailable(message: str) -> JsonResponse:
-    response = error(503, message)
-    response["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    return response
+def error(status: int, message: str, **extra: object) -> Answer:
+    return Answer(JsonResponse({"error": message, **extra}, status=status), {"error": message})
+
+
+def unavailable(message: str) -> Answer:
+    answer = error(503, message)
+    answer.response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return answer
+
+
+def accepted(request_id: str, count: int) -> Answer:
+    """202 `{"accepted": N, "postbacks": [ids]}`, written directly: the ids need no escaping."""
+    ids = [postback_id(request_id, index) for index in range(count)]
+    quoted = ",".join(f'"{pid}"' for pid in ids)
+    body = f'{{"accepted": {count}, "postbacks": [{quoted}]}}'
+    log: dict[str, object] = {"accepted": count, "request_id": request_id, "postback_ids": ids[:LOGGED_IDS]}
+    if count > LOGGED_IDS:
+        log["postback_ids_truncated"] = True
+    return Answer(HttpResponse(body, status=202, content_type="application/json"), log)
 
 
 @csrf_exempt
 def ingest(request: HttpRequest) -> HttpResponse:
     """POST /ingest.php and /i: the body is raw JSON, whatever the Content-Type says."""
+    started = time.perf_counter()
+    answer = take(request)
+    log_request(request, answer, time.perf_counter() - started)
+    return answer.response
+
+
+def take(request: HttpRequest) -> Answer:
+    """Validate the request and append it to the inbox, or say why not."""
     if request.method != "POST":
-        response = error(405, "use POST with a raw JSON body")
-        response["Allow"] = "POST"
-        return response
+        answer = error(405, "use POST with a raw JSON body")
+        answer.response["Allow"] = "POST"
+        return answer
 
     body = read_body(request, settings.INGEST_MAX_BODY_BYTES)
     if body is None:
@@ -60,11 +95,30 @@ def ingest(request: HttpRequest) -> HttpResponse:
     return accepted(request_id, len(parsed.data_texts))
 
 
-def accepted(request_id: str, count: int) -> HttpResponse:
-    """202 `{"accepted": N, "postbacks": [ids]}`, written directly: the ids need no escaping."""
-    ids = ",".join(f'"{postback_id(request_id, index)}"' for index in range(count))
-    body = f'{{"accepted": {count}, "postbacks": [{ids}]}}'
-    return HttpResponse(body, status=202, content_type="application/json")
+def log_request(request: HttpRequest, answer: Answer, seconds: float) -> None:
+    """One JSON line per request: status, postbacks accepted and their ids, or the error, how
+    long it took, and who sent it."""
+    line = {
+        "event": "ingest",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "path": request.path,
+        "status": answer.response.status_code,
+        "duration_ms": round(seconds * 1000, 2),
+        "client": client_address(request),
+        **answer.log,
+    }
+    request_log.info(json.dumps(line, ensure_ascii=False))
+
+
+def client_address(request: HttpRequest) -> str:
+    """The sender: nginx's X-Real-IP when the request came through it (from loopback)."""
+    remote = request.META.get("REMOTE_ADDR", "")
+    forwarded = request.META.get("HTTP_X_REAL_IP", "")
+    try:
+        behind_proxy = bool(forwarded) and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        behind_proxy = False
+    return str(forwarded if behind_proxy else remote)
 
 
 def read_body(request: HttpRequest, limit: int) -> bytes | None:

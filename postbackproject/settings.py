@@ -175,20 +175,30 @@ DELIVERY_SETTINGS_CACHE_SECONDS: float = env.float("DELIVERY_SETTINGS_CACHE_SECO
 # --- Logging -----------------------------------------------------------------------------
 
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
+# "json": every log line is one JSON object (production, for a log pipeline); "text": readable
+# lines for a person at a terminal (the local run). Delivery attempts and ingest requests are
+# one JSON object per line either way: they are the service's records.
+LOG_FORMAT: str = env.str("LOG_FORMAT", default="text")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-        # Attempt lines are JSON already; print them as they are.
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": ["asctime", "levelname", "name", "message"],
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+        # Event lines are JSON already; print them as they are.
         "bare": {"format": "%(message)s"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
-        "attempts": {"class": "logging.StreamHandler", "formatter": "bare"},
+        "console": {"class": "logging.StreamHandler", "formatter": "json" if LOG_FORMAT == "json" else "text"},
+        "events": {"class": "logging.StreamHandler", "formatter": "bare"},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
-        "delivery.attempts": {"handlers": ["attempts"], "level": "INFO", "propagate": False},
+        "delivery.attempts": {"handlers": ["events"], "level": "INFO", "propagate": False},
+        "ingestion.requests": {"handlers": ["events"], "level": "INFO", "propagate": False},
     },
 }

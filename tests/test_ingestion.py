@@ -227,3 +227,40 @@ def test_no_json_document_gets_a_500(client, document):
 @given(body=st.binary(max_size=200))
 def test_no_byte_string_gets_a_500(client, body):
     assert client.generic("POST", "/i", body).status_code in (202, 400)
+
+
+def request_lines(caplog) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "ingestion.requests"]
+
+
+def test_each_request_is_one_json_log_line_with_its_postback_ids(client, caplog):
+    with caplog.at_level("INFO", logger="ingestion.requests"):
+        ids = ingest_json(client, SAMPLE).json()["postbacks"]
+        client.generic("POST", "/i", b"{not json", REMOTE_ADDR="127.0.0.1", HTTP_X_REAL_IP="203.0.113.9")
+
+    accepted, refused = request_lines(caplog)
+    assert accepted["event"] == "ingest" and accepted["status"] == 202
+    assert accepted["accepted"] == 2 and accepted["postback_ids"] == ids
+    assert accepted["path"] == "/ingest.php" and accepted["duration_ms"] >= 0
+    assert accepted["client"] == "127.0.0.1"
+    assert refused["status"] == 400 and "not valid JSON" in refused["error"]
+    assert refused["client"] == "203.0.113.9"  # nginx's X-Real-IP, trusted from loopback only
+
+
+def test_a_large_requests_log_line_lists_the_first_ids_and_says_so(client, caplog):
+    with caplog.at_level("INFO", logger="ingestion.requests"):
+        ingest_json(client, {**SAMPLE, "data": [{}] * 150})
+
+    [line] = request_lines(caplog)
+    assert line["accepted"] == 150
+    assert len(line["postback_ids"]) == 100 and line["postback_ids_truncated"] is True
+    assert line["postback_ids"][0] == f"{line['request_id']}-0"
+
+
+def test_log_format_json_makes_every_log_line_one_json_object(processes):
+    """A real worker with LOG_FORMAT=json: RQ's own messages come out as JSON objects."""
+    worker = processes.run(["manage.py", "rqworker", "postbacks", "--burst"], LOG_FORMAT="json")
+    assert worker.wait(timeout=60) == 0
+    lines = processes.output().splitlines()
+    assert any('"logger": "rq.worker"' in line for line in lines), lines
+    assert all({"time", "level", "logger", "message"} <= json.loads(line).keys() for line in lines)
