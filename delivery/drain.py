@@ -31,7 +31,7 @@ from delivery.entries import entry_tries
 from delivery.models import DeliveryAttempt, DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.progress import resume
-from delivery.recording import attempt_row, deferral_row, log_attempt, save_attempts
+from delivery.recording import attempt_row, count_in_metrics, deferral_row, log_attempt, save_attempts
 from delivery.rollups import fold_accepted_now_and_then
 from delivery.transport import Transport, parse_allowed_networks
 from postbackproject import inbox
@@ -257,6 +257,7 @@ class Drainer:
         self._commit_to_redis(follow_ups)
         self.circuits.report(host_reports(finished), config.circuit_failure_threshold, config.circuit_open_seconds)
         self.engine.reconsider()
+        count_in_metrics(rows)
         for row in rows:
             log_attempt(row)
 

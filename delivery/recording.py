@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from delivery.hosts import host_of
 from delivery.models import DeliveryAttempt, Outcome
 from delivery.rollups import add_to_rollups, insert_new_attempts
 from delivery.transport import Response
+from postbackproject.metrics import DELIVERY_ATTEMPTS, DELIVERY_DEFERRALS, DELIVERY_DURATION
 from postbackproject.postback import Try
 
 attempt_log = logging.getLogger("delivery.attempts")
@@ -146,6 +148,18 @@ def _reconnect() -> None:
     with contextlib.suppress(DatabaseError):
         connection.close()
     close_old_connections()
+
+
+def count_in_metrics(rows: Sequence[DeliveryAttempt]) -> None:
+    """Attempts by outcome and their durations, deferrals apart (nothing was sent)."""
+    outcomes = Counter(str(row.outcome) for row in rows)
+    if deferred := outcomes.pop(Outcome.DEFERRED, 0):
+        DELIVERY_DEFERRALS.inc(deferred)
+    for outcome, count in outcomes.items():
+        DELIVERY_ATTEMPTS.labels(outcome).inc(count)
+    for row in rows:
+        if row.response_time_ms is not None and row.outcome != Outcome.DEFERRED:
+            DELIVERY_DURATION.observe(row.response_time_ms / 1000)
 
 
 def log_attempt(row: DeliveryAttempt) -> None:

@@ -8,6 +8,9 @@ here are the ones meant to differ between machines.
 
 import multiprocessing
 import os
+from typing import Any
+
+from prometheus_client import multiprocess
 
 # Where to listen. Loopback only: nginx is the public face in production (it buffers slow
 # clients, which sync workers must never wait on), and locally nothing else needs it.
@@ -63,3 +66,11 @@ control_socket_disable = True
 
 # Names the processes in logs (and in ps, if the optional setproctitle package is installed).
 proc_name = "postback"
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker process ended (recycled, killed): drop its live metric files. Its counts stay
+    in the totals that /metrics adds up (PROMETHEUS_MULTIPROC_DIR, prometheus-client's
+    multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

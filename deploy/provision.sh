@@ -123,6 +123,7 @@ write_settings() {
         local secret_key redis_password allowed_hosts
         secret_key=$(python3 -c 'import secrets; print(secrets.token_urlsafe(50))')
         redis_password=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
+        metrics_token=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
         allowed_hosts=$(default_allowed_hosts)
         (
             umask 077
@@ -158,6 +159,8 @@ DELIVERY_ALLOW_NETWORKS=
 LOG_LEVEL=INFO
 # Every log line one JSON object, for journald and whatever reads it ("text" for people).
 LOG_FORMAT=json
+# Prometheus scrapes /metrics with "Authorization: Bearer <this>" (docs/operations.md).
+METRICS_TOKEN=$metrics_token
 # Also recognised, shown with their defaults:
 # DELIVERY_CONCURRENCY=64
 # INGEST_MAX_BODY_BYTES=1048576 (keep nginx's client_max_body_size in step)

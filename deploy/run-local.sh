@@ -41,6 +41,7 @@ if [[ ! -f var/local.env ]]; then
     say "Generating var/local.env with new secrets"
     secret_key=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(50))')
     redis_password=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')
+    metrics_token=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')
     cat >var/local.env.tmp <<EOF
 # Settings of the local run, made by deploy/run-local.sh on $(date -u +%F).
 # Secret: keep it out of git (var/ is ignored). Read by deploy/run-local.sh, honcho
@@ -59,6 +60,8 @@ SECURE_HSTS_SECONDS=0
 # Delivery refuses private and loopback destinations (SSRF guard). To deliver to receivers
 # on this machine (tests, benchmarks), set: DELIVERY_ALLOW_NETWORKS=127.0.0.0/8
 DELIVERY_ALLOW_NETWORKS=
+# /metrics answers "Authorization: Bearer <this>" (curl -H "Authorization: Bearer \$METRICS_TOKEN").
+METRICS_TOKEN=$metrics_token
 # Optional: WEB_CONCURRENCY=4 (gunicorn processes; default 2 x CPU cores + 1),
 # GUNICORN_BIND=127.0.0.1:8000. More: README.md, "Configuration".
 EOF
@@ -105,6 +108,11 @@ say "Applying database migrations"
 .venv/bin/python manage.py migrate --noinput
 say "Collecting static files"
 .venv/bin/python manage.py collectstatic --noinput --verbosity 0
+
+# Metrics of every process of this run, added up by /metrics; a new run starts from zero.
+export PROMETHEUS_MULTIPROC_DIR=$root/var/metrics
+rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 
 # --- 6. Run ---------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from delivery.models import DeliverySettings
 from ingestion.validation import InvalidRequest, parse_body
 from postbackproject.inbox import BacklogFull, append_request, postback_id, request_entries
+from postbackproject.metrics import INGEST_REJECTED, INGESTED
 from postbackproject.queue import memory_gauge
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Answer:
 
     response: HttpResponse
     log: dict[str, object]
+    accepted: int = 0  # postbacks taken in
 
 
 def error(status: int, message: str, **extra: object) -> Answer:
@@ -54,7 +56,7 @@ def accepted(request_id: str, count: int) -> Answer:
     log: dict[str, object] = {"accepted": count, "request_id": request_id, "postback_ids": ids[:LOGGED_IDS]}
     if count > LOGGED_IDS:
         log["postback_ids_truncated"] = True
-    return Answer(HttpResponse(body, status=202, content_type="application/json"), log)
+    return Answer(HttpResponse(body, status=202, content_type="application/json"), log, accepted=count)
 
 
 @csrf_exempt
@@ -63,6 +65,7 @@ def ingest(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     answer = take(request)
     log_request(request, answer, time.perf_counter() - started)
+    count_request(answer)
     return answer.response
 
 
@@ -108,6 +111,14 @@ def log_request(request: HttpRequest, answer: Answer, seconds: float) -> None:
         **answer.log,
     }
     request_log.info(json.dumps(line, ensure_ascii=False))
+
+
+def count_request(answer: Answer) -> None:
+    status = answer.response.status_code
+    if status == 202:
+        INGESTED.inc(answer.accepted)
+    else:
+        INGEST_REJECTED.labels(str(status)).inc()
 
 
 def client_address(request: HttpRequest) -> str:

@@ -172,6 +172,11 @@ DELIVERY_WORKER_POLL_SECONDS: float = env.float("DELIVERY_WORKER_POLL_SECONDS", 
 # How long a worker trusts its copy of the admin-edited delivery settings.
 DELIVERY_SETTINGS_CACHE_SECONDS: float = env.float("DELIVERY_SETTINGS_CACHE_SECONDS", default=5.0)
 
+# --- Monitoring ---------------------------------------------------------------------------
+
+# /metrics answers only requests with "Authorization: Bearer <this>"; unset, it is a 404.
+METRICS_TOKEN: str = env.str("METRICS_TOKEN", default="")
+
 # --- Logging -----------------------------------------------------------------------------
 
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")

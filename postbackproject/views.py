@@ -1,12 +1,16 @@
-"""Operations endpoints that belong to no app: the process's health and readiness."""
+"""Operations endpoints that belong to no app: health, readiness and metrics."""
+
+import hmac
 
 from django.conf import settings
 from django.db import DatabaseError, connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_safe
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.exceptions import RedisError
 
 from postbackproject import inbox
+from postbackproject.metrics import SharedStateCollector, exposition
 from postbackproject.queue import REDIS_MEMORY_HIGH_WATER, get_connection
 
 
@@ -25,12 +29,31 @@ def readyz(request: HttpRequest) -> JsonResponse:
     """200 when this process can do its work: Redis and the database answer, and ingestion
     would take a request (the inbox is under its limit, Redis under its memory mark). 503
     otherwise, naming each problem, so that a load balancer stops sending here."""
-    checks = {"redis": _redis_check(), "database": _database_check()}
+    checks = readiness()
     problems = {name: result for name, result in checks.items() if result != "ok"}
     if problems:
         summary = "; ".join(f"{name}: {result}" for name, result in problems.items())
         return JsonResponse({"error": f"not ready: {summary}", "checks": checks}, status=503)
     return JsonResponse({"status": "ready", "checks": checks})
+
+
+@require_safe
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus's scrape: 404 unless METRICS_TOKEN is set, 401 without it as a bearer token."""
+    token = settings.METRICS_TOKEN
+    if not token:
+        raise Http404
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        response = HttpResponse(b"a bearer token is needed\n", status=401, content_type="text/plain")
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    shared = SharedStateCollector(settings.POSTBACK_QUEUE, ready=lambda: all(r == "ok" for r in readiness().values()))
+    return HttpResponse(exposition(shared), content_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+def readiness() -> dict[str, str]:
+    return {"redis": _redis_check(), "database": _database_check()}
 
 
 def _redis_check() -> str:

@@ -4,7 +4,10 @@ Delivery tests talk to receivers on loopback, so loopback is allowed; settings e
 seen at once. The Redis URL is filled in by the suite once it has started its own server.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("SECRET_KEY", "test-only-not-secret")
 os.environ.setdefault("DELIVERY_ALLOW_NETWORKS", "127.0.0.0/8")
@@ -14,6 +17,12 @@ os.environ.setdefault("DELIVERY_CONCURRENCY", "4")
 os.environ.setdefault("INGEST_BACKLOG_CHECK_SECONDS", "0")
 # A burst worker's drain job leaves as soon as the inbox is empty.
 os.environ.setdefault("DELIVERY_DRAINER_IDLE_SECONDS", "0")
+
+# Every process the suite starts counts into one folder, as web and workers do in production
+# (set before prometheus-client is first imported: it reads it then).
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="postback-test-metrics-")
+    atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 
 from postbackproject.settings import *  # noqa: F403
 

@@ -1,0 +1,89 @@
+"""Prometheus metrics: counters from every process, gauges read from Redis at scrape time.
+
+Web and worker processes count in prometheus-client's multiprocess mode: each writes its
+counts to files in PROMETHEUS_MULTIPROC_DIR (the same folder for all of them, emptied at boot),
+and `/metrics`, served by any web process, adds them up. Without that variable (tests of one
+process, a shell), counts stay in the process. What describes the shared state (the backlog,
+retries waiting, workers, open circuits, Redis memory, readiness) is read when Prometheus
+scrapes, not counted.
+"""
+
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+from postbackproject import inbox
+from postbackproject.queue import get_connection
+
+INGESTED = Counter("postback_ingested", "Postbacks accepted by ingestion (answered 202).")
+INGEST_REJECTED = Counter(
+    "postback_ingest_rejected", "Ingest requests refused, by HTTP status (400, 405, 413, 503).", ["status"]
+)
+DELIVERY_ATTEMPTS = Counter(
+    "postback_delivery_attempts", "Delivery attempts by outcome: success, retry, failed.", ["outcome"]
+)
+DELIVERY_DEFERRALS = Counter(
+    "postback_delivery_deferrals", "Tries not sent because their host's circuit was open (no attempt used)."
+)
+DELIVERY_DURATION = Histogram(
+    "postback_delivery_duration_seconds",
+    "Time from the start of a delivery request to the last byte of its reply (or its failure).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+class SharedStateCollector(Collector):
+    """Gauges read from Redis (and the database, for readiness) when Prometheus scrapes."""
+
+    def __init__(self, queue_name: str, ready: Callable[[], bool]) -> None:
+        self.queue_name = queue_name
+        self.ready = ready
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with get_connection().pipeline(transaction=False) as pipe:
+                pipe.xlen(inbox.INBOX)
+                pipe.zcard(inbox.DUE)
+                pipe.scard(WORKERS_BY_QUEUE_KEY % self.queue_name)
+                pipe.zcard("postback:circuits:open")
+                pipe.info("memory")
+                depth, due, workers, circuits, memory = pipe.execute()
+        except RedisError:
+            yield gauge("postback_redis_up", "1 when Redis answered this scrape.", 0)
+            yield gauge("postback_ready", "1 when /readyz would answer 200.", 0)
+            return
+        yield gauge("postback_redis_up", "1 when Redis answered this scrape.", 1)
+        yield gauge("postback_queue_depth", "Inbox entries waiting or being delivered.", depth)
+        yield gauge("postback_scheduled_retries", "Postbacks waiting for a later try (retries, deferrals).", due)
+        yield gauge("postback_workers", "RQ workers registered for the queue.", workers)
+        yield gauge("postback_circuits_open", "Destination hosts whose circuit is open.", circuits)
+        yield gauge("postback_redis_used_memory_bytes", "Memory Redis uses.", int(memory.get("used_memory", 0)))
+        yield gauge("postback_redis_maxmemory_bytes", "Redis's memory cap (0: none).", int(memory.get("maxmemory", 0)))
+        yield gauge("postback_ready", "1 when /readyz would answer 200.", int(self.ready()))
+
+
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def exposition(shared: Collector) -> bytes:
+    """Every process's counters, and the shared state, in Prometheus's text format."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        for collector in (INGESTED, INGEST_REJECTED, DELIVERY_ATTEMPTS, DELIVERY_DEFERRALS, DELIVERY_DURATION):
+            registry.register(collector)
+    registry.register(shared)
+    return generate_latest(registry)
+
+
+def forget_process(pid: int) -> None:
+    """A process that ended: its live gauges go (its counts stay in the totals)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,95 @@
+"""/metrics: Prometheus's text format, behind a bearer token, adding up every process."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from delivery.models import DeliverySettings
+from postbackproject.settings import BASE_DIR
+from tests.conftest import Reply, ingest_json, run_worker, success_ids, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def token(settings):
+    settings.METRICS_TOKEN = "scrape-me"
+    return "scrape-me"
+
+
+def scrape(client, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.content.decode())
+        for sample in family.samples
+    }
+
+
+def test_metrics_are_a_404_when_no_token_is_configured(client, settings):
+    settings.METRICS_TOKEN = ""
+    assert client.get("/metrics").status_code == 404
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "scrape-me", "Basic c2NyYXBlLW1l"])
+def test_metrics_need_the_bearer_token(client, token, header):
+    extra = {"HTTP_AUTHORIZATION": header} if header else {}
+    response = client.get("/metrics", **extra)
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_metrics_add_up_ingestion_here_and_delivery_in_a_worker_process(client, token, receiver, processes):
+    DeliverySettings(backoff_base_seconds=60).save()
+    before = scrape(client, token)
+    receiver.answer(Reply(503))
+    document = {"endpoint": {"method": "GET", "url": receiver.url("/m?n={n}")}, "data": [{"n": n} for n in range(3)]}
+    ingest_json(client, document)
+    client.generic("POST", "/ingest.php", b"not json")
+    processes.worker()
+    wait_until(lambda: len(success_ids()) == 2, timeout=30, what="two deliveries by the worker process")
+
+    def counted(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return scrape(client, token).get(key, 0) - before.get(key, 0)
+
+    wait_until(lambda: counted("postback_delivery_attempts_total", outcome="retry") == 1, what="the worker's counts")
+    assert counted("postback_ingested_total") == 3
+    assert counted("postback_ingest_rejected_total", status="400") == 1
+    assert counted("postback_delivery_attempts_total", outcome="success") == 2
+    assert counted("postback_delivery_duration_seconds_count") == 3
+    now = scrape(client, token)
+    assert now[("postback_scheduled_retries", ())] == 1
+    assert now[("postback_workers", ())] >= 1
+    assert now[("postback_ready", ())] == 1
+    assert now[("postback_redis_up", ())] == 1
+
+
+def referenced_series(text: str) -> set[str]:
+    return set(re.findall(r"\bpostback_[a-z_]+", text))
+
+
+def test_alerts_and_the_grafana_dashboard_use_only_series_the_service_exports(client, token, receiver):
+    ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/x")}, "data": [{}]})
+    client.generic("POST", "/i", b"{")
+    run_worker()
+    exported = {name for name, _ in scrape(client, token)}
+    exported |= {name.removesuffix("_total") for name in exported}  # PromQL may name the family
+
+    for path in ("deploy/prometheus/alerts.yml", "deploy/grafana/postback.json"):
+        used = referenced_series((BASE_DIR / path).read_text())
+        assert used and used <= exported, (path, used - exported)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="Debian's prometheus package provides promtool")
+def test_the_alert_rules_are_valid_and_pass_their_unit_tests():
+    rules = BASE_DIR / "deploy/prometheus"
+    checked = subprocess.run(["promtool", "check", "rules", "alerts.yml"], cwd=rules, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=rules, capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
