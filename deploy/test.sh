@@ -15,6 +15,8 @@ cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 . deploy/lib.sh
 
 command -v redis-server >/dev/null || apt_install redis-server
+# promtool checks and unit-tests the alert rules (deploy/prometheus).
+command -v promtool >/dev/null || apt_install prometheus
 ensure_venv requirements-dev.txt
 
 say "ruff"
