@@ -9,8 +9,9 @@ closed loop (`clients` requests in flight, each started when the one before it e
 lasts `duration` seconds or `requests` requests (first sends; retries do not count).
 
 503 (backpressure): counted, and the same body is sent again after its Retry-After (capped at
-RETRY_AFTER_CAP seconds). A closed-loop client waits for its retry; retries still waiting when
-the run ends are dropped and counted as dropped.
+RETRY_AFTER_CAP seconds), at most MAX_503_RETRIES times. A closed-loop client waits for its
+retry. A body still refused after that, or whose retry would come after the end of a timed
+run, is dropped and counted as dropped.
 """
 
 import heapq
@@ -34,6 +35,7 @@ class SharedCounters(Protocol):
 
 
 RETRY_AFTER_CAP = 10.0
+MAX_503_RETRIES = 5
 REQUEST_TIMEOUT = 60
 # Live counters, shared with the parent: requests answered, postbacks accepted, 503s.
 ANSWERED, ACCEPTED, BACKPRESSURE = range(3)
@@ -49,6 +51,7 @@ class LoadPlan:
     requests: int | None = None
     max_in_flight: int = 1024  # open loop: beyond this the generator itself is saturated
     parse_ids: bool = True
+    default_retry_after: float = 1.0  # after a 503 without Retry-After
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Slot:
 
     handle: pycurl.Curl
     body: bytes = b""
+    tries: int = 1
     sent: float = 0.0
     response: io.BytesIO = field(default_factory=io.BytesIO)
     retry_after: float | None = None
@@ -97,8 +101,9 @@ def new_slot(url: str) -> Slot:
     return slot
 
 
-def load_slot(slot: Slot, body: bytes) -> None:
+def load_slot(slot: Slot, body: bytes, tries: int) -> None:
     slot.body = body
+    slot.tries = tries
     slot.response.seek(0)
     slot.response.truncate()
     slot.retry_after = None
@@ -123,7 +128,7 @@ class Generator:
         self.multi = pycurl.CurlMulti()
         self.idle: list[Slot] = []
         self.busy: dict[int, Slot] = {}
-        self.retries: list[tuple[float, int, bytes]] = []  # heap of (due, seq, body)
+        self.retries: list[tuple[float, int, bytes, int]] = []  # heap of (due, seq, body, tries so far)
         self.result = LoadResult()
         self.sent_first = 0
         self.body_index = 0
@@ -136,15 +141,19 @@ class Generator:
         self.body_index += 1
         return body
 
+    def in_time(self, now: float) -> bool:
+        return self.plan.duration is None or now < self.result.started + self.plan.duration
+
     def sending_open(self, now: float) -> bool:
+        """Whether new bodies (not retries) may still be sent."""
         plan = self.plan
         if plan.requests is not None and self.sent_first >= plan.requests:
             return False
-        return plan.duration is None or now < self.result.started + plan.duration
+        return self.in_time(now)
 
-    def start(self, body: bytes, now: float) -> None:
+    def start(self, body: bytes, now: float, tries: int = 1) -> None:
         slot = self.idle.pop() if self.idle else new_slot(self.plan.url)
-        load_slot(slot, body)
+        load_slot(slot, body, tries)
         slot.sent = now
         self.busy[id(slot.handle)] = slot
         self.multi.add_handle(slot.handle)
@@ -158,7 +167,7 @@ class Generator:
         while True:
             now = time.time()
             open_ = self.sending_open(now)
-            self.start_due_retries(now, open_)
+            self.start_due_retries(now)
             if self.plan.rate:
                 while open_ and next_send <= now:
                     if len(self.busy) >= self.plan.max_in_flight:
@@ -191,12 +200,13 @@ class Generator:
         self.multi.close()
         return self.result
 
-    def start_due_retries(self, now: float, open_: bool) -> None:
-        while self.retries and (self.retries[0][0] <= now or not open_):
-            _, _, body = heapq.heappop(self.retries)
-            if open_:
+    def start_due_retries(self, now: float) -> None:
+        in_time = self.in_time(now)
+        while self.retries and (self.retries[0][0] <= now or not in_time):
+            _, _, body, tries = heapq.heappop(self.retries)
+            if in_time:
                 self.result.retried += 1
-                self.start(body, now)
+                self.start(body, now, tries + 1)
             else:
                 self.result.dropped += 1
 
@@ -226,14 +236,23 @@ class Generator:
         if status == 0:
             self.result.errors += 1
         if status == 503:
-            self.result.backpressure += 1
-            delay = min(slot.retry_after if slot.retry_after is not None else 1.0, RETRY_AFTER_CAP)
-            self.seq += 1
-            heapq.heappush(self.retries, (now + delay, self.seq, slot.body))
+            self.backpressure(slot, now)
         if self.counters is not None:
             self.counters[ANSWERED] += 1
             self.counters[ACCEPTED] += len(ids)
             self.counters[BACKPRESSURE] += status == 503
+
+    def backpressure(self, slot: Slot, now: float) -> None:
+        """A 503: send the body again after Retry-After, or drop it after MAX_503_RETRIES."""
+        self.result.backpressure += 1
+        if slot.tries > MAX_503_RETRIES:
+            self.result.dropped += 1
+            return
+        delay = min(
+            slot.retry_after if slot.retry_after is not None else self.plan.default_retry_after, RETRY_AFTER_CAP
+        )
+        self.seq += 1
+        heapq.heappush(self.retries, (now + delay, self.seq, slot.body, slot.tries))
 
 
 def run_in_process(plan: LoadPlan, counters: SharedCounters, results: Connection) -> None:
