@@ -28,8 +28,6 @@ from benchmark.scenarios import Phase, Scenario
 from benchmark.service import Service, free_port
 
 TICK_SECONDS = 0.1
-HEALTHZ_SECONDS = 10.0
-PLAIN_CLIENT_SECONDS = 5.0
 RQ_NOOP_JOBS = 2000
 
 
@@ -48,6 +46,7 @@ class RunSettings:
     concurrency: int
     receiver_processes: int = 1
     ingest_path: str = "/ingest.php"
+    baseline_seconds: float = 10.0  # longest a timed baseline runs (/healthz, plain client)
 
 
 def plan_for(phase: Phase, service: Service, receiver: Receiver, ingest_path: str) -> LoadPlan:
@@ -127,7 +126,7 @@ class ScenarioRun:
         wanted = self.scenario.baselines
         if "healthz" in wanted:
             self.say("baseline: GET /healthz")
-            seconds = min(phase.duration or HEALTHZ_SECONDS, HEALTHZ_SECONDS)
+            seconds = min(phase.duration or self.settings.baseline_seconds, self.settings.baseline_seconds)
             measured["healthz_requests_per_second"] = baselines.healthz_requests_per_second(
                 service.url, phase.clients, seconds
             )
@@ -135,7 +134,7 @@ class ScenarioRun:
             self.say("baseline: plain requests.Session loop")
             url = receivers[phase.receiver].url("/data?key=k&value=v&foo=")
             measured["plain_client_requests_per_second"] = baselines.plain_client_requests_per_second(
-                url, self.settings.concurrency, PLAIN_CLIENT_SECONDS
+                url, self.settings.concurrency, self.settings.baseline_seconds / 2
             )
         if "rq" in wanted:
             self.say("baseline: RQ no-op jobs")

@@ -72,6 +72,12 @@ class Command(BaseCommand):
         receiver.add_argument("--stall-for", type=float, help="stall: seconds before the stalled receiver recovers")
         receiver.add_argument("--receiver-processes", type=int, default=1, help="processes sharing a receiver's port")
         receiver.add_argument("--skip-ceiling", action="store_true", help="do not measure the receiver's ceiling")
+        receiver.add_argument(
+            "--baseline-seconds",
+            type=float,
+            default=10.0,
+            help="longest the /healthz baseline runs (the plain client loop: half)",
+        )
         output = parser.add_argument_group("output")
         output.add_argument(
             "--max-wait",
@@ -108,6 +114,7 @@ class Command(BaseCommand):
             concurrency=concurrency,
             receiver_processes=options["receiver_processes"],
             ingest_path=options["ingest_path"],
+            baseline_seconds=options["baseline_seconds"],
         )
         workdir = Path(tempfile.mkdtemp(prefix="postback-benchmark-"))
         try:
