@@ -1,5 +1,6 @@
 """What the tool watches while a scenario runs: attempt rows, queue lengths, every process's
-RSS, and the backlog (accepted so far minus delivered so far), on the tool's main thread.
+RSS, and the backlog (accepted so far minus those with a final outcome so far: delivered, or
+failed for good), on the tool's main thread.
 
 Only cheap Redis commands are sent each second (LLEN, ZCARD, XLEN), so that the tool's own
 traffic stays out of the bytes-per-postback figure; INFO is read once before and once after.
@@ -112,10 +113,10 @@ class Monitor:
                 del self.processes[name]  # it exited (or was killed on purpose)
 
     def sample_queues(self) -> None:
-        accepted = self.accepted
-        delivered = len(self.delivered)
-        sample: dict[str, float] = {"time": time.time(), "accepted": accepted, "delivered": delivered}
-        sample["backlog"] = accepted - delivered
+        accepted, final = self.accepted, len(self.final_seen_at)
+        sample: dict[str, float] = {"time": time.time(), "accepted": accepted, "delivered": len(self.delivered)}
+        sample["final"] = final
+        sample["backlog"] = accepted - final
         sample.update(queue_lengths(self.redis))
         self.samples.append(sample)
 

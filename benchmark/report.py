@@ -134,7 +134,7 @@ def draw_backlog(axis: Any, run: Figures) -> None:
     if samples:
         start = run["series"]["started"]
         times = [sample["time"] - start for sample in samples]
-        axis.plot(times, [s["backlog"] for s in samples], label="backlog (accepted - delivered)")
+        axis.plot(times, [s["backlog"] for s in samples], label="backlog (accepted - final)")
         for key in ("rq_queue", "rq_scheduled", "inbox", "due"):
             if any(s.get(key) for s in samples):
                 axis.plot(times, [s.get(key, 0) for s in samples], label=key, linestyle="--")

@@ -227,10 +227,9 @@ class ScenarioRun:
     # --- progress ----------------------------------------------------------------------------
 
     def show(self, monitor: Monitor) -> None:
-        accepted, delivered = monitor.accepted, len(monitor.delivered)
-        self.progress.update(
-            self.task, completed=delivered, accepted=accepted, delivered=delivered, backlog=accepted - delivered
-        )
+        accepted, delivered, final = monitor.accepted, len(monitor.delivered), len(monitor.final_seen_at)
+        backlog = accepted - final
+        self.progress.update(self.task, completed=final, accepted=accepted, delivered=delivered, backlog=backlog)
 
     def say(self, message: str) -> None:
         self.progress.update(self.task, description=f"{self.scenario.name}: {message}")
