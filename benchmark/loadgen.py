@@ -131,6 +131,7 @@ class Generator:
         self.retries: list[tuple[float, int, bytes, int]] = []  # heap of (due, seq, body, tries so far)
         self.result = LoadResult()
         self.sent_first = 0
+        self.next_send = 0.0
         self.body_index = 0
         self.seq = 0
 
@@ -162,43 +163,56 @@ class Generator:
 
     def run(self) -> LoadResult:
         cpu = time.process_time()
-        self.result.started = next_send = time.time()
-        interval = 1.0 / self.plan.rate if self.plan.rate else 0.0
+        self.result.started = self.next_send = time.time()
         while True:
             now = time.time()
-            open_ = self.sending_open(now)
             self.start_due_retries(now)
-            if self.plan.rate:
-                while open_ and next_send <= now:
-                    if len(self.busy) >= self.plan.max_in_flight:
-                        self.result.late += 1
-                        break
-                    self.start(self.next_body(), now)
-                    self.sent_first += 1
-                    next_send += interval
-                    open_ = self.sending_open(now)
-            else:
-                while open_ and len(self.busy) + len(self.retries) < self.plan.clients:
-                    self.start(self.next_body(), now)
-                    self.sent_first += 1
-                    open_ = self.sending_open(now)
+            self.start_new(now)
             self.perform()
             self.collect()
-            if not open_ and not self.busy and not self.retries:
+            now = time.time()
+            if not self.sending_open(now) and not self.busy and not self.retries:
                 break
-            wait = min(0.05, max(0.0, next_send - time.time())) if self.plan.rate and open_ else 0.05
-            if self.retries:
-                wait = min(wait, max(0.0, self.retries[0][0] - time.time()))
-            if self.busy:
-                self.multi.select(wait)
-            elif wait > 0:
-                time.sleep(wait)
+            if not self.has_room(now):  # else a request just ended: its client sends again at once
+                self.wait(now)
         self.result.ended = time.time()
         self.result.cpu_seconds = time.process_time() - cpu
         for slot in self.idle:
             slot.handle.close()
         self.multi.close()
         return self.result
+
+    def start_new(self, now: float) -> None:
+        """Open loop: every send whose time has come. Closed loop: one per idle client."""
+        if self.plan.rate:
+            while self.sending_open(now) and self.next_send <= now:
+                if len(self.busy) >= self.plan.max_in_flight:
+                    self.result.late += 1
+                    return
+                self.start(self.next_body(), now)
+                self.sent_first += 1
+                self.next_send += 1.0 / self.plan.rate
+        else:
+            while self.has_room(now):
+                self.start(self.next_body(), now)
+                self.sent_first += 1
+
+    def has_room(self, now: float) -> bool:
+        """Closed loop: a client is free to send a new body."""
+        clients_busy = len(self.busy) + len(self.retries)
+        return not self.plan.rate and clients_busy < self.plan.clients and self.sending_open(now)
+
+    def wait(self, now: float) -> None:
+        """Until a socket is ready, the next open-loop send, or the next retry (50 ms at most)."""
+        wait = 0.05
+        if self.plan.rate and self.sending_open(now):
+            wait = min(wait, max(0.0, self.next_send - now))
+        if self.retries:
+            wait = min(wait, max(0.0, self.retries[0][0] - now))
+        if self.busy:
+            self.multi.select(wait)
+        elif wait > 0:
+            time.sleep(wait)
 
     def start_due_retries(self, now: float) -> None:
         in_time = self.in_time(now)
