@@ -174,7 +174,7 @@ def series(run: RawRun, accepted: Accepted) -> dict[str, Any]:
 
 
 def process_figures(run: RawRun) -> dict[str, Any]:
-    return {name: rss_summary(samples, run.started, run.ended) for name, samples in sorted(run.rss.items())}
+    return {name: rss_summary(samples, run.started, run.load_ended) for name, samples in sorted(run.rss.items())}
 
 
 def summarize(run: RawRun) -> dict[str, Any]:

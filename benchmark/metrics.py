@@ -58,8 +58,9 @@ def value_at(samples: Sequence[tuple[float, float]], time: float) -> float | Non
 
 
 def rss_summary(samples: Sequence[tuple[float, float]], start: float, end: float) -> dict[str, float | bool | None]:
-    """Peak RSS, RSS at a quarter of the run and at its end, and whether it stayed within 10 %.
+    """Peak RSS, RSS at a quarter of the load and at its end, and whether it stayed within 10 %.
 
+    `start` and `end` bound the load (the wait for the backlog afterwards is another regime).
     The first quarter is left out of the comparison: imports, pools and caches fill up then.
     A process that started after the quarter (gunicorn replaces workers after max_requests)
     is not judged: its growth would be its own start-up.
@@ -67,8 +68,9 @@ def rss_summary(samples: Sequence[tuple[float, float]], start: float, end: float
     if not samples:
         return {"peak": None, "at_25_percent": None, "at_end": None, "growth": None, "flat": None}
     quarter_time = start + (end - start) / 4
-    last = samples[-1][1]
     quarter = value_at(samples, quarter_time) if samples[0][0] <= quarter_time else None
+    during = [sample for sample in samples if sample[0] <= end] or samples[:1]
+    last = during[-1][1]
     growth = (last - quarter) / quarter if quarter else None
     return {
         "peak": max(rss for _, rss in samples),

@@ -103,6 +103,7 @@ class ServiceOptions:
     concurrency: int | None = None  # DELIVERY_CONCURRENCY; None keeps the service default
     database_url: str | None = None  # None: a temporary SQLite database
     settings_cache_seconds: float = 1.0
+    keep_logs: Path | None = None  # copy each scenario's process logs here before cleaning up
 
 
 @dataclass
@@ -283,6 +284,9 @@ class LocalService:
         stop_all([child for child in service.children if child.name == "web"])
         stop_all(service.workers())
         stop_all([child for child in service.children if child.name == "redis"])
+        if self.options.keep_logs is not None and service.children:
+            logs = service.children[0].log_path.parent
+            shutil.copytree(logs, self.options.keep_logs / logs.parent.name, dirs_exist_ok=True)
 
 
 def remote_service(url: str, redis_url: str | None, database_url: str | None, cache_seconds: float) -> Service:

@@ -218,9 +218,9 @@ def test_per_second_counts_bucket_by_whole_seconds_after_the_start():
 
 
 def test_rss_is_flat_when_the_end_is_within_ten_percent_of_the_first_quarter():
-    samples = [(float(t), 100.0 + t) for t in range(0, 101)]
-    summary = rss_summary(samples, 0.0, 100.0)
-    assert (summary["at_25_percent"], summary["at_end"], summary["peak"]) == (125.0, 200.0, 200.0)
+    samples = [(float(t), 100.0 + t) for t in range(0, 121)]
+    summary = rss_summary(samples, 0.0, 100.0)  # the load ran 100 s; sampling went on after it
+    assert (summary["at_25_percent"], summary["at_end"], summary["peak"]) == (125.0, 200.0, 220.0)
     assert summary["flat"] is False
     assert rss_summary([(t, 100.0) for t in (0.0, 50.0, 100.0)], 0.0, 100.0)["flat"] is True
     assert rss_summary([(60.0, 100.0), (100.0, 300.0)], 0.0, 100.0)["flat"] is None  # started late

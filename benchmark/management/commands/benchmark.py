@@ -87,6 +87,7 @@ class Command(BaseCommand):
         )
         output.add_argument("--json", type=Path, help="write every figure and series to this file")
         output.add_argument("--plot", type=Path, help="write a PNG of throughput, backlog and latency")
+        output.add_argument("--logs", type=Path, help="keep the logs of the processes started, one folder a scenario")
 
     def handle(self, *args: Any, **options: Any) -> None:
         # Piped output (a log, CI) gets room for the whole table instead of 80 columns.
@@ -159,6 +160,7 @@ class Command(BaseCommand):
             workers=options["workers"],
             concurrency=options["concurrency"],
             database_url=options["database_url"],
+            keep_logs=options["logs"],
         )
         local = LocalService(service_options, workdir)
         console.print("migrating the benchmark's database…")
