@@ -94,7 +94,8 @@ def print_report(console: Console, runs: list[Figures], verdicts: list[Verdict],
     for run in runs:
         for line in details(run):
             console.print(line)
-    console.print(targets_table(verdicts))
+    if verdicts:
+        console.print(targets_table(verdicts))
     if "receiver_ceiling_requests_per_second" in header:
         console.print(
             f"receiver ceiling: {_num(header['receiver_ceiling_requests_per_second'])} requests/s "
