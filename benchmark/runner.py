@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from django.conf import settings
 from rich.progress import Progress
 
 from benchmark import baselines, payloads
@@ -25,7 +26,7 @@ from benchmark.loadgen import LoadPlan, LoadProcess, LoadResult, new_counters
 from benchmark.monitor import Monitor, redis_stats
 from benchmark.receiver import Receiver
 from benchmark.scenarios import Phase, Scenario
-from benchmark.service import Service, free_port
+from benchmark.service import WORKERS_KEY, Service, free_port
 
 TICK_SECONDS = 0.1
 RQ_NOOP_JOBS = 2000
@@ -81,12 +82,10 @@ def receivers_for(scenario: Scenario, processes: int) -> Iterator[dict[str, Rece
 
 
 class ScenarioRun:
-    def __init__(
-        self, scenario: Scenario, provider: ServiceProvider, settings: RunSettings, progress: Progress
-    ) -> None:
+    def __init__(self, scenario: Scenario, provider: ServiceProvider, options: RunSettings, progress: Progress) -> None:
         self.scenario = scenario
         self.provider = provider
-        self.settings = settings
+        self.settings = options
         self.progress = progress
         self.task = progress.add_task(scenario.name, total=None, accepted=0, delivered=0, backlog=0)
 
@@ -239,7 +238,7 @@ def busy_worker_pids(service: Service) -> list[int]:
     """Pids of the RQ workers that say (in Redis) they are running a job."""
     redis = service.redis()
     pids = []
-    for key in redis.smembers("rq:workers:postbacks"):
+    for key in redis.smembers(WORKERS_KEY.format(queue=settings.POSTBACK_QUEUE)):
         state, pid = redis.hmget(key, ["state", "pid"])
         if state == b"busy" and pid:
             pids.append(int(pid))
