@@ -34,6 +34,7 @@ class RawRun:
     rss: dict[str, list[tuple[float, float]]]  # process -> (time, bytes)
     samples: list[dict[str, float]]  # one a second: time, accepted, delivered, backlog, queues
     kill_at: float | None = None
+    exited: dict[str, float] = field(default_factory=dict)  # process -> when it was found gone
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -187,6 +188,9 @@ def summarize(run: RawRun) -> dict[str, Any]:
         "delivery": delivery_figures(run, accepted),
         "redis": redis_figures(run.redis_before, run.redis_after, len(accepted.at)),
         "processes": process_figures(run),
+        # Service processes that exited during the run without the tool stopping them (something
+        # else on the machine killed them, or they crashed): the scenario's figures are not valid.
+        "processes_exited": {name: at - run.started for name, at in sorted(run.exited.items())},
         **run.extra,
     }
     if run.kill_at is not None:

@@ -73,6 +73,7 @@ class Monitor:
         self.delivered: set[str] = set()
         self.samples: list[dict[str, float]] = []
         self.rss: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self.exited: dict[str, float] = {}  # process -> when it was found gone
         self._next_poll = self._next_rss = self._next_sample = 0.0
 
     @property
@@ -109,8 +110,9 @@ class Monitor:
                 if name == "web":  # gunicorn's workers come and go (max_requests): follow them
                     for child in process.children():
                         self.rss[f"web/{child.pid}"].append((now, float(child.memory_info().rss)))
-            except psutil.Error:
-                del self.processes[name]  # it exited (or was killed on purpose)
+            except psutil.Error:  # it exited: nobody but the kill scenario (which forgets it first) may do that
+                del self.processes[name]
+                self.exited[name] = now
 
     def sample_queues(self) -> None:
         accepted, final = self.accepted, len(self.final_seen_at)

@@ -34,7 +34,9 @@ def summary_table(runs: list[Figures]) -> Table:
         ingest, delivery, redis = run["ingest"], run["delivery"], run["redis"]
         peak = max((p["peak"] or 0 for p in run["processes"].values()), default=0)
         table.add_row(
-            run["scenario"] + (" (wait timed out)" if run["wait_timed_out"] else ""),
+            run["scenario"]
+            + (" (wait timed out)" if run["wait_timed_out"] else "")
+            + (" [red](process exited)[/]" if run["processes_exited"] else ""),
             _num(ingest["requests_per_second"]),
             "/".join(_num(ingest["latency_ms"][k], 1) for k in ("p50", "p95", "p99")),
             _num(delivery["accepted"]),
@@ -64,6 +66,9 @@ def targets_table(verdicts: list[Verdict]) -> Table:
 def details(run: Figures) -> list[str]:
     """The figures that do not fit the table, one line each."""
     lines = [f"[bold]{run['scenario']}[/]: {run['title']}"]
+    if run["processes_exited"]:
+        gone = ", ".join(f"{name} {at:.1f} s in" for name, at in run["processes_exited"].items())
+        lines.append(f"  [red]exited during the run, not stopped by the tool: {gone}; these figures are not valid[/]")
     if run["baselines"]:
         lines.append("  baselines: " + ", ".join(f"{k} {v:,.0f}" for k, v in run["baselines"].items()))
     ingest = run["ingest"]

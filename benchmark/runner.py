@@ -186,6 +186,7 @@ class ScenarioRun:
             rss=dict(monitor.rss),
             samples=monitor.samples,
             kill_at=kill_at,
+            exited=monitor.exited,
         )
 
     def wait_for_outcomes(self, monitor: Monitor, ids: list[str]) -> bool:

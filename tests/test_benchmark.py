@@ -341,3 +341,8 @@ def test_a_short_scenario_runs_through_real_processes_and_its_figures_add_up(tmp
     assert figures["baselines"]["healthz_requests_per_second"] > 0
     assert {"web", "worker1", "worker2", "redis"} <= set(figures["processes"])
     assert Path(plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_service_process_that_exited_during_the_run_is_flagged():
+    assert summarize(raw_run())["processes_exited"] == {}
+    assert summarize(raw_run(exited={"worker1": 11.5}))["processes_exited"] == {"worker1": 1.5}
