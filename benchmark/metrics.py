@@ -19,17 +19,17 @@ def percentiles(values: Iterable[float]) -> Percentiles:
     return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "max": data[-1]}
 
 
-def bucket(time: float, start: float) -> int:
-    return max(0, math.floor(time - start))
+def bucket(time: float, start: float, step: float = 1.0) -> int:
+    return max(0, math.floor((time - start) / step))
 
 
 def per_second_counts(
-    times: Iterable[float], start: float, seconds: int, weights: Iterable[int] | None = None
+    times: Iterable[float], start: float, seconds: int, weights: Iterable[int] | None = None, *, step: float = 1.0
 ) -> list[int]:
-    """How many events (or the sum of their weights) fell in each second after start."""
+    """How many events (or the sum of their weights) fell in each second (or step) after start."""
     counts = [0] * seconds
     for time, weight in zip(times, weights if weights is not None else _ones(), strict=False):
-        index = bucket(time, start)
+        index = bucket(time, start, step)
         if index < seconds:
             counts[index] += weight
     return counts
@@ -40,11 +40,13 @@ def _ones() -> Iterable[int]:
         yield 1
 
 
-def per_second_percentiles(points: Iterable[tuple[float, float]], start: float, seconds: int) -> list[Percentiles]:
-    """For (time, value) points: the percentiles of the values of each second."""
+def per_second_percentiles(
+    points: Iterable[tuple[float, float]], start: float, seconds: int, *, step: float = 1.0
+) -> list[Percentiles]:
+    """For (time, value) points: the percentiles of the values of each second (or step)."""
     buckets: list[list[float]] = [[] for _ in range(seconds)]
     for time, value in points:
-        index = bucket(time, start)
+        index = bucket(time, start, step)
         if index < seconds:
             buckets[index].append(value)
     return [percentiles(values) for values in buckets]

@@ -128,8 +128,8 @@ def write_plot(path: Path, runs: list[Figures]) -> None:
 
 def draw_throughput(axis: Any, run: Figures) -> None:
     series = run["series"]
-    axis.plot(series["second"], series["accepted_per_second"], label="accepted/s")
-    axis.plot(series["second"], series["delivered_per_second"], label="delivered/s")
+    axis.plot(series["second"], series["accepted_per_second"], label="accepted/s", marker=".")
+    axis.plot(series["second"], series["delivered_per_second"], label="delivered/s", marker=".")
     axis.set_title(f"{run['scenario']}: postbacks per second")
     axis.set_xlabel("seconds")
     axis.legend(loc="best", fontsize="small")
@@ -153,7 +153,9 @@ def draw_latency(axis: Any, run: Figures) -> None:
     series = run["series"]
     for name, label in (("ingest_latency_ms", "ingest"), ("end_to_end_ms", "end-to-end")):
         for quantile in ("p50", "p99"):
-            axis.plot(series["second"], [point[quantile] for point in series[name]], label=f"{label} {quantile}")
+            values = [point[quantile] for point in series[name]]
+            # Markers: a run shorter than two seconds has one point a line, which draws no line.
+            axis.plot(series["second"], values, label=f"{label} {quantile}", marker=".")
     axis.set_yscale("log")
     axis.set_title(f"{run['scenario']}: latency (ms, by second of the 202)")
     axis.set_xlabel("seconds")

@@ -215,6 +215,7 @@ def test_percentiles_interpolate_between_ranks():
 def test_per_second_counts_bucket_by_whole_seconds_after_the_start():
     assert per_second_counts([100.0, 100.9, 101.0, 103.5, 99.0], 100.0, 4) == [3, 1, 0, 1]
     assert per_second_counts([100.5, 101.5], 100.0, 2, [2, 100]) == [2, 100]
+    assert per_second_counts([100.05, 100.15, 100.19], 100.0, 3, step=0.1) == [1, 2, 0]
 
 
 def test_rss_is_flat_when_the_end_is_within_ten_percent_of_the_first_quarter():
@@ -281,7 +282,8 @@ def test_the_figures_add_up_from_what_was_recorded():
     # From the 202 to the first arrival of any kind: a1 0.05 s, a2 0.1 s, b1 0.1 s.
     assert delivery["end_to_end_ms"]["max"] == pytest.approx(100.0)
     assert redis["bytes_per_postback"] == pytest.approx(300.0)
-    assert figures["series"]["accepted_per_second"][0] == 3
+    assert figures["series"]["step_seconds"] == 0.1  # a 3-second run is drawn in tenths
+    assert sum(figures["series"]["accepted_per_second"]) * 0.1 == pytest.approx(3)  # rates, per tenth
 
 
 def test_the_kill_figure_is_the_time_from_the_kill_to_the_last_final_outcome():
