@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "ingestion",
     "delivery",
     "dashboard",
+    "benchmark",
 ]
 
 MIDDLEWARE = [

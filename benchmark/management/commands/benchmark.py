@@ -1,0 +1,190 @@
+"""`manage.py benchmark SCENARIO`: the internal benchmarking tool (docs/benchmark.md)."""
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmark.baselines import receiver_ceiling
+from benchmark.report import print_report, write_json, write_plot
+from benchmark.runner import RunSettings, ScenarioRun
+from benchmark.scenarios import SCENARIOS, Options, build
+from benchmark.service import LocalService, Service, ServiceOptions, remote_service
+from benchmark.targets import judge
+
+
+class RemoteProvider:
+    """A service somebody else runs: every scenario gets the same one, and nothing is stopped."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def start(self, name: str) -> Service:
+        return self.service
+
+    def stop(self, service: Service) -> None:
+        pass
+
+
+class Command(BaseCommand):
+    help = "Benchmark ingestion and delivery on loopback and report figures against the targets."
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
+        service = parser.add_argument_group("service under test")
+        service.add_argument(
+            "--url", help="drive a running service (e.g. http://127.0.0.1:8000) instead of starting one"
+        )
+        service.add_argument("--redis-url", help="with --url: its Redis (default: REDIS_URL of this process)")
+        service.add_argument(
+            "--database-url",
+            help="the service's database (default: a temporary SQLite one, or this process's DATABASE_URL with --url)",
+        )
+        service.add_argument("--web-workers", type=int, default=2, help="gunicorn processes (WEB_CONCURRENCY)")
+        service.add_argument("--workers", type=int, default=2, help="RQ worker processes")
+        service.add_argument("--concurrency", type=int, help="DELIVERY_CONCURRENCY (default: the service's own)")
+        service.add_argument(
+            "--settings-cache",
+            type=float,
+            default=5.0,
+            help="with --url: the service's DELIVERY_SETTINGS_CACHE_SECONDS",
+        )
+        load = parser.add_argument_group("load (default: each scenario's own)")
+        load.add_argument("--rate", type=float, help="open loop: requests a second")
+        load.add_argument("--clients", type=int, help="closed loop: requests in flight")
+        load.add_argument("--duration", type=float, help="seconds of load")
+        load.add_argument("--requests", type=int, help="requests to send (instead of a duration)")
+        load.add_argument("--objects", type=int, help="data objects a request (fanout, slow)")
+        load.add_argument("--ingest-path", default="/ingest.php", choices=["/ingest.php", "/i"])
+        receiver = parser.add_argument_group("receiver")
+        receiver.add_argument("--latency-ms", type=float, help="slow, kill: the receiver's added latency")
+        receiver.add_argument("--error-rate", type=float, help="flaky: share of requests answered 503")
+        receiver.add_argument("--stall-for", type=float, help="stall: seconds before the stalled receiver recovers")
+        receiver.add_argument("--receiver-processes", type=int, default=1, help="processes sharing a receiver's port")
+        receiver.add_argument("--skip-ceiling", action="store_true", help="do not measure the receiver's ceiling")
+        receiver.add_argument(
+            "--baseline-seconds",
+            type=float,
+            default=10.0,
+            help="longest the /healthz baseline runs (the plain client loop: half)",
+        )
+        output = parser.add_argument_group("output")
+        output.add_argument(
+            "--max-wait",
+            type=float,
+            default=120.0,
+            help="seconds to wait after the load for every postback's final outcome",
+        )
+        output.add_argument("--json", type=Path, help="write every figure and series to this file")
+        output.add_argument("--plot", type=Path, help="write a PNG of throughput, backlog and latency")
+        output.add_argument("--logs", type=Path, help="keep the logs of the processes started, one folder a scenario")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        # Piped output (a log, CI) gets room for the whole table instead of 80 columns.
+        console = Console(width=None if sys.stdout.isatty() else 170)
+        concurrency = options["concurrency"] or settings.DELIVERY_CONCURRENCY
+        scenarios = build(options["scenario"], self.scenario_options(options, concurrency))
+        header: dict[str, Any] = {
+            "command": options["scenario"],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "workers": options["workers"],
+            "web_workers": options["web_workers"],
+            "concurrency": concurrency,
+        }
+        if not options["skip_ceiling"]:
+            console.print("measuring the receiver's ceiling…")
+            header.update(receiver_ceiling(options["receiver_processes"]))
+        run_settings = RunSettings(
+            max_wait=options["max_wait"],
+            workers=options["workers"],
+            concurrency=concurrency,
+            receiver_processes=options["receiver_processes"],
+            ingest_path=options["ingest_path"],
+            baseline_seconds=options["baseline_seconds"],
+        )
+        workdir = Path(tempfile.mkdtemp(prefix="postback-benchmark-"))
+        try:
+            provider = self.provider(options, workdir, console)
+            runs = self.run_all(scenarios, provider, run_settings, console)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        verdicts = judge(runs)
+        print_report(console, runs, verdicts, header)
+        if options["json"]:
+            write_json(options["json"], runs, verdicts, header)
+            console.print(f"figures written to {options['json']}")
+        if options["plot"]:
+            write_plot(options["plot"], runs)
+            console.print(f"plot written to {options['plot']}")
+
+    @staticmethod
+    def scenario_options(options: dict[str, Any], concurrency: int) -> Options:
+        return Options(
+            rate=options["rate"],
+            clients=options["clients"],
+            duration=options["duration"],
+            requests=options["requests"],
+            objects=options["objects"],
+            latency_ms=options["latency_ms"],
+            error_rate=options["error_rate"],
+            stall_for=options["stall_for"],
+            workers=options["workers"],
+            concurrency=concurrency,
+        )
+
+    @staticmethod
+    def provider(options: dict[str, Any], workdir: Path, console: Console) -> "LocalService | RemoteProvider":
+        if options["url"]:
+            console.print(f"driving the running service at {options['url']}: no process figures, no kill")
+            service = remote_service(
+                options["url"], options["redis_url"], options["database_url"], options["settings_cache"]
+            )
+            return RemoteProvider(service)
+        service_options = ServiceOptions(
+            web_workers=options["web_workers"],
+            workers=options["workers"],
+            concurrency=options["concurrency"],
+            database_url=options["database_url"],
+            keep_logs=options["logs"],
+        )
+        local = LocalService(service_options, workdir)
+        console.print("migrating the benchmark's database…")
+        try:
+            local.prepare()
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from exc
+        return local
+
+    @staticmethod
+    def run_all(
+        scenarios: list[Any], provider: Any, run_settings: RunSettings, console: Console
+    ) -> list[dict[str, Any]]:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn(
+                "accepted {task.fields[accepted]:,}  delivered {task.fields[delivered]:,}  "
+                "backlog {task.fields[backlog]:,}"
+            ),
+            TimeElapsedColumn(),
+        )
+        runs = []
+        with Progress(*columns, console=console) as progress:
+            for scenario in scenarios:
+                runs.append(ScenarioRun(scenario, provider, run_settings, progress).run())
+        return runs

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up and run the internal benchmark (manage.py benchmark; docs/benchmark.md), e.g.
+#
+#   deploy/benchmark.sh all --json var/benchmark.json --plot var/benchmark.png
+#   deploy/benchmark.sh loop --duration 30
+#
+# The tool starts its own Redis, gunicorn, RQ workers and receivers on free loopback ports
+# and stops them at the end: the local run (deploy/run-local.sh) need not be running, and is
+# left alone if it is. To drive a running service instead, use deploy/manage.sh, which loads
+# that service's settings: deploy/manage.sh benchmark loop --url http://127.0.0.1:8000
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
+
+# shellcheck source=deploy/lib.sh
+. deploy/lib.sh
+
+command -v redis-server >/dev/null || apt_install redis-server
+ensure_venv requirements.txt
+
+# The tool's own process loads the settings, which want a SECRET_KEY; it signs nothing. The
+# services it starts get random keys of their own.
+SECRET_KEY=${SECRET_KEY:-$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(50))')}
+export SECRET_KEY
+exec .venv/bin/python manage.py benchmark "$@"
