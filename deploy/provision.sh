@@ -161,6 +161,8 @@ LOG_LEVEL=INFO
 LOG_FORMAT=json
 # Prometheus scrapes /metrics with "Authorization: Bearer <this>" (docs/operations.md).
 METRICS_TOKEN=$metrics_token
+# Profiles of one request (X-Profile: METRICS_TOKEN) or one drain job (manage.py profilejob).
+PROFILE_DIR=$state/profiles
 # Also recognised, shown with their defaults:
 # DELIVERY_CONCURRENCY=64
 # INGEST_MAX_BODY_BYTES=1048576 (keep nginx's client_max_body_size in step)

@@ -64,6 +64,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that a profiled request is profiled whole (postbackproject/profiling.py).
+    "postbackproject.profiling.ProfileMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -176,7 +178,10 @@ DELIVERY_SETTINGS_CACHE_SECONDS: float = env.float("DELIVERY_SETTINGS_CACHE_SECO
 # --- Monitoring ---------------------------------------------------------------------------
 
 # /metrics answers only requests with "Authorization: Bearer <this>"; unset, it is a 404.
+# A request carrying "X-Profile: <this>" is profiled (postbackproject/profiling.py).
 METRICS_TOKEN: str = env.str("METRICS_TOKEN", default="")
+# Where profiles of requests and drain jobs are written.
+PROFILE_DIR = Path(env.str("PROFILE_DIR", default=str(VAR_DIR / "profiles")))
 
 # --- Logging -----------------------------------------------------------------------------
 

@@ -1,9 +1,13 @@
 """Operations endpoints: what load balancers and monitoring see."""
 
+import io
+import json
+
 import pytest
 import requests
+from django.core.management import call_command
 
-from tests.conftest import free_port, ingest_json, use_redis, wait_until
+from tests.conftest import free_port, ingest_json, run_worker, use_redis, wait_until
 
 
 @pytest.mark.django_db
@@ -96,3 +100,37 @@ def answers(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.ConnectionError:
         return False
+
+
+@pytest.fixture
+def profiles(settings, tmp_path):
+    settings.PROFILE_DIR = tmp_path / "profiles"
+    settings.METRICS_TOKEN = "ops-secret"
+    return settings.PROFILE_DIR
+
+
+@pytest.mark.django_db
+def test_a_request_carrying_the_profile_header_is_profiled(client, profiles):
+    body = json.dumps({"endpoint": {"method": "GET", "url": "http://h/"}, "data": [{}]})
+    assert client.generic("POST", "/i", body, HTTP_X_PROFILE="wrong").status_code == 202
+    assert not profiles.exists()
+
+    assert client.generic("POST", "/i", body, HTTP_X_PROFILE="ops-secret").status_code == 202
+
+    [html] = profiles.glob("*-request-POST-_i.html")
+    assert "pyinstrument" in html.read_text()
+    assert "take" in html.with_suffix(".txt").read_text()  # the ingest view's own steps
+
+
+@pytest.mark.django_db(transaction=True)
+def test_profilejob_profiles_the_next_drain_job_only(client, profiles, receiver):
+    document = {"endpoint": {"method": "GET", "url": receiver.url("/p")}, "data": [{}]}
+    call_command("profilejob", stdout=io.StringIO())
+    ingest_json(client, document)
+    run_worker()
+    ingest_json(client, document)
+    run_worker()
+
+    [report] = profiles.glob("*-job-drain-*.txt")
+    assert "Drainer.run" in report.read_text()
+    assert len(receiver.requests) == 2
