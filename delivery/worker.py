@@ -1,6 +1,7 @@
 """The RQ worker that `manage.py rqworker` builds (settings.RQ["WORKER_CLASS"])."""
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +19,10 @@ from postbackproject.inbox import sweep
 from postbackproject.queue import CompactJSONSerializer
 
 logger = logging.getLogger(__name__)
+
+# How long a worker waits for Redis to come back after it failed mid-job, before giving up
+# (and exiting, for systemd to start it again).
+REDIS_OUTAGE_SECONDS = 300
 
 
 class DeliveryQueue(DjangoRQ):
@@ -73,8 +78,26 @@ class DeliveryWorker(SimpleWorker):
         close_old_connections()
         try:
             super().execute_job(job, queue)
+        except RedisError as exc:
+            # Redis went away mid-job (a failover, a restart), and RQ's bookkeeping of the job
+            # with it; left alone, RQ's loop would quit on its next heartbeat. The job's
+            # postbacks are safe in the inbox: wait for Redis (or the new master), carry on.
+            self.log.error("Worker %s: Redis failed during job %s: %s; waiting for it", self.name, job.id, exc)
+            self.wait_for_redis()
         finally:
             close_old_connections()
+
+    def wait_for_redis(self) -> None:
+        """Until Redis answers again, retrying every second or so (REDIS_OUTAGE_SECONDS at most)."""
+        deadline = time.monotonic() + REDIS_OUTAGE_SECONDS
+        while True:
+            try:
+                self.connection.ping()
+                return
+            except RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def handle_warm_shutdown_request(self) -> None:
         """SIGTERM: the drain job in hand stops reading, finishes its requests and hands over."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Wait until the Redis named by REDIS_URL answers PING, then exit 0.
+"""Wait until the Redis named by REDIS_URL (or, with REDIS_SENTINELS, the master the sentinels
+name) answers PING, then exit 0.
 
 Runs before the web and worker processes start (deploy/Procfile, and ExecStartPre in the
 systemd units), so that they do not start against a Redis that is still starting or still
@@ -25,6 +26,7 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.sentinel import Sentinel
 from rq.worker import Worker
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6380/0"  # the default of postbackproject/settings.py
@@ -50,26 +52,45 @@ def forget_worker(client: redis.Redis, name: str) -> None:
         print(f"wait-for-redis: cleared the stale registration of worker {name}", file=sys.stderr)
 
 
+def connect() -> tuple[redis.Redis, str]:
+    """A client as postbackproject/settings.py builds it (same variables), and how to name it."""
+    sentinels = [
+        item.strip().rpartition(":") for item in os.environ.get("REDIS_SENTINELS", "").split(",") if item.strip()
+    ]
+    if sentinels:
+        master = os.environ.get("REDIS_SENTINEL_MASTER") or "postback"
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            [(host, int(port)) for host, _, port in sentinels],
+            sentinel_kwargs={"password": os.environ.get("REDIS_SENTINEL_PASSWORD") or None, "socket_timeout": 2},
+            password=os.environ.get("REDIS_PASSWORD") or None,
+            socket_connect_timeout=1,
+            socket_timeout=2,
+        )
+        client: redis.Redis = sentinel.master_for(master)  # type: ignore[no-untyped-call]
+        return client, f"the master {master!r} of the sentinels {os.environ['REDIS_SENTINELS']}"
+    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2), redacted(url)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     parser.add_argument("--forget-worker", metavar="NAME", help="see the module docstring")
     args = parser.parse_args()
 
-    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    client, url = connect()
     deadline = time.monotonic() + args.timeout
     while True:
         try:
             client.ping()
             break
         except redis.AuthenticationError as exc:  # before ConnectionError: it is one
-            print(f"wait-for-redis: {redacted(url)} refuses the credentials: {exc}", file=sys.stderr)
+            print(f"wait-for-redis: {url} refuses the credentials: {exc}", file=sys.stderr)
             return 1
         except redis.RedisError as exc:  # refused, LOADING, timeout: keep trying
             if time.monotonic() >= deadline:
                 print(
-                    f"wait-for-redis: no answer from {redacted(url)} in {args.timeout:g} s: {exc}",
+                    f"wait-for-redis: no answer from {url} in {args.timeout:g} s: {exc}",
                     file=sys.stderr,
                 )
                 return 1

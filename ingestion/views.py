@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from delivery.models import DeliverySettings
 from ingestion.validation import InvalidRequest, parse_body
-from postbackproject.inbox import BacklogFull, append_request, postback_id, request_entries
+from postbackproject.inbox import BacklogFull, NotReplicated, append_request, postback_id, request_entries
 from postbackproject.metrics import INGEST_REJECTED, INGESTED
 from postbackproject.queue import memory_gauge
 
@@ -92,6 +92,10 @@ def take(request: HttpRequest) -> Answer:
         append_request(entries, len(parsed.data_texts))
     except BacklogFull:
         return unavailable("delivery backlog is full, nothing was accepted")
+    except NotReplicated as exc:
+        # Refusing risks a duplicate when the sender sends again; a 202 would risk a loss.
+        logger.error("ingest not confirmed by replicas: %s", exc)
+        return unavailable("queue storage could not confirm the request; send it again")
     except RedisError as exc:
         logger.error("queue unavailable: %s", exc)
         return unavailable("queue unavailable, nothing was accepted")

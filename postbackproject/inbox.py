@@ -289,13 +289,18 @@ class BacklogFull(Exception):
     """The inbox holds INGEST_MAX_QUEUED_JOBS entries: nothing was added."""
 
 
+class NotReplicated(Exception):
+    """Fewer replicas than REDIS_WAIT_FOR_REPLICAS confirmed the request in time: it is in the
+    master, and will be delivered unless the master dies before a replica has it."""
+
+
 def append_request(entries: list[str], postbacks: int) -> None:
     """Add a request's entries in one round trip; start a drainer if none is alive.
 
     Raises BacklogFull or RedisError, and then nothing was added (unless the connection broke
     after Redis ran the script, which the caller cannot tell from a refusal).
     """
-    started = run_script("append", [INBOX, LEASES, ACCEPTED], [settings.INGEST_MAX_QUEUED_JOBS, postbacks, *entries])
+    started = _append(entries, postbacks)
     if started == -1:
         raise BacklogFull
     if started:
@@ -305,6 +310,22 @@ def append_request(entries: list[str], postbacks: int) -> None:
         except RedisError:
             # The entries are in: answering 503 now would make the sender send them twice.
             logger.warning("could not start drainer %s; the next sweep will", drainer, exc_info=True)
+
+
+def _append(entries: list[str], postbacks: int) -> Any:
+    """The append script, and with REDIS_WAIT_FOR_REPLICAS, WAIT in the same round trip."""
+    keys = [INBOX, LEASES, ACCEPTED]
+    args: list[str | int] = [settings.INGEST_MAX_QUEUED_JOBS, postbacks, *entries]
+    wanted = settings.REDIS_WAIT_FOR_REPLICAS
+    if not wanted:
+        return run_script("append", keys, args)
+    with get_connection().pipeline(transaction=False) as pipe:
+        _script("append")(keys=keys, args=args, client=pipe)
+        pipe.wait(wanted, settings.REDIS_WAIT_TIMEOUT_MS)
+        started, replicas = pipe.execute()
+    if started != -1 and replicas < wanted:
+        raise NotReplicated(f"{replicas} of {wanted} replicas confirmed the request")
+    return started
 
 
 def start_drainer(drainer: str) -> None:

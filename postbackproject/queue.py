@@ -14,6 +14,7 @@ from typing import Any
 
 from django.conf import settings
 from redis import Redis
+from redis.sentinel import Sentinel
 from rq import Queue
 
 # Refuse new work before Redis (noeviction) would refuse writes.
@@ -34,13 +35,21 @@ class CompactJSONSerializer:
 
 @cache
 def get_connection() -> Redis:
-    """The process's Redis client (a thread-safe connection pool)."""
-    return Redis.from_url(
-        settings.REDIS_URL,
-        socket_connect_timeout=2,
-        socket_timeout=10,
-        health_check_interval=30,
-    )
+    """The process's Redis client (a thread-safe connection pool): the master that the
+    sentinels name, when REDIS_SENTINELS is set (a failover is followed on the next command
+    after a connection error), else REDIS_URL."""
+    options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 30}
+    if settings.REDIS_SENTINELS:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel unannotated
+            settings.REDIS_SENTINELS,
+            sentinel_kwargs={"password": settings.REDIS_SENTINEL_PASSWORD or None, "socket_timeout": 2},
+            password=settings.REDIS_PASSWORD or None,
+            db=settings.REDIS_DB,
+            **options,
+        )
+        master: Redis = sentinel.master_for(settings.REDIS_SENTINEL_MASTER)  # type: ignore[no-untyped-call]
+        return master
+    return Redis.from_url(settings.REDIS_URL, **options)
 
 
 @cache

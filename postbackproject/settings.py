@@ -135,10 +135,37 @@ STORAGES = {
 # --- Queue -------------------------------------------------------------------------------
 
 REDIS_URL: str = env.str("REDIS_URL", default="redis://127.0.0.1:6380/0")
+# High availability: with Sentinel, every process finds the current master through these
+# sentinels (host:port,host:port,...) instead of REDIS_URL, and follows a failover without a
+# restart. REDIS_PASSWORD is the master's and replicas' password, REDIS_SENTINEL_PASSWORD the
+# sentinels' own (empty: none). docs/operations.md, "High availability".
+REDIS_SENTINELS: list[tuple[str, int]] = [
+    (host, int(port)) for host, _, port in (item.rpartition(":") for item in env.list("REDIS_SENTINELS", default=[]))
+]
+REDIS_SENTINEL_MASTER: str = env.str("REDIS_SENTINEL_MASTER", default="postback")
+REDIS_PASSWORD: str = env.str("REDIS_PASSWORD", default="")
+REDIS_SENTINEL_PASSWORD: str = env.str("REDIS_SENTINEL_PASSWORD", default="")
+REDIS_DB: int = env.int("REDIS_DB", default=0)
+# Replicas that must hold an ingest request before it is answered 202 (WAIT): with 1, a 202'd
+# postback survives the master's sudden death. 0 (default): replication is asynchronous.
+REDIS_WAIT_FOR_REPLICAS: int = env.int("REDIS_WAIT_FOR_REPLICAS", default=0)
+REDIS_WAIT_TIMEOUT_MS: int = env.int("REDIS_WAIT_TIMEOUT_MS", default=1000)
 POSTBACK_QUEUE = "postbacks"
+_QUEUE_CONNECTION: dict[str, object] = (
+    {
+        "SENTINELS": REDIS_SENTINELS,
+        "MASTER_NAME": REDIS_SENTINEL_MASTER,
+        "DB": REDIS_DB,
+        "PASSWORD": REDIS_PASSWORD or None,
+        "SOCKET_TIMEOUT": 30,
+        "SENTINEL_KWARGS": {"password": REDIS_SENTINEL_PASSWORD or None, "socket_timeout": 2},
+    }
+    if REDIS_SENTINELS
+    else {"URL": REDIS_URL}
+)
 RQ_QUEUES = {
     POSTBACK_QUEUE: {
-        "URL": REDIS_URL,
+        **_QUEUE_CONNECTION,
         "SERIALIZER": "postbackproject.queue.CompactJSONSerializer",
     },
 }
