@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from functools import cache
 
 from django.conf import settings
+from django.db import DatabaseError
 from redis.exceptions import ResponseError
 
 from delivery.circuit import Circuits, HostReport
@@ -102,6 +103,7 @@ class Drainer:
         self.failing: Counter[str] = Counter()
         self.urgent = False
         self.settled_entries: list[EntryState] = []  # done, waiting to be acknowledged
+        self.unchecked: list[tuple[inbox.Entry, bool]] = []  # waiting for the database (reclaimed?)
         self.postbacks_per_entry = 10.0  # running estimate, to size reads
         self.counts: Counter[str] = Counter()
 
@@ -141,7 +143,7 @@ class Drainer:
         return dict(self.counts)
 
     def _busy(self) -> bool:
-        return self.engine.busy or bool(self.finished) or bool(self.settled_entries)
+        return self.engine.busy or bool(self.finished) or bool(self.settled_entries) or bool(self.unchecked)
 
     def _has_room(self, config: DeliverySettings) -> bool:
         return self.engine.waiting + self.engine.in_flight < self._hold_limit(config)
@@ -193,7 +195,13 @@ class Drainer:
             self.postbacks_per_entry = 0.9 * self.postbacks_per_entry + 0.1 * len(tries)
             state = EntryState(entry.id, 0)
             if reclaimed or entry.kind == "t":
-                resumed = resume(tries, config)
+                try:
+                    resumed = resume(tries, config)
+                except DatabaseError:
+                    # Which of them were recorded cannot be told now: they wait for the database.
+                    logger.warning("drainer %s: database unavailable, entry %s waits", self.id, entry.id)
+                    self.unchecked.append((entry, reclaimed))
+                    continue
                 tries, state.follow_ups = resumed.to_send, resumed.follow_ups
                 self.counts["already recorded"] += resumed.settled
             state.outstanding = len(tries)
@@ -253,13 +261,25 @@ class Drainer:
         self.failing.clear()
         self.urgent = False
         rows, follow_ups = self._records(finished, config)
-        save_attempts(rows, keep_alive=self._renew_lease)
+        save_attempts(rows, wait=lambda seconds: self._wait_for_database(seconds, config))
         self._commit_to_redis(follow_ups)
         self.circuits.report(host_reports(finished), config.circuit_failure_threshold, config.circuit_open_seconds)
         self.engine.reconsider()
         count_in_metrics(rows)
         for row in rows:
             log_attempt(row)
+
+    def _wait_for_database(self, seconds: float, config: DeliverySettings) -> None:
+        """Between retries of a database write: keep the lease, and take the replies of requests
+        already out (left unread, they would time out on our side). Nothing new is sent."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            self._renew_lease()
+            end = time.monotonic() + min(left, HOUSEKEEPING_SECONDS)
+            while time.monotonic() < end:
+                self._collect(self.engine.step(config, timeout=min(0.05, end - time.monotonic()), start=False), config)
+                if not self.engine.in_flight:
+                    time.sleep(max(0.0, end - time.monotonic()))
 
     def _records(
         self, finished: list[Finished], config: DeliverySettings
@@ -326,11 +346,21 @@ class Drainer:
     def _housekeeping(self, config: DeliverySettings) -> None:
         self._renew_lease()
         inbox.sweep()
-        fold_accepted_now_and_then()
+        try:
+            fold_accepted_now_and_then()
+        except DatabaseError:
+            logger.warning("drainer %s: accepted counts not folded, the database is unavailable", self.id)
+        self._retry_unchecked(config)
         if self._has_room(config):
             self._take_over_orphans(config)
         self.circuits.report({}, config.circuit_failure_threshold, config.circuit_open_seconds)
         self.engine.reconsider()
+
+    def _retry_unchecked(self, config: DeliverySettings) -> None:
+        """Entries that waited for the database to tell what was recorded: try them again."""
+        waiting, self.unchecked = self.unchecked, []
+        for entry, reclaimed in waiting:
+            self._accept([entry], config, reclaimed)
 
     def _take_over_orphans(self, config: DeliverySettings) -> None:
         """Claim the entries of a drainer that left or died; one that has brought down
@@ -353,9 +383,10 @@ class Drainer:
 
     def _give_back_unsent(self) -> None:
         """Stop sending: tries not yet started stay pending in their entries for a successor."""
-        dropped = self.engine.drop_waiting()
+        dropped = len(self.engine.drop_waiting()) + len(self.unchecked)
+        self.unchecked.clear()
         if dropped:
-            self.counts["handed over"] += len(dropped)
+            self.counts["handed over"] += dropped
 
     def _leave(self, handing_over: bool = False) -> bool:
         """Retire (idle) or hand over; False when there is still work to read."""

@@ -91,10 +91,11 @@ class Engine:
             self._waiting += 1
             self._enter_rotation(work.host, host)
 
-    def step(self, config: DeliverySettings, timeout: float) -> list[Finished]:
-        """Start what may start, wait up to timeout for replies; return what finished."""
-        finished = self._dispatch(config)
-        if finished or self._can_start_more():
+    def step(self, config: DeliverySettings, timeout: float, start: bool = True) -> list[Finished]:
+        """Start what may start (unless not to), wait up to timeout for replies; return what
+        finished."""
+        finished = self._dispatch(config) if start else []
+        if finished or (start and self._can_start_more()):
             timeout = 0.0
         for token, response in self.transport.poll(timeout):
             assert isinstance(token, Work)

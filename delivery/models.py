@@ -1,11 +1,14 @@
 """Delivery records and the runtime settings that admins tune."""
 
+import logging
 import time
 from typing import ClassVar
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models
+from django.db import DatabaseError, models
+
+logger = logging.getLogger(__name__)
 
 
 class DeliverySettings(models.Model):
@@ -115,11 +118,16 @@ class DeliverySettings(models.Model):
 
     @classmethod
     def current(cls) -> "DeliverySettings":
-        """The settings, at most DELIVERY_SETTINGS_CACHE_SECONDS old."""
+        """The settings, at most DELIVERY_SETTINGS_CACHE_SECONDS old; while the database is
+        unreachable, the last ones read (delivery goes on), or the defaults if none was."""
         cached = cls._cache
         now = time.monotonic()
         if cached is None or now - cached[0] >= settings.DELIVERY_SETTINGS_CACHE_SECONDS:
-            cached = (now, cls.load())
+            try:
+                cached = (now, cls.load())
+            except DatabaseError:
+                logger.warning("delivery settings unreadable; using the last ones read", exc_info=True)
+                cached = (now, cached[1] if cached is not None else cls(pk=cls.SINGLETON_ID))
             cls._cache = cached
         return cached[1]
 

@@ -82,11 +82,11 @@ def _row(item: Try, **facts: Any) -> DeliveryAttempt:
     )
 
 
-def save_attempts(rows: Sequence[DeliveryAttempt], keep_alive: Callable[[], None] = lambda: None) -> None:
+def save_attempts(rows: Sequence[DeliveryAttempt], wait: Callable[[float], None] = time.sleep) -> None:
     """Insert rows, retrying while the database is down; one bad row never costs the others.
 
-    keep_alive runs between retries (a drainer renews its lease there, so that nobody takes
-    its entries while it waits for the database).
+    `wait(seconds)` passes the time between retries: a drainer renews its lease there (so that
+    nobody takes its entries meanwhile) and takes the replies of requests already sent.
     """
     if not rows:
         return
@@ -97,14 +97,13 @@ def save_attempts(rows: Sequence[DeliveryAttempt], keep_alive: Callable[[], None
             _insert(rows)
             return
         except (OperationalError, InterfaceError):
-            wait = _RETRY_WAITS[min(failures, len(_RETRY_WAITS) - 1)]
+            pause = _RETRY_WAITS[min(failures, len(_RETRY_WAITS) - 1)]
             failures += 1
-            if time.monotonic() + wait > deadline:
+            if time.monotonic() + pause > deadline:
                 raise
-            logger.warning("database unavailable, %d attempt rows wait; trying again in %.1f s", len(rows), wait)
+            logger.warning("database unavailable, %d attempt rows wait; trying again in %.1f s", len(rows), pause)
             _reconnect()
-            time.sleep(wait)
-            keep_alive()
+            wait(pause)
 
 
 def _insert(rows: Sequence[DeliveryAttempt]) -> None:

@@ -5,9 +5,11 @@ service's promises (a killed worker's postbacks go out within a minute), not spe
 """
 
 import json
+import time
 from collections import Counter
 
 import pytest
+from django.db import connection
 
 from delivery.models import DeliveryAttempt, DeliverySettings
 from postbackproject import inbox
@@ -21,6 +23,7 @@ from tests.conftest import (
     use_redis,
     wait_until,
 )
+from tests.proxy import TcpProxy
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -115,3 +118,35 @@ def test_redis_killed_and_restarted_keeps_queued_postbacks_and_scheduled_retries
         assert Counter(receiver.postback_ids()) == Counter({pid: 2 for pid in retried} | {pid: 1 for pid in queued})
     finally:
         server.stop()
+
+
+# The outage itself lasts this long (the issue's figure), whatever the service does meanwhile.
+DATABASE_OUTAGE_SECONDS = 30
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a database server reached over TCP")
+def test_a_database_unreachable_for_30_seconds_during_delivery_loses_nothing(client, processes):
+    params = connection.settings_dict
+    proxy = TcpProxy(params["HOST"] or "127.0.0.1", int(params["PORT"] or 5432))
+    slow = Receiver(Reply(delay=0.5))
+    try:
+        proxied = f"postgres://{params['USER']}@127.0.0.1:{proxy.port}/{params['NAME']}"
+        processes.worker(DATABASE_URL=proxied, DELIVERY_CONCURRENCY="16", DELIVERY_SETTINGS_CACHE_SECONDS="5")
+        ids = [pid for _ in range(3) for pid in ingest_json(client, postbacks(slow, 100)).json()["postbacks"]]
+        wait_until(lambda: len(success_ids()) >= 16, timeout=30, what="deliveries recorded before the outage")
+
+        proxy.cut()
+        cut_at = len(slow.requests)
+        time.sleep(DATABASE_OUTAGE_SECONDS)  # the outage, not a wait for something to happen
+        proxy.restore()
+
+        wait_until(lambda: success_ids() >= set(ids), timeout=RECOVERY_SECONDS, what="every postback recorded")
+        assert one_success_each(ids)
+        assert len(slow.requests) > cut_at  # delivery went on across the outage...
+        import shutil
+
+        shutil.copy(sorted(processes.logs.glob("process-*.log"))[0], "/tmp/scratch/dblog.txt")
+        assert duplicates(slow) == 0  # ...and every request sent was recorded once, late
+    finally:
+        proxy.close()
+        slow.close()
