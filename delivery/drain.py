@@ -29,10 +29,10 @@ from redis.exceptions import ResponseError
 from delivery.circuit import Circuits, HostReport
 from delivery.engine import Engine, Finished, Work
 from delivery.entries import entry_tries
-from delivery.models import DeliveryAttempt, DeliverySettings, Outcome
+from delivery.models import DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.progress import resume
-from delivery.recording import attempt_row, count_in_metrics, deferral_row, log_attempt, save_attempts
+from delivery.recording import Record, attempt_record, count_in_metrics, deferral_record, log_attempts, save_attempts
 from delivery.rollups import fold_accepted_now_and_then
 from delivery.transport import Transport, parse_allowed_networks
 from postbackproject import inbox
@@ -49,6 +49,10 @@ SETTLE_WAIT_SECONDS = 0.02
 HOUSEKEEPING_SECONDS = 1.0
 # Longest a read waits for new entries when the drainer has nothing else to do.
 IDLE_BLOCK_MS = 200
+# After a read that emptied the stream, the next waits this long while requests are out.
+READ_PAUSE_SECONDS = 0.003
+# Longest a turn of the loop waits for replies.
+POLL_SECONDS = 0.005
 # After a drain job fails, its entries wait this long before another drainer takes them.
 FAILURE_PAUSE_MS = 5000
 # An entry read by this many drainers that all died or failed is set aside, not read again.
@@ -105,6 +109,7 @@ class Drainer:
         self.settled_entries: list[EntryState] = []  # done, waiting to be acknowledged
         self.unchecked: list[tuple[inbox.Entry, bool]] = []  # waiting for the database (reclaimed?)
         self.postbacks_per_entry = 10.0  # running estimate, to size reads
+        self.next_read_at = 0.0
         self.counts: Counter[str] = Counter()
 
     # --- the loop ---------------------------------------------------------------------------
@@ -126,9 +131,9 @@ class Drainer:
                 accepting = not _stop.is_set() and now - started < settings.DELIVERY_DRAINER_MAX_SECONDS
                 if not accepting:
                     self._give_back_unsent()
-                read = self._read(config) if accepting and self._has_room(config) else 0
-                self._collect(self.engine.step(config, timeout=0.0 if read else 0.005), config)
-                if self._settle_due():
+                read = self._read(config) if accepting and self._may_read(config) else 0
+                self._collect(self.engine.step(config, timeout=0.0 if read else self._poll_wait()), config)
+                if self._settle_due(idle=not read and not self.engine.busy):
                     self._settle(config)
                 if read or self._busy():
                     last_work = time.monotonic()
@@ -144,6 +149,14 @@ class Drainer:
 
     def _busy(self) -> bool:
         return self.engine.busy or bool(self.finished) or bool(self.settled_entries) or bool(self.unchecked)
+
+    def _may_read(self, config: DeliverySettings) -> bool:
+        """Read when there is room, and not again at once after a read that emptied the stream
+        while requests are out: entries trickling in are then read a few at a time."""
+        return self._has_room(config) and (not self._busy() or time.monotonic() >= self.next_read_at)
+
+    def _poll_wait(self) -> float:
+        return max(0.0, min(POLL_SECONDS, self.next_read_at - time.monotonic())) if self._busy() else POLL_SECONDS
 
     def _has_room(self, config: DeliverySettings) -> bool:
         return self.engine.waiting + self.engine.in_flight < self._hold_limit(config)
@@ -162,6 +175,7 @@ class Drainer:
         block = min(IDLE_BLOCK_MS, int(settings.DELIVERY_DRAINER_IDLE_SECONDS * 1000)) if idle else 0
         reply = self._xreadgroup(count, block or None)
         entries = inbox.entries_from_reply(reply[0][1]) if reply else []
+        self.next_read_at = time.monotonic() + (READ_PAUSE_SECONDS if len(entries) < count else 0)
         if entries:
             self._accept(entries, config, reclaimed=False)
             if len(entries) == count:
@@ -245,15 +259,13 @@ class Drainer:
         if item.work.probe:
             self.urgent = True
 
-    def _settle_due(self) -> bool:
-        if self.settled_entries and not self.finished:
-            return True
+    def _settle_due(self, idle: bool) -> bool:
+        """Settle in batches: when many have finished, the oldest has waited long enough, a
+        circuit must hear now, or nothing else is going on (before an idle read blocks)."""
         if not self.finished:
-            return False
-        if self.urgent:
-            return True
+            return bool(self.settled_entries)
         waited = time.monotonic() - self.finished_since
-        return len(self.finished) >= SETTLE_BATCH or waited >= SETTLE_WAIT_SECONDS or not self.engine.busy
+        return self.urgent or idle or len(self.finished) >= SETTLE_BATCH or waited >= SETTLE_WAIT_SECONDS
 
     def _settle(self, config: DeliverySettings) -> None:
         """Record what finished, then schedule its follow-ups and acknowledge done entries."""
@@ -266,8 +278,7 @@ class Drainer:
         self.circuits.report(host_reports(finished), config.circuit_failure_threshold, config.circuit_open_seconds)
         self.engine.reconsider()
         count_in_metrics(rows)
-        for row in rows:
-            log_attempt(row)
+        log_attempts(rows)
 
     def _wait_for_database(self, seconds: float, config: DeliverySettings) -> None:
         """Between retries of a database write: keep the lease, and take the replies of requests
@@ -283,19 +294,20 @@ class Drainer:
 
     def _records(
         self, finished: list[Finished], config: DeliverySettings
-    ) -> tuple[list[DeliveryAttempt], list[tuple[Try, float]]]:
+    ) -> tuple[list[Record], list[tuple[Try, float]]]:
         """An attempt row for each finished try, and the tries that follow (due Unix time)."""
-        rows: list[DeliveryAttempt] = []
+        rows: list[Record] = []
         follow_ups: list[tuple[Try, float]] = []
         now = time.time()
         for item in finished:
             tried, response = item.work.item, item.response
             if response is None:
-                rows.append(deferral_row(tried, item.reason, datetime.fromtimestamp(item.deferred_until, UTC)))
+                until = datetime.fromtimestamp(item.deferred_until, UTC)
+                rows.append(deferral_record(tried, item.work.host, item.reason, until))
                 follow_ups.append((tried, item.deferred_until))  # the same try, later
             else:
                 outcome = outcome_of(response, tried.try_in_series, config)
-                rows.append(attempt_row(tried, response, outcome))
+                rows.append(attempt_record(tried, item.work.host, response, outcome))
                 if outcome == Outcome.RETRY:
                     delay = retry_delay_seconds(tried.try_in_series, response.retry_after_seconds, config)
                     follow_ups.append((replace(tried, attempt=tried.attempt + 1), now + delay))

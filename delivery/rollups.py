@@ -15,20 +15,27 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from django.db import IntegrityError, connection, transaction
 
-from delivery.models import (
-    LATENCY_BOUNDS_MS,
-    LATENCY_BUCKETS,
-    AcceptedRollup,
-    DeliveryAttempt,
-    DeliveryRollup,
-    RollupFold,
-)
+from delivery.models import LATENCY_BOUNDS_MS, LATENCY_BUCKETS, AcceptedRollup, DeliveryRollup, RollupFold
 from postbackproject import inbox
 from postbackproject.queue import get_connection
+
+
+class Recorded(Protocol):
+    """A try as recorded: a `delivery.recording.Record`, or a DeliveryAttempt row (the
+    migration that filled rollups for rows recorded before them)."""
+
+    postback_id: str
+    attempt: int
+    host: str
+    delivered_at: datetime
+    response_code: int | None
+    response_time_ms: float | None
+    outcome: str
+
 
 # How often a process folds accepted counts (seconds); any process may, at any time.
 FOLD_EVERY_SECONDS = 10.0
@@ -71,7 +78,7 @@ class _Tally:
         self.buckets[index] += 1
 
 
-def add_to_rollups(rows: Iterable[DeliveryAttempt]) -> None:
+def add_to_rollups(rows: Iterable[Recorded]) -> None:
     """Add attempt rows just inserted to their minutes' rollups (one upsert per group)."""
     tallies: dict[tuple[datetime, str, str, str], _Tally] = defaultdict(_Tally)
     for row in rows:
@@ -93,34 +100,10 @@ def add_to_rollups(rows: Iterable[DeliveryAttempt]) -> None:
         ]
         for (minute, host, outcome, klass), t in tallies.items()
     ]
-    _upsert_adding(DeliveryRollup._meta.db_table, groups, sums, values)
+    upsert_adding(DeliveryRollup._meta.db_table, groups, sums, values)
 
 
-def insert_new_attempts(rows: Sequence[DeliveryAttempt], chunk: int = 500) -> list[DeliveryAttempt]:
-    """INSERT the rows, skipping tries already recorded; returns the rows really inserted.
-
-    Django's bulk_create(ignore_conflicts=True) cannot say which rows it skipped, and the
-    rollups must not count a skipped one.
-    """
-    fields = [f for f in DeliveryAttempt._meta.concrete_fields if not f.primary_key]
-    quote = connection.ops.quote_name
-    key = ", ".join(quote(name) for name in ("postback_id", "attempt", "outcome"))
-    by_key = {(row.postback_id, row.attempt, str(row.outcome)): row for row in rows}
-    inserted: list[DeliveryAttempt] = []
-    with connection.cursor() as cursor:
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            row_sql = "(" + ", ".join(["%s"] * len(fields)) + ")"
-            cursor.execute(
-                f"INSERT INTO {quote(DeliveryAttempt._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-                f"VALUES {', '.join([row_sql] * len(part))} ON CONFLICT ({key}) DO NOTHING RETURNING {key}",
-                [f.get_db_prep_save(getattr(row, f.attname), connection) for row in part for f in fields],
-            )
-            inserted.extend(by_key[(pid, attempt, outcome)] for pid, attempt, outcome in cursor.fetchall())
-    return inserted
-
-
-def _upsert_adding(table: str, groups: list[str], sums: list[str], values: Sequence[Sequence[Any]]) -> None:
+def upsert_adding(table: str, groups: list[str], sums: list[str], values: Sequence[Sequence[Any]]) -> None:
     """INSERT rows; where a row of the same group exists, add the sums to it instead."""
     quote = connection.ops.quote_name
     columns = groups + sums
@@ -176,7 +159,7 @@ def _fold_staged(key: str) -> int:
                 for minute, count in counts.items()
             ]
             if values:
-                _upsert_adding(AcceptedRollup._meta.db_table, ["minute"], ["postbacks"], values)
+                upsert_adding(AcceptedRollup._meta.db_table, ["minute"], ["postbacks"], values)
     except IntegrityError:
         counts = {}  # folded already (by a process that died before dropping the key)
     redis.delete(key)

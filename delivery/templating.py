@@ -12,6 +12,8 @@ PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 # `%` stays, so escapes already in the template go out unchanged.
 URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 _NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~!#$%&'()*+,/:;=?@\[\]]")
+# Values made of these alone are the same percent-encoded (most values): no quote() call.
+_UNRESERVED = re.compile(r"[A-Za-z0-9\-._~]*")
 
 
 def scalar_text(value: Scalar) -> str | None:
@@ -32,7 +34,8 @@ def render_url(template: str, data: Mapping[str, Scalar], unmatched_default: str
 
     def substitute(match: re.Match[str]) -> str:
         text = scalar_text(data.get(match.group(1)))
-        return quote(unmatched_default if text is None else text, safe="")
+        value = unmatched_default if text is None else text
+        return value if _UNRESERVED.fullmatch(value) else quote(value, safe="")
 
     return wire_url(PLACEHOLDER.sub(substitute, template))
 

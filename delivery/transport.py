@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 
 import certifi
 import pycurl
@@ -100,8 +101,9 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
+@lru_cache(maxsize=256)
 def declared_charset(content_type: str | None) -> str:
-    """The charset the receiver declared, else UTF-8."""
+    """The charset the receiver declared, else UTF-8 (receivers repeat themselves: cached)."""
     message = Message()
     message["Content-Type"] = content_type or ""
     charset = message.get_content_charset()
@@ -119,11 +121,11 @@ class _Transfer:
         "blocked",
         "body",
         "delivered_at",
-        "first_byte_at",
         "header_lines",
         "kept",
-        "last_byte_at",
+        "last_progress_at",
         "limits",
+        "received",
         "request",
         "seen",
         "started",
@@ -138,8 +140,8 @@ class _Transfer:
         self.allowed = allowed
         self.delivered_at = timezone.now()
         self.started = time.monotonic()
-        self.first_byte_at: float | None = None
-        self.last_byte_at = 0.0
+        self.received = 0  # reply bytes seen at the last look (headers and body)
+        self.last_progress_at = 0.0
         self.body: list[bytes] = []
         self.kept = 0
         self.seen = 0
@@ -158,13 +160,8 @@ class _Transfer:
             return pycurl.SOCKET_BAD
         return socket.socket(family, socktype, protocol)
 
-    def on_header(self, line: bytes) -> None:
-        self._touch()
-        self.header_lines.append(line)
-
     def on_body(self, chunk: bytes) -> int | None:
         """Keep the first body_max_bytes; stop reading (closing the connection) past the drain."""
-        self._touch()
         self.seen += len(chunk)
         room = self.limits.body_max_bytes - self.kept
         if room > 0:
@@ -174,12 +171,6 @@ class _Transfer:
             self.too_long = True
             return 0  # libcurl aborts the transfer and closes the connection
         return None
-
-    def _touch(self) -> None:
-        now = time.monotonic()
-        if self.first_byte_at is None:
-            self.first_byte_at = now
-        self.last_byte_at = now
 
     def retry_after(self) -> str | None:
         """The Retry-After header of the final response (1xx responses come first)."""
@@ -258,7 +249,7 @@ class Transport:
         handle.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, round(limits.connect_timeout * 1000)))
         handle.setopt(pycurl.TIMEOUT_MS, max(1, round(limits.total_timeout * 1000)))
         handle.setopt(pycurl.OPENSOCKETFUNCTION, transfer.open_socket)
-        handle.setopt(pycurl.HEADERFUNCTION, transfer.on_header)
+        handle.setopt(pycurl.HEADERFUNCTION, transfer.header_lines.append)  # no Python frame per line
         handle.setopt(pycurl.WRITEFUNCTION, transfer.on_body)
         if request.method == "POST" or request.body is not None:
             headers.append("Content-Type: application/json")
@@ -282,14 +273,17 @@ class Transport:
         for handle, transfer in self._active.items():
             read_timeout = transfer.limits.read_timeout
             if now - transfer.started <= read_timeout:
-                continue
-            if transfer.first_byte_at is None:
+                continue  # fast transfers are never looked at: no cost on the hot path
+            received = reply_bytes(handle)
+            if received != transfer.received:
+                transfer.received, transfer.last_progress_at = received, now
+            if received:
+                waiting_since = transfer.last_progress_at
+            else:
                 connected_after = handle.getinfo(pycurl.PRETRANSFER_TIME)  # 0 until connected
                 if connected_after == 0:
                     continue  # still connecting: the connect timeout applies
                 waiting_since = transfer.started + connected_after
-            else:
-                waiting_since = transfer.last_byte_at
             if now - waiting_since > read_timeout:
                 self._aborted.append((handle, "read timeout"))
 
@@ -349,6 +343,11 @@ class Transport:
         return round((total if total > 0 else time.monotonic() - transfer.started) * 1000, 2)
 
 
+def reply_bytes(handle: pycurl.Curl) -> int:
+    """Bytes of the reply received so far: headers and body."""
+    return int(handle.getinfo(pycurl.HEADER_SIZE)) + int(handle.getinfo(pycurl.SIZE_DOWNLOAD_T))
+
+
 # libcurl's codes for failures that say "this URL can never work" rather than "not now".
 _PERMANENT_ERRORS = {
     pycurl.E_UNSUPPORTED_PROTOCOL: "invalid URL",
@@ -365,8 +364,8 @@ def describe_error(handle: pycurl.Curl, transfer: _Transfer, code: int, message:
     if code == pycurl.E_OPERATION_TIMEDOUT:
         if handle.getinfo(pycurl.CONNECT_TIME) == 0:
             return "connect timeout", True
-        if transfer.first_byte_at is None:
-            return "read timeout", True
+        if not reply_bytes(handle):
+            return f"total timeout: no reply within {transfer.limits.total_timeout:g} s", True
         return f"total timeout: no complete reply within {transfer.limits.total_timeout:g} s", True
     if code == pycurl.E_COULDNT_RESOLVE_HOST:
         return f"name not resolved: {message}", True

@@ -1,12 +1,14 @@
 """Recording never loses a batch: text the database refuses is escaped, one bad row never
 costs the others their records."""
 
+import dataclasses
+
 import pytest
 from django.db import connection
 from django.utils import timezone
 
 from delivery.models import DeliveryAttempt
-from delivery.recording import save_attempts, storable
+from delivery.recording import Record, save_attempts, storable
 from tests.conftest import Reply, ingest_json, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -49,16 +51,19 @@ def test_a_body_in_a_declared_charset_is_stored_as_text(client, receiver):
     assert DeliveryAttempt.objects.get().response_body == "déjà"
 
 
-def row(postback_id: str, code: int | None = 200) -> DeliveryAttempt:
-    return DeliveryAttempt(
+def row(postback_id: str, code: int | None = 200) -> Record:
+    return Record(
         postback_id=postback_id,
         attempt=1,
         method="GET",
         url="http://h/",
+        host="h",
+        request_body="",
         delivered_at=timezone.now(),
         response_code=code,
         response_time_ms=1.0,
         response_body="ok",
+        error="",
         outcome="success",
     )
 
@@ -76,3 +81,8 @@ def test_recording_the_same_try_twice_keeps_one_row():
     save_attempts([row("once")])
 
     assert DeliveryAttempt.objects.filter(postback_id="once").count() == 1
+
+
+def test_a_record_has_every_column_of_an_attempt_row_but_its_id():
+    columns = [field.column for field in DeliveryAttempt._meta.concrete_fields if not field.primary_key]
+    assert [field.name for field in dataclasses.fields(Record)] == columns

@@ -16,7 +16,7 @@ from delivery.models import (
     DeliverySettings,
     RollupFold,
 )
-from delivery.recording import save_attempts
+from delivery.recording import Record, save_attempts
 from postbackproject import inbox
 from postbackproject.queue import get_connection
 from tests.conftest import Reply, deliver_everything, ingest_json
@@ -56,15 +56,18 @@ def test_rollups_add_up_to_the_attempts_they_summarise(client, receiver):
 
 
 def test_a_try_recorded_twice_is_counted_once():
-    row = DeliveryAttempt(
+    row = Record(
         postback_id="p-0",
         attempt=1,
         method="GET",
         url="http://h.example/",
         host="h.example",
+        request_body="",
         delivered_at=datetime(2026, 11, 29, 12, 30, 42, tzinfo=UTC),
         response_code=200,
         response_time_ms=42.0,
+        response_body="",
+        error="",
         outcome="success",
     )
     save_attempts([row])
