@@ -194,9 +194,10 @@ DELIVERY_ALLOW_NETWORKS: list[str] = env.list("DELIVERY_ALLOW_NETWORKS", default
 # Requests one worker process keeps in flight at once (libcurl connections on one thread).
 DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=64)
 # A drain job leaves after this long idle (a lone postback arriving within it goes out at
-# once, without starting a job), and hands over to a fresh job after DRAINER_MAX_SECONDS.
+# once, without starting a job), and hands over to a fresh job after DRAINER_MAX_SECONDS, so
+# that no RQ job runs unbounded (a warm shutdown does not wait for it: drainers stop at once).
 DELIVERY_DRAINER_IDLE_SECONDS: float = env.float("DELIVERY_DRAINER_IDLE_SECONDS", default=2.0)
-DELIVERY_DRAINER_MAX_SECONDS: float = env.float("DELIVERY_DRAINER_MAX_SECONDS", default=30.0)
+DELIVERY_DRAINER_MAX_SECONDS: float = env.float("DELIVERY_DRAINER_MAX_SECONDS", default=300.0)
 # How often an idle worker moves due retries into the inbox and checks for orphaned work.
 DELIVERY_WORKER_POLL_SECONDS: float = env.float("DELIVERY_WORKER_POLL_SECONDS", default=1.0)
 # How long a worker trusts its copy of the admin-edited delivery settings.
