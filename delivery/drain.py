@@ -110,6 +110,7 @@ class Drainer:
         self.unchecked: list[tuple[inbox.Entry, bool]] = []  # waiting for the database (reclaimed?)
         self.postbacks_per_entry = 10.0  # running estimate, to size reads
         self.next_read_at = 0.0
+        self.stop_seen_at = 0.0
         self.counts: Counter[str] = Counter()
 
     # --- the loop ---------------------------------------------------------------------------
@@ -131,6 +132,9 @@ class Drainer:
                 accepting = not _stop.is_set() and now - started < settings.DELIVERY_DRAINER_MAX_SECONDS
                 if not accepting:
                     self._give_back_unsent()
+                    if self._stop_grace_over(now):
+                        self._leave(handing_over=True)
+                        break
                 read = self._read(config) if accepting and self._may_read(config) else 0
                 self._collect(self.engine.step(config, timeout=0.0 if read else self._poll_wait()), config)
                 if self._settle_due(idle=not read and not self.engine.busy):
@@ -146,6 +150,21 @@ class Drainer:
             self._release_after_failure()
             raise
         return dict(self.counts)
+
+    def _stop_grace_over(self, now: float) -> bool:
+        """A warm shutdown waits for requests in flight DELIVERY_STOP_GRACE_SECONDS at most; what
+        is still out then is cut off, and sent again by the next drainer (never recorded)."""
+        if not _stop.is_set():
+            return False
+        self.stop_seen_at = self.stop_seen_at or now
+        if now - self.stop_seen_at < settings.DELIVERY_STOP_GRACE_SECONDS:
+            return False
+        if self.engine.in_flight:
+            logger.warning("drainer %s: stopping with %d requests cut off", self.id, self.engine.in_flight)
+            self.engine.transport.abandon()
+        if self.finished:
+            self._settle(DeliverySettings.current())
+        return True
 
     def _busy(self) -> bool:
         return self.engine.busy or bool(self.finished) or bool(self.settled_entries) or bool(self.unchecked)

@@ -221,6 +221,11 @@ class Transport:
         self._abort_silent_transfers()
         return self._collect()
 
+    def abandon(self) -> None:
+        """Drop every request in flight (their connections close); nothing comes back for them."""
+        for handle in list(self._active):
+            self._release(handle)
+
     def close(self) -> None:
         for handle in list(self._active):
             self._multi.remove_handle(handle)

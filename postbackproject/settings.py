@@ -198,6 +198,9 @@ DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=64)
 # that no RQ job runs unbounded (a warm shutdown does not wait for it: drainers stop at once).
 DELIVERY_DRAINER_IDLE_SECONDS: float = env.float("DELIVERY_DRAINER_IDLE_SECONDS", default=2.0)
 DELIVERY_DRAINER_MAX_SECONDS: float = env.float("DELIVERY_DRAINER_MAX_SECONDS", default=300.0)
+# A warm shutdown (SIGTERM) waits this long at most for requests in flight; the rest are cut
+# off and sent again by another drainer. Below honcho's 5 s for the local run.
+DELIVERY_STOP_GRACE_SECONDS: float = env.float("DELIVERY_STOP_GRACE_SECONDS", default=20.0)
 # How often an idle worker moves due retries into the inbox and checks for orphaned work.
 DELIVERY_WORKER_POLL_SECONDS: float = env.float("DELIVERY_WORKER_POLL_SECONDS", default=1.0)
 # How long a worker trusts its copy of the admin-edited delivery settings.

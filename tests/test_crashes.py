@@ -5,6 +5,7 @@ service's promises (a killed worker's postbacks go out within a minute), not spe
 """
 
 import json
+import signal
 import time
 from collections import Counter
 
@@ -150,3 +151,33 @@ def test_a_database_unreachable_for_30_seconds_during_delivery_loses_nothing(cli
     finally:
         proxy.close()
         slow.close()
+
+
+def test_a_warm_stop_lets_the_request_in_flight_finish_and_records_it(client, processes):
+    slow = Receiver(Reply(delay=1.0))
+    try:
+        worker = processes.worker()
+        [pid] = ingest_json(client, postbacks(slow, 1)).json()["postbacks"]
+        wait_until(lambda: len(slow.requests) == 1, timeout=30, what="the request to be out")
+
+        worker.send_signal(signal.SIGTERM)
+
+        assert worker.wait(timeout=30) == 0
+        assert success_ids() == {pid}  # recorded before the worker left
+    finally:
+        slow.close()
+
+
+def test_a_warm_stop_cuts_off_what_outlasts_its_grace_and_the_next_worker_sends_it(client, processes, receiver):
+    receiver.answer(Reply(delay=60))  # the first request hangs; any later one is answered at once
+    worker = processes.worker(DELIVERY_STOP_GRACE_SECONDS="1")
+    [pid] = ingest_json(client, postbacks(receiver, 1)).json()["postbacks"]
+    wait_until(lambda: len(receiver.requests) == 1, timeout=30, what="the request to be out")
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=30) == 0
+    assert not DeliveryAttempt.objects.exists()  # cut off, not waited for (it would time out: a row)
+    processes.worker()
+    wait_until(lambda: success_ids() == {pid}, timeout=RECOVERY_SECONDS, what="the postback sent again")
+    assert len(receiver.requests) == 2
