@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 REJECTED = "postback:inbox:rejected"
 # Finished tries are settled when this many have gathered, or the oldest has waited this long.
 SETTLE_BATCH = 500
-SETTLE_WAIT_SECONDS = 0.02
+SETTLE_WAIT_SECONDS = 0.1
 HOUSEKEEPING_SECONDS = 1.0
 # Longest a read waits for new entries when the drainer has nothing else to do.
 IDLE_BLOCK_MS = 200
