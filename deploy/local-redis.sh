@@ -15,17 +15,27 @@ set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 root=$PWD
-port=6380 # as in deploy/redis.conf
-auth_file=$root/var/redis-auth.conf
+port=${REDIS_PORT:-6380} # var/local.env; deploy/redis.conf's own port is production's
+auth_file=${POSTBACK_VAR_DIR:-$root/var}/redis-auth.conf
+data_dir=${POSTBACK_VAR_DIR:-$root/var}/redis
 
 if [[ ! -r $auth_file ]]; then
     echo "local-redis: $auth_file is missing: run deploy/run-local.sh" >&2
     exit 1
 fi
-mkdir -p var/redis
+mkdir -p "$data_dir"
 
-# --include before --dir: Redis chdir()s into `dir` while reading its configuration.
-setsid redis-server deploy/redis.conf --include "$auth_file" --dir "$root/var/redis" &
+# Redis warns "Memory overcommit must be enabled!" at every start where the kernel's
+# vm.overcommit_memory is 0: a background save (fork) may then fail under memory pressure.
+# Production sets it (deploy/provision.sh); a local run can live with it, and says so.
+if [[ $(cat /proc/sys/vm/overcommit_memory 2>/dev/null) == 0 ]]; then
+    echo "local-redis: Redis will warn about memory overcommit; harmless for a local run" \
+        "(to silence it: sudo sysctl vm.overcommit_memory=1). Production sets it." >&2
+fi
+
+# --include before --dir: Redis chdir()s into `dir` while reading its configuration. The port
+# comes last: it overrides deploy/redis.conf's.
+setsid redis-server deploy/redis.conf --include "$auth_file" --dir "$data_dir" --port "$port" &
 redis_pid=$!
 
 password=$(sed -n 's/^requirepass[[:space:]]\{1,\}//p' "$auth_file")

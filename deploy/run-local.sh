@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the whole postback service on this machine (Debian or Ubuntu):
-# Redis on port 6380, gunicorn on 127.0.0.1:8000 and two RQ workers, under honcho.
+# Redis on port 6380 (REDIS_PORT), gunicorn on 127.0.0.1:8000 and two RQ workers, under honcho.
 #
 #   deploy/run-local.sh          (from anywhere; Ctrl-C stops everything)
 #
@@ -44,12 +44,15 @@ if [[ ! -f var/local.env ]]; then
     metrics_token=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')
     cat >var/local.env.tmp <<EOF
 # Settings of the local run, made by deploy/run-local.sh on $(date -u +%F).
-# Secret: keep it out of git (var/ is ignored). Read by deploy/run-local.sh, honcho
-# (-e var/local.env) and deploy/manage.sh. Names: see postbackproject/settings.py.
+# Secret: keep it out of git (var/ is ignored). Sourced by deploy/run-local.sh (which passes it
+# on to every process) and deploy/manage.sh, so \${NAME} refers to a setting above it.
+# Names: see postbackproject/settings.py.
 SECRET_KEY=$secret_key
 # Redis's copy of this password is var/redis-auth.conf, rewritten from here on every start.
 REDIS_PASSWORD=$redis_password
-REDIS_URL=redis://:$redis_password@127.0.0.1:6380/0
+# The local Redis's port: the one place to change it.
+REDIS_PORT=6380
+REDIS_URL=redis://:\${REDIS_PASSWORD}@127.0.0.1:\${REDIS_PORT}/0
 DEBUG=false
 ALLOWED_HOSTS=localhost,127.0.0.1,[::1]
 # Plain HTTP on loopback: no HTTPS redirect, cookies without the Secure flag, no HSTS.
@@ -62,6 +65,8 @@ SECURE_HSTS_SECONDS=0
 DELIVERY_ALLOW_NETWORKS=
 # /metrics answers "Authorization: Bearer <this>" (curl -H "Authorization: Bearer \$METRICS_TOKEN").
 METRICS_TOKEN=$metrics_token
+# Ctrl-C: workers wait this long for requests in flight, under honcho's 5 s before it kills.
+DELIVERY_STOP_GRACE_SECONDS=4
 # Optional: WEB_CONCURRENCY=4 (gunicorn processes; default 2 x CPU cores + 1),
 # GUNICORN_BIND=127.0.0.1:8000. More: README.md, "Configuration".
 EOF
@@ -71,6 +76,9 @@ fi
 set -a
 # shellcheck source=/dev/null
 . var/local.env
+# Files made by earlier versions lack these: the same defaults.
+REDIS_PORT=${REDIS_PORT:-6380}
+DELIVERY_STOP_GRACE_SECONDS=${DELIVERY_STOP_GRACE_SECONDS:-4}
 set +a
 
 [[ ${REDIS_PASSWORD:-} =~ ^[A-Za-z0-9._~-]+$ ]] ||
@@ -83,10 +91,11 @@ umask 022
 
 port_in_use() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-if port_in_use 127.0.0.1 6380; then
-    die "port 6380 is already in use: a previous run still going, or another Redis.
-    See what holds it:  ss -ltnp 'sport = :6380'
-Stop it (a previous run: Ctrl-C in its terminal), then run $0 again."
+if port_in_use 127.0.0.1 "$REDIS_PORT"; then
+    die "port $REDIS_PORT is already in use: a previous run still going, or another Redis.
+    See what holds it:  ss -ltnp 'sport = :$REDIS_PORT'
+Stop it (a previous run: Ctrl-C in its terminal), or choose another REDIS_PORT in
+var/local.env, then run $0 again."
 fi
 web_bind=${GUNICORN_BIND:-127.0.0.1:8000}
 if [[ $web_bind != unix:* ]]; then
@@ -119,7 +128,7 @@ mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 web_url=http://${web_bind#unix:}
 cat <<EOF
 
-The service is starting: Redis :6380, web $web_bind, workers 1 and 2. Ctrl-C stops it all.
+The service is starting: Redis :$REDIS_PORT, web $web_bind, workers 1 and 2. Ctrl-C stops it all.
   Send a postback:   curl -i --data-binary '{"endpoint":{"method":"GET","url":"https://example.com/?k={key}"},"data":[{"key":"v"}]}' $web_url/ingest.php
   Dashboard:         $web_url/dashboard/
   Admin:             $web_url/admin/
@@ -130,4 +139,5 @@ The service is starting: Redis :6380, web $web_bind, workers 1 and 2. Ctrl-C sto
 EOF
 
 export PATH="$root/.venv/bin:$PATH"
-exec .venv/bin/honcho -f deploy/Procfile -e var/local.env start
+# No -e: the settings are in the environment already, \${NAME} references expanded.
+exec .venv/bin/honcho -f deploy/Procfile start

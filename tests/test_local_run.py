@@ -1,0 +1,104 @@
+"""The README and the local run, as a new user meets them: lines that work when pasted, one
+setting for the local Redis port, every setting named in the configuration table."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from redis.exceptions import RedisError
+
+from postbackproject.settings import BASE_DIR
+from tests.conftest import free_port, wait_until
+
+README = (BASE_DIR / "README.md").read_text()
+
+
+def shell_block_after(heading: str) -> list[str]:
+    """The lines of the first ```sh block after a heading, comments dropped."""
+    section = README[README.index(heading) :]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block, heading
+    return [line.split("  #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+@pytest.fixture
+def local_checkout(tmp_path: Path) -> Path:
+    """A folder laid out like a checkout after deploy/run-local.sh made var/local.env."""
+    (tmp_path / "deploy").mkdir()
+    for name in ("local-redis.sh", "redis.conf"):
+        shutil.copy(BASE_DIR / "deploy" / name, tmp_path / "deploy" / name)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "local.env").write_text("REDIS_PASSWORD=pasted-secret\nREDIS_PORT=6380\n")
+    (tmp_path / "var" / "redis-auth.conf").write_text("requirepass pasted-secret\n")
+    return tmp_path
+
+
+def start_local_redis(checkout: Path, port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        ["bash", str(checkout / "deploy" / "local-redis.sh")],
+        env={**os.environ, "REDIS_PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def answers() -> bool:
+        try:
+            return bool(Redis(port=port, password="pasted-secret", socket_timeout=1).ping())
+        except RedisError:
+            return False
+
+    wait_until(answers, timeout=20, what="the local Redis")
+    return process
+
+
+def test_the_local_redis_listens_on_redis_port_with_the_password(local_checkout):
+    port = free_port()
+    redis = start_local_redis(local_checkout, port)
+
+    redis.send_signal(signal.SIGTERM)
+    assert redis.wait(timeout=20) == 0
+    stderr = redis.stderr.read().decode() if redis.stderr else ""
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "0":
+        assert "memory overcommit; harmless for a local run" in stderr  # Redis's warning, explained
+    assert (local_checkout / "var" / "redis").is_dir()
+
+
+def test_the_readmes_troubleshooting_lines_work_when_pasted(local_checkout):
+    port = free_port()
+    redis = start_local_redis(local_checkout, port)
+    try:
+        lines = [line for line in shell_block_after("## Troubleshooting") if "redis" in line.lower()]
+        assert lines and not any("-a " in line for line in lines)  # no password on command lines
+        script = "\n".join(line.replace("-p 6380", f"-p {port}") for line in lines)
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], cwd=local_checkout, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0] == "PONG"
+    finally:
+        redis.send_signal(signal.SIGTERM)
+        redis.wait(timeout=20)
+
+
+def settings_read_from_the_environment() -> set[str]:
+    settings_source = (BASE_DIR / "postbackproject" / "settings.py").read_text()
+    gunicorn_source = (BASE_DIR / "deploy" / "gunicorn.conf.py").read_text()
+    names = set(re.findall(r'env\.\w+\("([A-Z_]+)"', settings_source))
+    names |= set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', gunicorn_source))
+    return names - {"GUNICORN_LOG_LEVEL", "GUNICORN_ACCESS_LOG"}  # gunicorn's own, documented there
+
+
+def test_the_configuration_table_names_every_setting_the_service_reads():
+    configuration = README[README.index("## Configuration") : README.index("## Troubleshooting")]
+    missing = {name for name in settings_read_from_the_environment() if f"`{name}`" not in configuration}
+    assert not missing
+
+
+def test_the_readme_says_how_to_set_up_a_server_and_what_the_sample_does():
+    assert "deploy/provision.sh postbacks.example.com" in README
+    assert "The sample's host does not exist" in README
