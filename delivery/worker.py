@@ -2,7 +2,7 @@
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.conf import settings
@@ -16,6 +16,7 @@ from rq.job import Job
 from delivery.drain import request_stop
 from delivery.rollups import fold_accepted_now_and_then
 from postbackproject.inbox import sweep
+from postbackproject.postback import DRAIN
 from postbackproject.queue import CompactJSONSerializer
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,40 @@ logger = logging.getLogger(__name__)
 # How long a worker waits for Redis to come back after it failed mid-job, before giving up
 # (and exiting, for systemd to start it again).
 REDIS_OUTAGE_SECONDS = 300
+
+
+# The only functions a worker runs. RQ imports and calls whatever a job names, so whoever can
+# write to Redis could name os.system: a job naming anything else fails without running.
+JOB_FUNCTIONS = frozenset({DRAIN})
+
+
+class RefusedJob(Exception):
+    """A job that names a function, instance or callback that workers do not run."""
+
+
+class DeliveryJob(Job):
+    """A job as this service's workers take it: one of JOB_FUNCTIONS, on no instance, with no
+    callbacks (the service sets none, so any found in Redis were put there by someone else)."""
+
+    @property
+    def func(self) -> Callable[..., Any] | None:
+        if self.func_name not in JOB_FUNCTIONS or self.instance is not None:
+            logger.error("refused job %s: it names %r, which workers do not run", self.id, self.func_name)
+            raise RefusedJob(f"job {self.id} names {self.func_name!r}, which workers do not run")
+        function: Callable[..., Any] | None = super().func
+        return function
+
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        return None
 
 
 class DeliveryQueue(DjangoRQ):
@@ -57,10 +92,12 @@ class DeliveryWorker(SimpleWorker):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # `rqworker` passes its own --serializer (pickle by default) and queue class; jobs are
-        # JSON, always, and the worker's queue sweeps the inbox.
+        # `rqworker` passes its own --serializer (pickle by default), queue and job classes;
+        # jobs are JSON (pickle would run code as it loads), only ours run, and the queue
+        # sweeps the inbox.
         kwargs["serializer"] = CompactJSONSerializer
         kwargs["queue_class"] = DeliveryQueue
+        kwargs["job_class"] = DeliveryJob
         super().__init__(*args, **kwargs)
 
     def _start_scheduler(self, *args: Any, **kwargs: Any) -> None:

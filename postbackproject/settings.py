@@ -174,6 +174,7 @@ RQ = {
     # closed between jobs, and the JSON serializer whatever the command line says.
     "WORKER_CLASS": "delivery.worker.DeliveryWorker",
     "QUEUE_CLASS": "delivery.worker.DeliveryQueue",
+    "JOB_CLASS": "delivery.worker.DeliveryJob",
     "COMMIT_MODE": "auto",
 }
 # How many inbox entries (requests, or batch_size pieces of larger ones) may wait before
