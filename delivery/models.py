@@ -172,6 +172,8 @@ class DeliveryAttempt(models.Model):
             models.Index(fields=["delivered_at"], name="attempt_delivered_at"),
             models.Index(fields=["outcome", "delivered_at"], name="attempt_outcome_time"),
             models.Index(fields=["host", "delivered_at"], name="attempt_host_time"),
+            # One host's failures in a time range: the dashboard's "why", and bulk replay.
+            models.Index(fields=["host", "outcome", "delivered_at"], name="attempt_host_outcome_time"),
         ]
 
     def __str__(self) -> str:
@@ -187,17 +189,9 @@ def _bucket(bound: str) -> models.PositiveIntegerField[int, int]:
     return models.PositiveIntegerField(default=0, help_text=f"Attempts answered in {bound}.")
 
 
-class DeliveryRollup(models.Model):
-    """Attempts per minute, destination host, outcome and status class: what charts read.
+class RollupCounts(models.Model):
+    """What every rollup row adds up: attempts, their latency, and its histogram."""
 
-    Written in the same transaction as the attempt rows, counting only rows really inserted,
-    so a try recorded twice after a crash counts once. Kept longer than the attempts.
-    """
-
-    minute = models.DateTimeField(help_text="Start of the minute (UTC) the attempts started in.")
-    host = models.CharField(max_length=255)
-    outcome = models.CharField(max_length=8, choices=Outcome.choices)
-    code_class = models.CharField(max_length=4, help_text='"2xx" to "5xx", or "none" without a response.')
     attempts = models.PositiveIntegerField(default=0)
     latency_ms_sum = models.FloatField(default=0)
     le_5ms = _bucket("5 ms or less")
@@ -215,13 +209,67 @@ class DeliveryRollup(models.Model):
     over_30000ms = _bucket("over 30 s")
 
     class Meta:
+        abstract = True
+
+
+class DeliveryRollup(RollupCounts):
+    """Attempts per minute, destination host, outcome and status class: what charts read.
+
+    Written in the same transaction as the attempt rows, counting only rows really inserted,
+    so a try recorded twice after a crash counts once. Kept longer than the attempts.
+    """
+
+    minute = models.DateTimeField(help_text="Start of the minute (UTC) the attempts started in.")
+    host = models.CharField(max_length=255)
+    outcome = models.CharField(max_length=8, choices=Outcome.choices)
+    code_class = models.CharField(max_length=4, help_text='"2xx" to "5xx", or "none" without a response.')
+
+    class Meta:
         constraints = [
             models.UniqueConstraint(fields=["minute", "host", "outcome", "code_class"], name="one_rollup_per_group"),
         ]
-        indexes = [models.Index(fields=["minute"], name="rollup_minute")]
+        indexes = [
+            models.Index(fields=["minute"], name="rollup_minute"),
+            # One host's charts over a short range.
+            models.Index(fields=["host", "minute"], name="rollup_host_minute"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.minute:%Y-%m-%d %H:%M} {self.host} {self.outcome} {self.code_class}: {self.attempts}"
+
+
+# DeliverySeries.host of the rows that count every host together.
+ALL_HOSTS = "*"
+
+
+class Span(models.IntegerChoices):
+    MINUTE = 60, "minute"
+    HOUR = 3600, "hour"
+
+
+class DeliverySeries(RollupCounts):
+    """Coarser rollups beside DeliveryRollup, so that no chart reads more than a few thousand
+    rows: per minute for all hosts together (host "*"), and per hour for each host and for
+    all hosts. Written with DeliveryRollup, in the same transaction, from the same rows.
+    """
+
+    span = models.PositiveIntegerField(choices=Span.choices, help_text="Length of the period, in seconds.")
+    start = models.DateTimeField(help_text="Start of the period (UTC).")
+    host = models.CharField(max_length=255, help_text='A host[:port], or "*" for all hosts together.')
+    outcome = models.CharField(max_length=8, choices=Outcome.choices)
+    code_class = models.CharField(max_length=4, help_text='"2xx" to "5xx", or "none" without a response.')
+
+    class Meta:
+        verbose_name_plural = "delivery series"
+        constraints = [
+            # Also the index of every chart's query: one span, one host (or "*"), a time range.
+            models.UniqueConstraint(fields=["span", "host", "start", "outcome", "code_class"], name="one_series_row"),
+        ]
+        # The host table: one span, a time range, every host.
+        indexes = [models.Index(fields=["span", "start"], name="series_span_start")]
+
+    def __str__(self) -> str:
+        return f"{self.start:%Y-%m-%d %H:%M}+{self.span}s {self.host} {self.outcome} {self.code_class}: {self.attempts}"
 
 
 class AcceptedRollup(models.Model):

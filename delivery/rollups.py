@@ -1,6 +1,8 @@
 """Per-minute rollups: attempts by host, outcome and status class, and postbacks accepted.
 
-Charts over millions of attempts read these, not the attempts. They stay exact:
+Charts over millions of attempts read these, not the attempts: DeliveryRollup per minute and
+host, and DeliverySeries, the same sums per minute for all hosts together and per hour. They
+stay exact:
 - attempt rollups are added in the same transaction as the attempt rows, from the rows the
   INSERT really wrote (a try recorded again after a crash is not counted again);
 - ingestion counts accepted postbacks in Redis, in the script that appends to the inbox, and
@@ -19,7 +21,16 @@ from typing import Any, Protocol
 
 from django.db import IntegrityError, connection, transaction
 
-from delivery.models import LATENCY_BOUNDS_MS, LATENCY_BUCKETS, AcceptedRollup, DeliveryRollup, RollupFold
+from delivery.models import (
+    ALL_HOSTS,
+    LATENCY_BOUNDS_MS,
+    LATENCY_BUCKETS,
+    AcceptedRollup,
+    DeliveryRollup,
+    DeliverySeries,
+    RollupFold,
+    Span,
+)
 from postbackproject import inbox
 from postbackproject.queue import get_connection
 
@@ -64,7 +75,9 @@ def minute_of(when: datetime) -> datetime:
 
 
 @dataclass
-class _Tally:
+class Tally:
+    """The sums of one rollup row: attempts, latency, and its histogram."""
+
     attempts: int = 0
     latency_ms_sum: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
@@ -74,48 +87,91 @@ class _Tally:
         if latency_ms is None:
             return  # deferred: nothing was sent
         self.latency_ms_sum += latency_ms
-        index = next((i for i, bound in enumerate(LATENCY_BOUNDS_MS) if latency_ms <= bound), len(LATENCY_BOUNDS_MS))
-        self.buckets[index] += 1
+        self.buckets[bucket_index(latency_ms)] += 1
+
+    def merge(self, other: "Tally") -> None:
+        self.attempts += other.attempts
+        self.latency_ms_sum += other.latency_ms_sum
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+
+    def sums(self) -> list[Any]:
+        return [self.attempts, self.latency_ms_sum, *self.buckets]
 
 
-def add_to_rollups(rows: Iterable[Recorded]) -> None:
-    """Add attempt rows just inserted to their minutes' rollups (one upsert per group)."""
-    tallies: dict[tuple[datetime, str, str, str], _Tally] = defaultdict(_Tally)
+# (minute, host, outcome, code class): the key of a DeliveryRollup row.
+MinuteKey = tuple[datetime, str, str, str]
+_SUMS = ["attempts", "latency_ms_sum", *LATENCY_BUCKETS]
+
+
+def bucket_index(latency_ms: float) -> int:
+    return next((i for i, bound in enumerate(LATENCY_BOUNDS_MS) if latency_ms <= bound), len(LATENCY_BOUNDS_MS))
+
+
+def tally(rows: Iterable[Recorded]) -> dict[MinuteKey, Tally]:
+    tallies: dict[MinuteKey, Tally] = defaultdict(Tally)
     for row in rows:
         key = (minute_of(row.delivered_at), row.host, str(row.outcome), code_class(row.response_code))
         tallies[key].add(row.response_time_ms)
-    if not tallies:
+    return tallies
+
+
+def add_to_rollups(rows: Iterable[Recorded]) -> None:
+    """Add attempt rows just inserted to their rollups: minute per host, and the coarser series."""
+    add_tallies(tally(rows))
+
+
+def add_tallies(tallies: dict[MinuteKey, Tally]) -> None:
+    add_to_minute_rollups(tallies)
+    add_to_series(tallies)
+
+
+def add_to_series(tallies: dict[MinuteKey, Tally]) -> None:
+    """The minute tallies, added to the all-hosts minute series and the hourly series."""
+    series: dict[tuple[int, str, datetime, str, str], Tally] = defaultdict(Tally)
+    for (minute, host, outcome, klass), counts in tallies.items():
+        hour = minute.replace(minute=0)
+        for key in (
+            (Span.MINUTE, ALL_HOSTS, minute, outcome, klass),
+            (Span.HOUR, host, hour, outcome, klass),
+            (Span.HOUR, ALL_HOSTS, hour, outcome, klass),
+        ):
+            series[key].merge(counts)
+    adapt = connection.ops.adapt_datetimefield_value
+    values = [[int(span), host, adapt(start), o, c, *t.sums()] for (span, host, start, o, c), t in series.items()]
+    upsert_adding(DeliverySeries._meta.db_table, ["span", "host", "start", "outcome", "code_class"], _SUMS, values)
+
+
+def add_to_minute_rollups(tallies: dict[MinuteKey, Tally]) -> None:
+    adapt = connection.ops.adapt_datetimefield_value
+    values = [[adapt(minute), host, o, c, *t.sums()] for (minute, host, o, c), t in tallies.items()]
+    upsert_adding(DeliveryRollup._meta.db_table, ["minute", "host", "outcome", "code_class"], _SUMS, values)
+
+
+def upsert_adding(
+    table: str, groups: list[str], sums: list[str], values: Sequence[Sequence[Any]], chunk: int = 1000
+) -> None:
+    """INSERT rows; where a row of the same group exists, add the sums to it instead.
+
+    Rows go in sorted by their group: every writer then locks shared rows (the all-hosts
+    series above all) in the same order, so concurrent workers wait for each other on
+    PostgreSQL instead of deadlocking.
+    """
+    if not values:
         return
-    groups = ["minute", "host", "outcome", "code_class"]
-    sums = ["attempts", "latency_ms_sum", *LATENCY_BUCKETS]
-    values = [
-        [
-            connection.ops.adapt_datetimefield_value(minute),
-            host,
-            outcome,
-            klass,
-            t.attempts,
-            t.latency_ms_sum,
-            *t.buckets,
-        ]
-        for (minute, host, outcome, klass), t in tallies.items()
-    ]
-    upsert_adding(DeliveryRollup._meta.db_table, groups, sums, values)
-
-
-def upsert_adding(table: str, groups: list[str], sums: list[str], values: Sequence[Sequence[Any]]) -> None:
-    """INSERT rows; where a row of the same group exists, add the sums to it instead."""
+    ordered = sorted(values, key=lambda row: tuple(row[: len(groups)]))
     quote = connection.ops.quote_name
     columns = groups + sums
     row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
     additions = ", ".join(f"{quote(c)} = {quote(table)}.{quote(c)} + excluded.{quote(c)}" for c in sums)
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) VALUES "
-            f"{', '.join([row_sql] * len(values))} "
-            f"ON CONFLICT ({', '.join(quote(c) for c in groups)}) DO UPDATE SET {additions}",
-            [value for row in values for value in row],
-        )
+        for start in range(0, len(ordered), chunk):
+            part = ordered[start : start + chunk]
+            cursor.execute(
+                f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) VALUES "
+                f"{', '.join([row_sql] * len(part))} "
+                f"ON CONFLICT ({', '.join(quote(c) for c in groups)}) DO UPDATE SET {additions}",
+                [value for row in part for value in row],
+            )
 
 
 # --- accepted postbacks ----------------------------------------------------------------------

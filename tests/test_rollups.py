@@ -9,12 +9,15 @@ from django.db.models import Count, Sum
 
 from delivery import rollups
 from delivery.models import (
+    ALL_HOSTS,
     LATENCY_BUCKETS,
     AcceptedRollup,
     DeliveryAttempt,
     DeliveryRollup,
+    DeliverySeries,
     DeliverySettings,
     RollupFold,
+    Span,
 )
 from delivery.recording import Record, save_attempts
 from postbackproject import inbox
@@ -49,10 +52,61 @@ def test_rollups_add_up_to_the_attempts_they_summarise(client, receiver):
 
     host = f"127.0.0.1:{receiver.port}"
     assert rollup_counts() == attempt_counts()
+    total = sum(attempt_counts().values())
+    for span in Span:
+        assert DeliverySeries.objects.filter(span=span, host=ALL_HOSTS).aggregate(n=Sum("attempts"))["n"] == total
+    assert DeliverySeries.objects.filter(span=Span.HOUR, host=host).aggregate(n=Sum("attempts"))["n"] == total
     assert rollup_counts()[(host, "success", "2xx")] >= 3
     assert rollup_counts()[(host, "failed", "4xx")] == 1
     latency = DeliveryRollup.objects.aggregate(s=Sum("latency_ms_sum"))["s"]
     assert latency == pytest.approx(DeliveryAttempt.objects.aggregate(s=Sum("response_time_ms"))["s"])
+
+
+def attempt(postback_id: str, host: str, when: datetime, code: int | None = 200, ms: float | None = 42.0):
+    outcome = "success" if code and code < 300 else "failed"
+    return DeliveryAttempt(
+        postback_id=postback_id,
+        attempt=1,
+        method="GET",
+        url=f"http://{host}/",
+        host=host,
+        delivered_at=when,
+        response_code=code,
+        response_time_ms=ms,
+        outcome=outcome,
+    )
+
+
+def series(span: int, host: str) -> dict[tuple[datetime, str, str], tuple[int, int]]:
+    rows = DeliverySeries.objects.filter(span=span, host=host)
+    return {(r.start, r.outcome, r.code_class): (r.attempts, r.le_50ms) for r in rows}
+
+
+def test_the_series_sum_all_hosts_per_minute_and_each_host_per_hour():
+    save_attempts(
+        [
+            attempt("a", "a.example", datetime(2026, 11, 29, 12, 30, 1, tzinfo=UTC)),
+            attempt("b", "b.example", datetime(2026, 11, 29, 12, 30, 59, tzinfo=UTC)),
+            attempt("c", "a.example", datetime(2026, 11, 29, 12, 59, 59, tzinfo=UTC), code=503, ms=400),
+            attempt("d", "a.example", datetime(2026, 11, 29, 13, 0, 0, tzinfo=UTC)),
+        ]
+    )
+    save_attempts([attempt("a", "a.example", datetime(2026, 11, 29, 12, 30, 1, tzinfo=UTC))])  # a rerun
+
+    noon, one = datetime(2026, 11, 29, 12, tzinfo=UTC), datetime(2026, 11, 29, 13, tzinfo=UTC)
+    half_past = datetime(2026, 11, 29, 12, 30, tzinfo=UTC)
+    assert series(Span.MINUTE, ALL_HOSTS) == {
+        (half_past, "success", "2xx"): (2, 2),
+        (datetime(2026, 11, 29, 12, 59, tzinfo=UTC), "failed", "5xx"): (1, 0),
+        (one, "success", "2xx"): (1, 1),
+    }
+    assert series(Span.HOUR, "a.example") == {
+        (noon, "success", "2xx"): (1, 1),
+        (noon, "failed", "5xx"): (1, 0),
+        (one, "success", "2xx"): (1, 1),
+    }
+    assert series(Span.HOUR, ALL_HOSTS)[(noon, "success", "2xx")] == (2, 2)
+    assert not DeliverySeries.objects.filter(span=Span.MINUTE).exclude(host=ALL_HOSTS).exists()
 
 
 def test_a_try_recorded_twice_is_counted_once():
@@ -87,7 +141,7 @@ def test_a_try_recorded_twice_is_counted_once():
     [(0.5, "le_5ms"), (5.0, "le_5ms"), (5.1, "le_10ms"), (999.0, "le_1000ms"), (45000, "over_30000ms")],
 )
 def test_latencies_land_in_their_histogram_bucket(latency, bucket):
-    tally = rollups._Tally()
+    tally = rollups.Tally()
     tally.add(latency)
     assert tally.buckets[LATENCY_BUCKETS.index(bucket)] == 1
 

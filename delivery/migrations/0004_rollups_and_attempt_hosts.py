@@ -3,7 +3,7 @@
 from django.db import migrations, models
 
 from delivery.hosts import host_of
-from delivery.rollups import add_to_rollups
+from delivery.rollups import add_to_minute_rollups, tally
 
 
 def fill_hosts_and_rollups(apps, schema_editor):
@@ -14,7 +14,7 @@ def fill_hosts_and_rollups(apps, schema_editor):
         for row in chunk:
             row.host = host_of(row.url)[:255]
         Attempt.objects.bulk_update(chunk, ["host"])
-        add_to_rollups(chunk)
+        add_to_minute_rollups(tally(chunk))
         last = chunk[-1].id
 
 
