@@ -7,13 +7,14 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import URLPattern, path, reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from redis.exceptions import RedisError
 
 from delivery.circuit import close_circuits, open_circuits
-from delivery.forms import DeliverySettingsForm
+from delivery.forms import BulkReplayForm, DeliverySettingsForm
 from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings
-from delivery.replay import replay
+from delivery.replay import failed_between, replay
 
 
 @admin.register(DeliverySettings)
@@ -90,6 +91,56 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("delivery.replay_postback")
+
+    def get_urls(self) -> list[URLPattern]:
+        replay_view = self.admin_site.admin_view(self.replay_view)
+        return [path("replay/", replay_view, name="delivery_deliveryattempt_replay"), *super().get_urls()]
+
+    def replay_view(self, request: HttpRequest) -> HttpResponse:
+        """Replay in bulk: GET shows how many postbacks failed for good in a range (the
+        dashboard links here with the range filled in), POST replays them. A POST naming one
+        `postback_id` replays that one (the postback page's button) and goes back."""
+        if not self.has_replay_permission(request):
+            raise PermissionDenied
+        if request.method == "POST" and "postback_id" in request.POST:
+            return self._replay_one(request, request.POST["postback_id"])
+        form = BulkReplayForm(request.POST if request.method == "POST" else request.GET or None)
+        matched: set[str] | None = None
+        if form.is_valid():
+            data = form.cleaned_data
+            matched = failed_between(data["since"], data["until"], data["host"].strip())
+            if request.method == "POST":
+                queued = replay(matched)
+                self.message_user(
+                    request,
+                    f"{queued} of {len(matched)} postbacks queued again; the others have been delivered "
+                    "or are being retried since.",
+                    messages.SUCCESS if queued else messages.WARNING,
+                )
+                return HttpResponseRedirect(
+                    reverse("admin:delivery_deliveryattempt_changelist") + "?outcome__exact=failed"
+                )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Replay failed postbacks",
+            "opts": self.model._meta,
+            "form": form,
+            "matched": None if matched is None else len(matched),
+        }
+        return TemplateResponse(request, "admin/delivery/replay.html", context)
+
+    def _replay_one(self, request: HttpRequest, postback_id: str) -> HttpResponse:
+        queued = replay([postback_id])
+        if queued:
+            self.message_user(request, f"Postback {postback_id} queued again.", messages.SUCCESS)
+        else:
+            self.message_user(
+                request, f"Postback {postback_id} has not failed for good: not replayed.", messages.WARNING
+            )
+        back = request.POST.get("next", "")
+        if not url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
+            back = reverse("admin:delivery_deliveryattempt_changelist") + f"?q={postback_id}"
+        return HttpResponseRedirect(back)
 
     @admin.display(description="URL")
     def short_url(self, obj: DeliveryAttempt) -> str:

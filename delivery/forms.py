@@ -32,3 +32,18 @@ class DeliverySettingsForm(forms.ModelForm[DeliverySettings]):
         super().__init__(*args, **kwargs)
         # Form fields strip whitespace by default; an admin may mean a space.
         self.fields["unmatched_default"].strip = False  # type: ignore[attr-defined]
+
+
+class BulkReplayForm(forms.Form):
+    """Replay every postback that failed for good in a time range, optionally to one host."""
+
+    since = forms.DateTimeField(help_text="From this time (local time, or ISO 8601 with an offset).")
+    until = forms.DateTimeField(required=False, help_text="To this time (exclusive); empty: up to now.")
+    host = forms.CharField(required=False, max_length=255, help_text="Only postbacks to this host[:port].")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        since, until = data.get("since"), data.get("until")
+        if since and until and until <= since:
+            raise forms.ValidationError("The end must be later than the start.")
+        return data

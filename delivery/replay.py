@@ -9,6 +9,7 @@ keyed by postback, so replaying twice queues one try.
 
 import time
 from collections.abc import Iterable
+from datetime import datetime
 
 from delivery.models import DeliveryAttempt, Outcome
 from postbackproject import inbox
@@ -30,6 +31,20 @@ def failed_postbacks(postback_ids: Iterable[str]) -> list[DeliveryAttempt]:
     for row in rows:
         latest[row.postback_id] = row
     return [row for row in latest.values() if row.outcome == Outcome.FAILED]
+
+
+def failed_between(since: datetime, until: datetime | None = None, host: str = "", url_prefix: str = "") -> set[str]:
+    """Postbacks with an attempt that failed for good in [since, until), optionally to one
+    host (host[:port], as the attempt log shows it) or to URLs starting so. Whether each is
+    still failed (and not delivered by a later replay) is for `replay` to check."""
+    rows = DeliveryAttempt.objects.filter(outcome=Outcome.FAILED, delivered_at__gte=since)
+    if until is not None:
+        rows = rows.filter(delivered_at__lt=until)
+    if host:
+        rows = rows.filter(host=host)
+    if url_prefix:
+        rows = rows.filter(url__startswith=url_prefix)
+    return set(rows.order_by().values_list("postback_id", flat=True).distinct())
 
 
 def replay_try(last: DeliveryAttempt) -> Try:

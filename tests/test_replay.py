@@ -5,11 +5,12 @@ import io
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
 from delivery import replay as replay_module
 from delivery.models import DeliveryAttempt, DeliverySettings
 from postbackproject.queue import get_queue
-from tests.conftest import Reply, deliver_everything, ingest_json
+from tests.conftest import Receiver, Reply, deliver_everything, ingest_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -113,3 +114,65 @@ def test_staff_without_the_permission_see_no_replay_action(client, receiver):
     client.force_login(user)
     page = client.get("/admin/delivery/deliveryattempt/").content.decode()
     assert "replay_postbacks" not in page
+
+
+def test_a_range_replays_only_what_failed_between_its_ends_and_to_its_host(client, receiver):
+    other = Receiver()
+    try:
+        early = failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url("/e")}, "data": [{}]})
+        middle = timezone.now()
+        late = failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url("/l")}, "data": [{}]})
+        elsewhere = failed_once(client, other, {"endpoint": {"method": "GET", "url": other.url("/o")}, "data": [{}]})
+
+        host = f"127.0.0.1:{receiver.port}"
+        out = replay_command("--since", middle.isoformat(), "--until", timezone.now().isoformat(), "--host", host)
+        assert "1 of 1 postbacks queued" in out
+        deliver_everything()
+
+        assert history(late)[-1][1] == "success"
+        assert history(early)[-1][1] == "failed" and history(elsewhere)[-1][1] == "failed"
+    finally:
+        other.close()
+
+
+def test_a_postback_delivered_since_is_not_replayed_again(client, receiver):
+    pid = failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url("/d")}, "data": [{}]})
+    replay_command(pid)
+    deliver_everything()
+
+    assert "0 of 1 postbacks queued" in replay_command("--since", "2000-01-01T00:00Z")
+    assert history(pid) == [(1, "failed", 404), (2, "success", 200)]
+
+
+def test_the_range_options_go_with_since():
+    with pytest.raises(CommandError, match="go with --since"):
+        replay_command("--host", "a.example")
+    with pytest.raises(CommandError, match="later than --since"):
+        replay_command("--since", "2026-11-29T10:00Z", "--until", "2026-11-29T09:00Z")
+
+
+def replayer(client):
+    user = User.objects.create_user("ops2", password="a-long-test-password", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_deliveryattempt", "replay_postback"]))
+    client.force_login(user)
+    return client
+
+
+def test_admin_counts_then_replays_everything_failed_in_a_range(client, receiver):
+    pid = failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url("/b")}, "data": [{}]})
+    replayer(client)
+    params = {"since": "2000-01-01T00:00Z", "until": "", "host": f"127.0.0.1:{receiver.port}"}
+
+    counted = client.get("/admin/delivery/deliveryattempt/replay/", params).content.decode()
+    assert "<strong>1</strong> postback failed for good" in counted
+    response = client.post("/admin/delivery/deliveryattempt/replay/", params, follow=True)
+    assert "1 of 1 postbacks queued again" in response.content.decode()
+    deliver_everything()
+    assert history(pid)[-1][1] == "success"
+
+
+def test_replay_in_bulk_needs_the_permission(client):
+    user = User.objects.create_user("looker", password="a-long-test-password", is_staff=True)
+    client.force_login(user)
+    assert client.get("/admin/delivery/deliveryattempt/replay/").status_code == 403
+    assert client.post("/admin/delivery/deliveryattempt/replay/", {"postback_id": "x"}).status_code == 403
