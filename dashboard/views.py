@@ -1,20 +1,128 @@
-"""Dashboards for analysts: read-only views over the attempt log, behind a login."""
+"""Dashboards for analysts, behind a login and read-only: each page is a shell, and each
+chart or table on it is served as JSON by an endpoint of its own under /dashboard/api/."""
 
-from datetime import timedelta
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.http import require_safe
+from redis.exceptions import RedisError
 
-from delivery.models import DeliveryAttempt, Outcome
+from dashboard import attempts, charts, live
+from dashboard.ranges import RangeError, Window, window_from
+from delivery.replay import failed_postbacks
+
+ChartView = Callable[[HttpRequest, Window, str | None], dict[str, Any]]
+# The overview's charts: endpoint name, title, what it shows.
+CHARTS = [
+    ("volume", "Volume", "Postbacks accepted, and attempts by outcome."),
+    ("success", "Success rate", "Sent attempts answered 2xx, and finished postbacks delivered (%)."),
+    ("latency", "Latency", "Response time percentiles (ms), from histogram buckets."),
+    ("codes", "Response codes", "Sent attempts by status class; no response: refused or timed out."),
+]
 
 
 @login_required
+@require_safe
 def index(request: HttpRequest) -> HttpResponse:
-    """Attempts of the last 24 hours by outcome (one grouped query)."""
-    since = timezone.now() - timedelta(hours=24)
-    counts = dict(DeliveryAttempt.objects.filter(delivered_at__gte=since).values_list("outcome").annotate(Count("id")))
-    rows = [(outcome.label, counts.get(outcome.value, 0)) for outcome in Outcome]
-    return render(request, "dashboard/index.html", {"rows": rows, "since": since})
+    context = {"charts": CHARTS, "time_zone": timezone.get_current_timezone_name()}
+    return render(request, "dashboard/index.html", context)
+
+
+@login_required
+@require_safe
+def postback_lookup(request: HttpRequest) -> HttpResponse:
+    return redirect("dashboard:postback", postback_id=request.GET.get("id", "").strip() or "-")
+
+
+@login_required
+@require_safe
+def postback(request: HttpRequest, postback_id: str) -> HttpResponse:
+    """One postback: what was sent, and every attempt with what came back."""
+    tries = attempts.history(postback_id)
+    if not tries:
+        raise Http404("no attempt of this postback is recorded (yet, or any more)")
+    context = {
+        "postback_id": postback_id,
+        "tries": tries,
+        "last": tries[-1],
+        "replayable": bool(failed_postbacks([postback_id])),
+        "can_replay": request.user.is_staff and request.user.has_perm("delivery.replay_postback"),
+        "admin_attempts": reverse("admin:delivery_deliveryattempt_changelist") + f"?q={postback_id}",
+    }
+    return render(request, "dashboard/postback.html", context)
+
+
+def api(view: ChartView) -> Callable[[HttpRequest], JsonResponse]:
+    """A JSON endpoint: login, GET only, the window from `range` (`start`, `end`), an optional
+    `host`; a range it cannot show is a 400 that says why."""
+
+    @wraps(view)
+    @login_required
+    @require_safe
+    def endpoint(request: HttpRequest) -> JsonResponse:
+        try:
+            window = window_from(request.GET, timezone.now())
+        except RangeError as exc:
+            return JsonResponse({"error": str(exc)}, status=400)
+        return JsonResponse(view(request, window, request.GET.get("host") or None))
+
+    return endpoint
+
+
+@api
+def volume(request: HttpRequest, window: Window, host: str | None) -> dict[str, Any]:
+    return charts.volume(window, host, _unfolded_accepted())
+
+
+@api
+def success(request: HttpRequest, window: Window, host: str | None) -> dict[str, Any]:
+    return charts.success(window, host)
+
+
+@api
+def latency(request: HttpRequest, window: Window, host: str | None) -> dict[str, Any]:
+    return charts.latency(window, host)
+
+
+@api
+def codes(request: HttpRequest, window: Window, host: str | None) -> dict[str, Any]:
+    return charts.codes(window, host)
+
+
+@api
+def hosts(request: HttpRequest, window: Window, host: str | None) -> dict[str, Any]:
+    try:
+        circuits = live.circuits()
+    except RedisError:
+        circuits = {}  # the table still shows volumes; the live panel says Redis is down
+    return charts.hosts(window, circuits)
+
+
+@api
+def failures(request: HttpRequest, window: Window, host: str | None) -> dict[str, Any]:
+    found = attempts.failures(window, host)
+    query = {"since": window.start.isoformat(), "until": window.end.isoformat(), "host": host or ""}
+    return {**found, "replay_url": reverse("admin:delivery_deliveryattempt_replay") + "?" + urlencode(query)}
+
+
+@login_required
+@require_safe
+def live_figures(request: HttpRequest) -> JsonResponse:
+    try:
+        return JsonResponse(live.figures())
+    except RedisError as exc:
+        return JsonResponse({"error": f"Redis is unavailable: {exc}"}, status=503)
+
+
+def _unfolded_accepted() -> dict[int, int]:
+    try:
+        return live.unfolded_accepted()
+    except RedisError:
+        return {}  # the folded minutes still show; the live panel says Redis is down

@@ -179,6 +179,17 @@ class DeliveryAttempt(models.Model):
     def __str__(self) -> str:
         return f"{self.postback_id} try {self.attempt}: {self.outcome}"
 
+    def why(self, body_chars: int = 60) -> str:
+        """Why this try did not succeed, in one short line ("" when it did): the error, or the
+        status with the start of the receiver's answer (HTTP replies carry no error text)."""
+        if self.outcome == Outcome.SUCCESS:
+            return ""
+        if self.error.strip():
+            return self.error.strip().splitlines()[0]
+        body = " ".join(self.response_body.split())
+        reply = f"HTTP {self.response_code}" if self.response_code is not None else "no response"
+        return f"{reply}: {body[:body_chars]}" if body else reply
+
 
 # Upper bounds (ms) of the latency histogram kept per rollup; a last bucket takes the rest.
 LATENCY_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)

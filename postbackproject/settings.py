@@ -120,7 +120,8 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "admin:login"
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = "UTC"
+# Times are stored and queried in UTC; pages show them in this zone (the dashboard's days too).
+TIME_ZONE: str = env.str("TIME_ZONE", default="UTC")
 USE_I18N = True
 USE_TZ = True
 

@@ -171,6 +171,22 @@ def test_admin_counts_then_replays_everything_failed_in_a_range(client, receiver
     assert history(pid)[-1][1] == "success"
 
 
+def test_the_postback_page_replays_it_and_comes_back(client, receiver):
+    pid = failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url("/p")}, "data": [{}]})
+    replayer(client)
+    page = client.get(f"/dashboard/postbacks/{pid}/").content.decode()
+    assert 'id="replay"' in page
+
+    response = client.post(
+        "/admin/delivery/deliveryattempt/replay/", {"postback_id": pid, "next": f"/dashboard/postbacks/{pid}/"}
+    )
+    assert response.status_code == 302 and response["Location"] == f"/dashboard/postbacks/{pid}/"
+    deliver_everything()
+    page = client.get(f"/dashboard/postbacks/{pid}/").content.decode()
+    assert 'id="replay"' not in page
+    assert history(pid) == [(1, "failed", 404), (2, "success", 200)]
+
+
 def test_replay_in_bulk_needs_the_permission(client):
     user = User.objects.create_user("looker", password="a-long-test-password", is_staff=True)
     client.force_login(user)

@@ -121,11 +121,3 @@ def test_the_attempt_log_is_searchable_by_postback_id_and_filterable(staff_clien
     filtered = staff_client.get("/admin/delivery/deliveryattempt/", {"outcome__exact": "success"}).content.decode()
     assert "http://example.com/aaa" in filtered and "http://example.com/bbb" not in filtered
     assert staff_client.get("/admin/delivery/deliveryattempt/add/").status_code == 403
-
-
-def test_the_dashboard_counts_attempts_by_outcome(staff_client):
-    DeliveryAttempt.objects.create(
-        postback_id="p", attempt=1, method="GET", url="http://e/", delivered_at=timezone.now(), outcome="success"
-    )
-    page = staff_client.get("/dashboard/").content.decode()
-    assert "<td>success</td><td>1</td>" in page

@@ -1,0 +1,40 @@
+"""Live figures from Redis: the work waiting now, the workers, and the circuits."""
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from rq import Worker
+from rq.registry import FailedJobRegistry
+
+from dashboard.charts import Circuit
+from delivery.circuit import open_circuits
+from postbackproject import inbox
+from postbackproject.queue import get_connection, get_queue
+
+
+def figures() -> dict[str, Any]:
+    """Raises RedisError when Redis does not answer."""
+    queue = get_queue()
+    waiting = inbox.waiting_counts()
+    this_minute = int(time.time() // 60 * 60)
+    return {
+        "inbox_entries": waiting["entries"],
+        "in_delivery": waiting["pending"],
+        "scheduled_tries": waiting["due"],
+        "failed_jobs": FailedJobRegistry(queue=queue).count,
+        "workers": Worker.count(queue=queue),
+        "accepted_this_minute": unfolded_accepted().get(this_minute, 0),
+        "open_circuits": len(open_circuits()),
+    }
+
+
+def unfolded_accepted() -> dict[int, int]:
+    """Accepted postbacks counted by ingestion and not yet folded into the database, per
+    minute (Unix time): the current minute, and past ones while no worker folds."""
+    counts: dict[bytes, bytes] = get_connection().hgetall(inbox.ACCEPTED)  # type: ignore[assignment]
+    return {int(minute): int(count) for minute, count in counts.items()}
+
+
+def circuits() -> dict[str, Circuit]:
+    return {host: Circuit(datetime.fromtimestamp(until, UTC), failures) for host, until, failures in open_circuits()}
