@@ -8,12 +8,14 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.timezone import localtime
 from redis.exceptions import RedisError
 
 from delivery.circuit import close_circuits, open_circuits
 from delivery.forms import BulkReplayForm, DeliverySettingsForm
-from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings
+from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings, QueueMonitor
 from delivery.replay import failed_between, replay
 
 
@@ -59,16 +61,20 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
 
 @admin.register(DeliveryAttempt)
 class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
+    # Fits 1280 px beside the filters: long URLs and errors are cut (the row's page and the
+    # dashboard's postback page show them whole).
     list_display = [
-        "delivered_at",
-        "postback_id",
+        "started",
+        "postback",
         "attempt",
         "method",
         "short_url",
         "response_code",
         "response_time_ms",
         "outcome",
+        "short_why",
     ]
+    list_display_links = ["started"]
     list_filter = ["outcome", "response_code", "method", "delivered_at"]
     # "=" makes the id an exact (indexed) lookup; URLs are matched by prefix.
     search_fields = ["=postback_id", "^url"]
@@ -142,9 +148,25 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
             back = reverse("admin:delivery_deliveryattempt_changelist") + f"?q={postback_id}"
         return HttpResponseRedirect(back)
 
+    @admin.display(description="started", ordering="delivered_at")
+    def started(self, obj: DeliveryAttempt) -> str:
+        return localtime(obj.delivered_at).strftime("%Y-%m-%d %H:%M:%S")
+
+    @admin.display(description="postback", ordering="postback_id")
+    def postback(self, obj: DeliveryAttempt) -> str:
+        url = reverse("dashboard:postback", args=[obj.postback_id])
+        return format_html('<a href="{}" title="Its page: every attempt, and replay">{}</a>', url, obj.postback_id)
+
     @admin.display(description="URL")
     def short_url(self, obj: DeliveryAttempt) -> str:
-        return obj.url if len(obj.url) <= 80 else obj.url[:77] + "..."
+        return _cut(obj.url, 48)
+
+    @admin.display(description="error")
+    def short_why(self, obj: DeliveryAttempt) -> str:
+        return _cut(obj.why(), 48)
+
+    class Media:
+        css = {"all": ["delivery/admin.css"]}
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -153,6 +175,29 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: DeliveryAttempt | None = None) -> bool:
+        return False
+
+
+def _cut(text: str, length: int) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
+@admin.register(QueueMonitor)
+class QueueMonitorAdmin(admin.ModelAdmin[QueueMonitor]):
+    """django-rq's pages (queues, workers, failed drain jobs), under a name that says so."""
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, object] | None = None) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        return HttpResponseRedirect(reverse("django_rq:home"))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: QueueMonitor | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: QueueMonitor | None = None) -> bool:
         return False
 
 

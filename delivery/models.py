@@ -320,3 +320,16 @@ class CircuitBreaker(models.Model):
 
     def __str__(self) -> str:
         return "open circuit"
+
+
+class QueueMonitor(models.Model):
+    """Not a table: admin's entry for django-rq's pages (queues, workers, failed jobs)."""
+
+    class Meta:
+        managed = False
+        verbose_name = "queues and workers"
+        verbose_name_plural = "queues and workers"
+        default_permissions = ("view",)
+
+    def __str__(self) -> str:
+        return "queues and workers"

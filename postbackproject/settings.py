@@ -170,6 +170,9 @@ RQ_QUEUES = {
         "SERIALIZER": "postbackproject.queue.CompactJSONSerializer",
     },
 }
+# django-rq's own admin entry reads "DJANGO_RQ / Django-RQ" with a "Change" link; delivery's
+# admin lists the same pages as "Queues and workers" instead.
+RQ_SHOW_ADMIN_LINK = False
 RQ = {
     # `manage.py rqworker` builds this worker: no fork per job, stale DB connections
     # closed between jobs, and the JSON serializer whatever the command line says.

@@ -1,12 +1,21 @@
 """URL routes: ingestion at the root (the senders' contract), dashboards and admin behind a login."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, reverse_lazy
+from django.views.generic import RedirectView
 
 from postbackproject import views
 
+# One name on every page, the dashboard's login included (it is admin's login page); "View
+# site" and "/" lead to the dashboard.
+admin.site.site_header = "Postback delivery"
+admin.site.site_title = "Postback delivery"
+admin.site.index_title = "Administration"
+admin.site.site_url = "/dashboard/"
+
 urlpatterns = [
     path("", include("ingestion.urls")),  # first: the senders' hot path is matched before all else
+    path("", RedirectView.as_view(url=reverse_lazy("dashboard:index")), name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),

@@ -5,6 +5,7 @@ import io
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
+from django.test import Client
 from django.utils import timezone
 
 from delivery.models import DeliveryAttempt, DeliverySettings
@@ -121,3 +122,51 @@ def test_the_attempt_log_is_searchable_by_postback_id_and_filterable(staff_clien
     filtered = staff_client.get("/admin/delivery/deliveryattempt/", {"outcome__exact": "success"}).content.decode()
     assert "http://example.com/aaa" in filtered and "http://example.com/bbb" not in filtered
     assert staff_client.get("/admin/delivery/deliveryattempt/add/").status_code == 403
+
+
+def test_the_login_page_and_admin_carry_the_products_name(staff_client):
+    login = Client().get("/admin/login/", {"next": "/dashboard/"}).content.decode()
+    assert "Postback delivery" in login and "Django administration" not in login
+    index = staff_client.get("/admin/").content.decode()
+    assert "<title>Administration | Postback delivery</title>" in index
+    assert "Django administration" not in index and "Django site admin" not in index
+
+
+def test_the_root_and_admins_site_link_lead_to_the_dashboard(staff_client):
+    root = Client().get("/")
+    assert root.status_code == 302 and root["Location"] == "/dashboard/"
+    index = staff_client.get("/admin/").content.decode()
+    assert '<a href="/dashboard/">Dashboard</a>' in index
+
+
+def test_queues_and_workers_are_named_so_in_admin(staff_client):
+    index = staff_client.get("/admin/").content.decode()
+    assert "Queues and workers" in index
+    assert "Django-RQ" not in index and "DJANGO_RQ" not in index.upper().replace("DJANGO_RQ:", "")
+    response = staff_client.get("/admin/delivery/queuemonitor/")
+    assert response.status_code == 302 and response["Location"] == "/admin/rq/"
+    assert staff_client.get("/admin/rq/").status_code == 200
+
+
+def test_the_settings_breadcrumb_names_the_page_once(staff_client):
+    page = staff_client.get("/admin/delivery/deliverysettings/", follow=True).content.decode()
+    crumbs = page.split('class="breadcrumbs">')[1].split("</div>")[0]
+    assert crumbs.count("Delivery settings") == 1
+
+
+def test_the_attempt_list_shows_why_and_links_to_the_postback_page(staff_client):
+    DeliveryAttempt.objects.create(
+        postback_id="p-1",
+        attempt=2,
+        method="GET",
+        url="http://example.com/" + "x" * 200,
+        host="example.com",
+        delivered_at=timezone.now(),
+        response_code=503,
+        response_body="down for maintenance",
+        outcome="retry",
+    )
+    page = staff_client.get("/admin/delivery/deliveryattempt/").content.decode()
+    assert "HTTP 503: down for maintenance" in page
+    assert 'href="/dashboard/postbacks/p-1/"' in page
+    assert "x" * 60 not in page  # the URL is cut to fit
