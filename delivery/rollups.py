@@ -176,6 +176,14 @@ def upsert_adding(
 
 # --- accepted postbacks ----------------------------------------------------------------------
 
+
+def add_accepted(counts: dict[datetime, int]) -> None:
+    """Add postbacks accepted per minute (UTC) to AcceptedRollup."""
+    adapt = connection.ops.adapt_datetimefield_value
+    values = [[adapt(minute), count] for minute, count in counts.items() if count]
+    upsert_adding(AcceptedRollup._meta.db_table, ["minute"], ["postbacks"], values)
+
+
 _last_fold = 0.0
 
 
@@ -210,12 +218,7 @@ def _fold_staged(key: str) -> int:
     try:
         with transaction.atomic():
             RollupFold.objects.create(token=token)  # a second fold of the same token fails here
-            values = [
-                [connection.ops.adapt_datetimefield_value(datetime.fromtimestamp(minute, UTC)), count]
-                for minute, count in counts.items()
-            ]
-            if values:
-                upsert_adding(AcceptedRollup._meta.db_table, ["minute"], ["postbacks"], values)
+            add_accepted({datetime.fromtimestamp(minute, UTC): count for minute, count in counts.items()})
     except IntegrityError:
         counts = {}  # folded already (by a process that died before dropping the key)
     redis.delete(key)
