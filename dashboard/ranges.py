@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
+from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -79,7 +80,9 @@ def window_from(params: Mapping[str, str], now: datetime) -> Window:
         length, bucket = PRESETS[name]
         return preset(name, length, bucket, now)
     if name == "custom":
-        return custom(_parse(params.get("start"), "start"), _parse(params.get("end"), "end"))
+        # Per-minute rollups are pruned sooner than hourly ones: older times go by the hour.
+        minutes_since = now - timedelta(days=settings.MINUTE_ROLLUP_RETENTION_DAYS)
+        return custom(_parse(params.get("start"), "start"), _parse(params.get("end"), "end"), minutes_since)
     raise RangeError(f"unknown range {name!r}: use 1h, 24h, 7d or custom")
 
 
@@ -90,13 +93,14 @@ def preset(name: str, length: timedelta, bucket: int, now: datetime) -> Window:
     return Window(name, bucket, tuple(end - timedelta(seconds=bucket * i) for i in range(count, -1, -1)))
 
 
-def custom(start: datetime, end: datetime) -> Window:
+def custom(start: datetime, end: datetime, minutes_since: datetime | None = None) -> Window:
     if end <= start:
         raise RangeError("the range must end after it starts")
     if end - start > MAX_CUSTOM:
         raise RangeError(f"a custom range covers at most {MAX_CUSTOM.days} days")
     seconds = (end - start).total_seconds()
-    bucket = next(b for b in BUCKETS if b == DAY or seconds / b <= MAX_BUCKETS)
+    finest = 3600 if minutes_since is not None and start < minutes_since else 60
+    bucket = next(b for b in BUCKETS if b == DAY or (b >= finest and seconds / b <= MAX_BUCKETS))
     if bucket == DAY:
         return Window("custom", DAY, local_midnights(start, end))
     first = _floor(start, bucket)

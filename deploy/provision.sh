@@ -23,7 +23,8 @@ set -euo pipefail
 app=/opt/postback
 etc=/etc/postback
 state=/var/lib/postback
-units=(postback.target postback-redis.service postback-web.service postback-worker@.service)
+units=(postback.target postback-redis.service postback-web.service postback-worker@.service
+    postback-prune.service postback-prune.timer)
 
 say() { printf '\n==> %s\n' "$*"; }
 die() {
@@ -168,6 +169,10 @@ PROFILE_DIR=$state/profiles
 # INGEST_MAX_BODY_BYTES=1048576 (keep nginx's client_max_body_size in step)
 # INGEST_MAX_DATA_OBJECTS=10000
 # INGEST_MAX_QUEUED_JOBS=100000
+# ATTEMPT_RETENTION_DAYS=30 (postback-prune.timer deletes older attempts daily)
+# MINUTE_ROLLUP_RETENTION_DAYS=35
+# ROLLUP_RETENTION_DAYS=400
+# TIME_ZONE=UTC (the dashboard's and admin's clock)
 # WEB_CONCURRENCY=(2 x CPU cores + 1 gunicorn workers)
 EOF
         )
@@ -266,6 +271,8 @@ start_service() {
     systemctl reload-or-restart postback-web.service
     systemctl restart "${wanted[@]:2}"
     systemctl start postback.target
+    # Daily pruning of delivery history past its retention (docs/operations.md).
+    systemctl enable --now postback-prune.timer
 }
 
 install_nginx_site() {

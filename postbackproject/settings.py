@@ -211,6 +211,15 @@ DELIVERY_WORKER_POLL_SECONDS: float = env.float("DELIVERY_WORKER_POLL_SECONDS", 
 # How long a worker trusts its copy of the admin-edited delivery settings.
 DELIVERY_SETTINGS_CACHE_SECONDS: float = env.float("DELIVERY_SETTINGS_CACHE_SECONDS", default=5.0)
 
+# --- History ----------------------------------------------------------------------------
+
+# `manage.py prunehistory` (daily, postback-prune.timer) deletes attempts older than this...
+ATTEMPT_RETENTION_DAYS: int = env.int("ATTEMPT_RETENTION_DAYS", default=30)
+# ...per-minute rollups older than this (the dashboard then draws such times by the hour)...
+MINUTE_ROLLUP_RETENTION_DAYS: int = env.int("MINUTE_ROLLUP_RETENTION_DAYS", default=35)
+# ...and hourly rollups and accepted counts older than this.
+ROLLUP_RETENTION_DAYS: int = env.int("ROLLUP_RETENTION_DAYS", default=400)
+
 # --- Monitoring ---------------------------------------------------------------------------
 
 # /metrics answers only requests with "Authorization: Bearer <this>"; unset, it is a 404.

@@ -19,6 +19,12 @@ pytestmark = pytest.mark.django_db
 API = ["volume", "success", "latency", "codes", "hosts", "failures", "live"]
 
 
+@pytest.fixture(autouse=True)
+def minute_rollups_kept(settings):
+    """The tests' fixed dates stay drawn by the minute, however long ago they are."""
+    settings.MINUTE_ROLLUP_RETENTION_DAYS = 100_000
+
+
 @pytest.fixture
 def analyst(client):
     client.force_login(User.objects.create_user("analyst", password="a-long-test-password"))
@@ -292,3 +298,11 @@ def test_a_range_it_cannot_show_is_a_400_that_says_why(analyst, params, message)
     response = analyst.get("/dashboard/api/volume", params)
     assert response.status_code == 400
     assert message in response.json()["error"]
+
+
+def test_a_range_older_than_the_minute_rollups_goes_by_the_hour(settings):
+    settings.MINUTE_ROLLUP_RETENTION_DAYS = 35
+    now = datetime(2026, 11, 29, 12, tzinfo=UTC)
+    old = ranges.window_from({"range": "custom", "start": "2026-09-01T10:00Z", "end": "2026-09-01T11:00Z"}, now)
+    recent = ranges.window_from({"range": "custom", "start": "2026-11-28T10:00Z", "end": "2026-11-28T11:00Z"}, now)
+    assert (old.bucket, recent.bucket) == (3600, 60)
