@@ -38,6 +38,10 @@
   const LIVE_MS = 5000;
   const charts = {};
   const number = new Intl.NumberFormat();
+  // Times read as the server's TIME_ZONE shows them (the chart labels come from the server).
+  const zone = root.dataset.timeZone || "UTC";
+  const dateTime = new Intl.DateTimeFormat(undefined, { timeZone: zone, dateStyle: "medium", timeStyle: "short" });
+  const clock = new Intl.DateTimeFormat(undefined, { timeZone: zone, timeStyle: "medium" });
 
   // --- state: the range and host, kept in the address so that a view can be shared ------
 
@@ -181,7 +185,7 @@
   function circuitText(circuit) {
     if (circuit.state !== "open") return "closed";
     const until = new Date(circuit.until);
-    return "open until " + until.toLocaleTimeString() + " (" + circuit.failures + " failures in a row)";
+    return "open until " + clock.format(until) + " (" + circuit.failures + " failures in a row)";
   }
 
   async function loadHosts(query) {
@@ -230,7 +234,7 @@
       const row = document.createElement("tr");
       const id = document.createElement("td");
       id.append(postbackLink(a.postback_id));
-      row.append(cell("td", new Date(a.delivered_at).toLocaleString()), id, cell("td", String(a.attempt)),
+      row.append(cell("td", dateTime.format(new Date(a.delivered_at))), id, cell("td", String(a.attempt)),
         cell("td", a.outcome), cell("td", a.why, "text"));
       return row;
     });
@@ -259,7 +263,7 @@
   function describeRange(range) {
     const start = new Date(range.start);
     const end = new Date(range.end);
-    return start.toLocaleString() + " – " + end.toLocaleString();
+    return dateTime.format(start) + " – " + dateTime.format(end);
   }
 
   function markRange(query) {
@@ -290,7 +294,7 @@
     if (first.status === "fulfilled") {
       document.getElementById("range-text").textContent = describeRange(first.value.window);
     }
-    document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    document.getElementById("updated").textContent = "updated " + clock.format(new Date());
     root.dataset.refreshes = String(Number(root.dataset.refreshes || 0) + 1);
   }
 

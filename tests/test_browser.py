@@ -1,0 +1,119 @@
+"""The dashboard as a person uses it, in a real browser (Debian's Chromium, through Playwright):
+log in, read the charts after real deliveries, switch the range, open a failed postback,
+replay it, and see the new attempt. Saves a screenshot of the dashboard to var/screenshots/."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import User
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from delivery.models import DeliveryAttempt
+from postbackproject.settings import BASE_DIR
+from tests.conftest import Reply, deliver_everything, ingest_json
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHROMIUM = "/usr/bin/chromium"
+# The machine has no network: nothing in the browser may try to reach out.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = BASE_DIR / "var" / "screenshots"
+
+
+@pytest.fixture
+def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
+    # Playwright's sync API runs an event loop in this thread; the test's own database calls
+    # are still plain synchronous ones, between browser steps.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (deploy/test.sh does)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+def chart_total(page: Page, chart: str, label: str) -> float:
+    """The sum of one series as Chart.js holds it: what the chart draws."""
+    return float(
+        page.evaluate(
+            """([chart, label]) => {
+                const found = Chart.getChart("chart-" + chart).data.datasets.find((d) => d.label === label);
+                return found.data.reduce((sum, value) => sum + (value || 0), 0);
+            }""",
+            [chart, label],
+        )
+    )
+
+
+def wait_for_refresh(page: Page, before: int) -> None:
+    page.wait_for_function(f"() => Number(document.getElementById('dashboard').dataset.refreshes || 0) > {before}")
+
+
+def refreshes(page: Page) -> int:
+    return int(page.evaluate("() => Number(document.getElementById('dashboard').dataset.refreshes || 0)"))
+
+
+def test_an_analyst_reads_the_dashboard_and_replays_a_failed_postback(live_server, client, receiver, browser):
+    User.objects.create_superuser("analyst", "analyst@example.com", "a-long-test-password")
+    receiver.answer(Reply(404, body=b"no such campaign"))
+    document = {"endpoint": {"method": "GET", "url": receiver.url("/p?n={n}")}, "data": [{"n": n} for n in range(3)]}
+    assert ingest_json(client, document).status_code == 202
+    deliver_everything()
+    failed = DeliveryAttempt.objects.get(outcome="failed")
+    delivered = DeliveryAttempt.objects.filter(outcome="success").count()
+    assert delivered == 2
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{live_server.url}/dashboard/?range=1h")
+    expect(page.locator("#site-name")).to_have_text("Postback delivery")  # the login page
+    page.fill("#id_username", "analyst")
+    page.fill("#id_password", "a-long-test-password")
+    page.click("input[type=submit]")
+
+    wait_for_refresh(page, 0)
+    assert chart_total(page, "volume", "delivered") == delivered
+    assert chart_total(page, "volume", "failed") == 1
+    assert chart_total(page, "volume", "accepted") == 3
+    assert chart_total(page, "codes", "4xx") == 1
+    footer = page.locator("#table-volume tfoot td")
+    expect(footer.nth(0)).to_have_text("3")  # accepted, in the table beside the chart
+    expect(footer.nth(1)).to_have_text(str(delivered))
+    host = f"127.0.0.1:{receiver.port}"
+    host_row = page.locator("#table-hosts tbody tr", has_text=host)
+    expect(host_row.locator("td").nth(0)).to_have_text("3")
+
+    before = refreshes(page)
+    page.click("button[data-range='24h']")
+    wait_for_refresh(page, before)
+    expect(page.locator("button[data-range='24h']")).to_have_attribute("aria-pressed", "true")
+    assert "range=24h" in page.url
+    assert len(page.evaluate("() => Chart.getChart('chart-volume').data.labels")) == 96
+    assert chart_total(page, "volume", "delivered") == delivered
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+    before = refreshes(page)
+    host_row.locator("a").click()  # one host: its charts and why it failed
+    wait_for_refresh(page, before)
+    expect(page.locator("#host-name")).to_have_text(host)
+    expect(page.locator("#table-reasons tbody")).to_contain_text("HTTP 404: no such campaign")
+    page.locator("#table-latest a", has_text=failed.postback_id).click()
+
+    expect(page.locator("h1")).to_contain_text(failed.postback_id)
+    expect(page.locator("#attempts tbody tr")).to_have_count(1)
+    page.click("#replay")
+    expect(page.locator(".messages")).to_contain_text("queued again")
+    deliver_everything()
+    page.reload()
+    expect(page.locator("#attempts tbody tr")).to_have_count(2)
+    expect(page.locator("#attempts tbody tr").nth(1)).to_contain_text("success")
+    expect(page.locator("#replay")).to_have_count(0)
