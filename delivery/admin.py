@@ -63,17 +63,7 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
 class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     # Fits 1280 px beside the filters: long URLs and errors are cut (the row's page and the
     # dashboard's postback page show them whole).
-    list_display = [
-        "started",
-        "postback",
-        "attempt",
-        "method",
-        "short_url",
-        "response_code",
-        "response_time_ms",
-        "outcome",
-        "short_why",
-    ]
+    list_display = ["started", "postback", "try_number", "request", "code", "ms", "outcome", "short_why"]
     list_display_links = ["started"]
     list_filter = ["outcome", "response_code", "method", "delivered_at"]
     # "=" makes the id an exact (indexed) lookup; URLs are matched by prefix.
@@ -150,20 +140,35 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
 
     @admin.display(description="started", ordering="delivered_at")
     def started(self, obj: DeliveryAttempt) -> str:
-        return localtime(obj.delivered_at).strftime("%Y-%m-%d %H:%M:%S")
+        return localtime(obj.delivered_at).strftime("%m-%d %H:%M:%S")  # the year is in the date bar above
 
     @admin.display(description="postback", ordering="postback_id")
     def postback(self, obj: DeliveryAttempt) -> str:
+        """Cut to its start (ids run to 34 characters); the link leads to its page."""
         url = reverse("dashboard:postback", args=[obj.postback_id])
-        return format_html('<a href="{}" title="Its page: every attempt, and replay">{}</a>', url, obj.postback_id)
+        return format_html(
+            '<a href="{}" title="{}: every attempt, and replay">{}</a>', url, obj.postback_id, _cut(obj.postback_id, 14)
+        )
 
-    @admin.display(description="URL")
-    def short_url(self, obj: DeliveryAttempt) -> str:
-        return _cut(obj.url, 48)
+    @admin.display(description="request")
+    def request(self, obj: DeliveryAttempt) -> str:
+        return f"{obj.method} {_cut(obj.url, 30)}"
+
+    @admin.display(description="try", ordering="attempt")
+    def try_number(self, obj: DeliveryAttempt) -> int:
+        return obj.attempt
+
+    @admin.display(description="code", ordering="response_code")
+    def code(self, obj: DeliveryAttempt) -> int | None:
+        return obj.response_code
+
+    @admin.display(description="ms", ordering="response_time_ms")
+    def ms(self, obj: DeliveryAttempt) -> float | None:
+        return obj.response_time_ms
 
     @admin.display(description="error")
     def short_why(self, obj: DeliveryAttempt) -> str:
-        return _cut(obj.why(), 48)
+        return _cut(obj.why(), 60)
 
     class Media:
         css = {"all": ["delivery/admin.css"]}

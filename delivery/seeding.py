@@ -196,7 +196,9 @@ class Generator:
         outcome: str,
         error: str = "",
     ) -> Row:
-        reply = {None: "", 200: "ok", 204: "", 404: "not found", 410: "gone"}.get(code, "upstream unavailable")
+        reply = {None: "", 200: "ok", 204: "", 400: "bad request", 404: "not found", 410: "gone"}.get(
+            code, "upstream unavailable"
+        )
         if outcome == Outcome.DEFERRED:
             error = f"not sent: circuit open for {host.host} after failures in a row (deferred)"
         at = datetime.fromtimestamp(when, UTC)

@@ -117,3 +117,11 @@ def test_an_analyst_reads_the_dashboard_and_replays_a_failed_postback(live_serve
     expect(page.locator("#attempts tbody tr")).to_have_count(2)
     expect(page.locator("#attempts tbody tr").nth(1)).to_contain_text("success")
     expect(page.locator("#replay")).to_have_count(0)
+
+    page.goto(f"{live_server.url}/admin/delivery/deliveryattempt/")  # fits 1280 px, error column and all
+    expect(page.locator("#result_list tbody tr")).to_have_count(4)
+    expect(page.locator("#result_list")).to_contain_text("HTTP 404: no such campaign")
+    error_column = page.locator("#result_list th.column-short_why").bounding_box()
+    assert error_column is not None and error_column["x"] + error_column["width"] <= 1280
+    page.click("text=Dashboard")
+    expect(page.locator("#dashboard")).to_have_count(1)
