@@ -71,8 +71,8 @@ def success(window: Window, host: str | None) -> dict[str, Any]:
     buckets = aggregates.per_bucket(window, host)
     whole = aggregates.total(buckets)
     series = [
-        line("attempts", "attempts that succeeded (%)", [bucket.success_rate() for bucket in buckets]),
-        line("postbacks", "finished postbacks delivered (%)", [delivered_rate(bucket) for bucket in buckets]),
+        line("attempts", "attempts succeeded", [bucket.success_rate() for bucket in buckets]),
+        line("postbacks", "postbacks delivered", [delivered_rate(bucket) for bucket in buckets]),
     ]
     return chart(window, series, totals={"attempts": whole.success_rate(), "postbacks": delivered_rate(whole)})
 

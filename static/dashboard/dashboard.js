@@ -30,7 +30,7 @@
   };
   const CHARTS = {
     volume: { type: "line", unit: "" },
-    success: { type: "line", unit: "%", min: 0, max: 100 },
+    success: { type: "line", unit: "%", max: 100, fromZero: false },
     latency: { type: "line", unit: " ms", min: 0 },
     codes: { type: "bar", unit: "", stacked: true },
   };
@@ -121,7 +121,7 @@
         plugins: { legend: { labels: { usePointStyle: true } } },
         scales: {
           x: { stacked: !!kind.stacked, ticks: { maxRotation: 0, autoSkip: true, maxTicksLimit: 8 } },
-          y: { stacked: !!kind.stacked, min: kind.min, max: kind.max, beginAtZero: true },
+          y: { stacked: !!kind.stacked, min: kind.min, max: kind.max, beginAtZero: kind.fromZero !== false },
         },
       },
     });
