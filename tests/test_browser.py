@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connections
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from pytest_django.live_server_helper import LiveServer
 
 from delivery.models import DeliveryAttempt
 from postbackproject.settings import BASE_DIR
@@ -26,6 +28,18 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOTS = BASE_DIR / "var" / "screenshots"
+
+
+@pytest.fixture
+def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveServer]:
+    """The web app on a free port, for this test only. Its request threads close their
+    database connections after each request: threads kept for the browser's keep-alive
+    connections would otherwise hold one past the session, and PostgreSQL would refuse to
+    drop the test database."""
+    monkeypatch.setitem(connections.settings["default"], "CONN_MAX_AGE", 0)
+    server = LiveServer("localhost")
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -62,7 +76,7 @@ def refreshes(page: Page) -> int:
     return int(page.evaluate("() => Number(document.getElementById('dashboard').dataset.refreshes || 0)"))
 
 
-def test_an_analyst_reads_the_dashboard_and_replays_a_failed_postback(live_server, client, receiver, browser):
+def test_an_analyst_reads_the_dashboard_and_replays_a_failed_postback(site, client, receiver, browser):
     User.objects.create_superuser("analyst", "analyst@example.com", "a-long-test-password")
     receiver.answer(Reply(404, body=b"no such campaign"))
     document = {"endpoint": {"method": "GET", "url": receiver.url("/p?n={n}")}, "data": [{"n": n} for n in range(3)]}
@@ -73,7 +87,7 @@ def test_an_analyst_reads_the_dashboard_and_replays_a_failed_postback(live_serve
     assert delivered == 2
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(f"{live_server.url}/dashboard/?range=1h")
+    page.goto(f"{site.url}/dashboard/?range=1h")
     expect(page.locator("#site-name")).to_have_text("Postback delivery")  # the login page
     page.fill("#id_username", "analyst")
     page.fill("#id_password", "a-long-test-password")
@@ -118,7 +132,7 @@ def test_an_analyst_reads_the_dashboard_and_replays_a_failed_postback(live_serve
     expect(page.locator("#attempts tbody tr").nth(1)).to_contain_text("success")
     expect(page.locator("#replay")).to_have_count(0)
 
-    page.goto(f"{live_server.url}/admin/delivery/deliveryattempt/")  # fits 1280 px, error column and all
+    page.goto(f"{site.url}/admin/delivery/deliveryattempt/")  # fits 1280 px, error column and all
     expect(page.locator("#result_list tbody tr")).to_have_count(4)
     expect(page.locator("#result_list")).to_contain_text("HTTP 404: no such campaign")
     error_column = page.locator("#result_list th.column-short_why").bounding_box()
