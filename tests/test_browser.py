@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.models import User
 from django.db import connections
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from pytest_django.live_server_helper import LiveServer
 
 from delivery.models import DeliveryAttempt
@@ -28,6 +28,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOTS = BASE_DIR / "var" / "screenshots"
+# The policy the dashboard must work under: its scripts and styles come from static files only.
+CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'"
 
 
 @pytest.fixture
@@ -68,6 +70,11 @@ def chart_total(page: Page, chart: str, label: str) -> float:
     )
 
 
+def with_csp(route: Route) -> None:
+    response = route.fetch()
+    route.fulfill(response=response, headers={**response.headers, "content-security-policy": CSP})
+
+
 def wait_for_refresh(page: Page, before: int) -> None:
     page.wait_for_function(f"() => Number(document.getElementById('dashboard').dataset.refreshes || 0) > {before}")
 
@@ -87,6 +94,11 @@ def test_an_analyst_reads_the_dashboard_and_replays_a_failed_postback(site, clie
     assert delivered == 2
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.route("**/dashboard/**", with_csp)  # the dashboard's pages and API, as if served with a CSP
+    refused: list[str] = []
+    page.on(
+        "console", lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None
+    )
     page.goto(f"{site.url}/dashboard/?range=1h")
     expect(page.locator("#site-name")).to_have_text("Postback delivery")  # the login page
     page.fill("#id_username", "analyst")
@@ -131,6 +143,7 @@ def test_an_analyst_reads_the_dashboard_and_replays_a_failed_postback(site, clie
     expect(page.locator("#attempts tbody tr")).to_have_count(2)
     expect(page.locator("#attempts tbody tr").nth(1)).to_contain_text("success")
     expect(page.locator("#replay")).to_have_count(0)
+    assert refused == []  # nothing inline was blocked
 
     page.goto(f"{site.url}/admin/delivery/deliveryattempt/")  # fits 1280 px, error column and all
     expect(page.locator("#result_list tbody tr")).to_have_count(4)
