@@ -1,13 +1,16 @@
 """Admin: the delivery settings (one row), the read-only attempt log and the open circuits."""
 
 from datetime import UTC, datetime
+from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.core.paginator import Paginator
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.timezone import localtime
@@ -17,6 +20,7 @@ from delivery.circuit import close_circuits, open_circuits
 from delivery.forms import BulkReplayForm, DeliverySettingsForm
 from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings, QueueMonitor
 from delivery.replay import failed_between, replay
+from postbackproject.postback import METHODS
 
 
 @admin.register(DeliverySettings)
@@ -59,18 +63,61 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
         return False
 
 
+class CappedPaginator(Paginator):  # type: ignore[type-arg]
+    """Counts at most CAP + 1 rows: a COUNT(*) over 5 million attempts took 1.7 s on SQLite,
+    on every page of the list, and nobody pages through more than 200 pages of 50."""
+
+    CAP = 10_000
+
+    @cached_property
+    def count(self) -> int:
+        rows: QuerySet[DeliveryAttempt] = self.object_list  # type: ignore[assignment]
+        return rows[: self.CAP + 1].count()
+
+
+class StatusClassFilter(admin.SimpleListFilter):
+    title = "response"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("2xx", "2xx"), ("3xx", "3xx"), ("4xx", "4xx"), ("5xx", "5xx"), ("none", "no response")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[DeliveryAttempt]) -> QuerySet[DeliveryAttempt]:
+        value = self.value()
+        if value == "none":
+            return queryset.filter(response_code__isnull=True)
+        if value in {"2xx", "3xx", "4xx", "5xx"}:
+            low = int(value[0]) * 100
+            return queryset.filter(response_code__gte=low, response_code__lt=low + 100)
+        return queryset
+
+
+class MethodFilter(admin.SimpleListFilter):
+    title = "method"
+    parameter_name = "method"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(method, method) for method in sorted(METHODS)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[DeliveryAttempt]) -> QuerySet[DeliveryAttempt]:
+        return queryset.filter(method=self.value()) if self.value() else queryset
+
+
 @admin.register(DeliveryAttempt)
 class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     # Fits 1280 px beside the filters: long URLs and errors are cut (the row's page and the
     # dashboard's postback page show them whole).
     list_display = ["started", "postback", "try_number", "request", "code", "ms", "outcome", "short_why"]
     list_display_links = ["started"]
-    list_filter = ["outcome", "response_code", "method", "delivered_at"]
-    # "=" makes the id an exact (indexed) lookup; URLs are matched by prefix.
-    search_fields = ["=postback_id", "^url"]
-    date_hierarchy = "delivered_at"
+    # Filters with fixed choices: a filter listing the values found (response codes, methods)
+    # or a date bar reads every row of the table for them, 20 s with 5 million rows on SQLite.
+    list_filter = ["outcome", StatusClassFilter, MethodFilter, "delivered_at"]
+    # Exact matches only (get_search_results): both are indexed, a LIKE on the URL is not.
+    search_fields = ["postback_id", "host"]
+    search_help_text = "A postback id, or a destination host[:port] (exactly)."
     list_per_page = 50
     show_full_result_count = False  # COUNT(*) over millions of rows on every page is slow
+    paginator = CappedPaginator
     actions = ["replay_postbacks"]
 
     @admin.action(description="Replay the selected postbacks that failed for good", permissions=["replay"])
@@ -87,6 +134,16 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("delivery.replay_postback")
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[DeliveryAttempt], search_term: str
+    ) -> tuple[QuerySet[DeliveryAttempt], bool]:
+        """The attempts of a postback or to a host: equality, so that an index answers
+        (Django's own search lowercases or pattern-matches, which reads the whole table)."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(postback_id=term) | Q(host=term.lower())), False
 
     def get_urls(self) -> list[URLPattern]:
         replay_view = self.admin_site.admin_view(self.replay_view)

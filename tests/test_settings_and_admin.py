@@ -8,6 +8,7 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
 
+from delivery.admin import CappedPaginator
 from delivery.models import DeliveryAttempt, DeliverySettings
 
 pytestmark = pytest.mark.django_db
@@ -170,3 +171,45 @@ def test_the_attempt_list_shows_why_and_links_to_the_postback_page(staff_client)
     assert "HTTP 503: down for maintenance" in page
     assert 'href="/dashboard/postbacks/p-1/"' in page
     assert "x" * 50 not in page  # the URL is cut to fit
+
+
+def test_the_attempt_list_filters_by_status_class_and_method_and_finds_a_host(staff_client):
+    for pid, code, method, host in [
+        ("a", 200, "GET", "a.example"),
+        ("b", 404, "POST", "b.example"),
+        ("c", None, "GET", "b.example"),
+    ]:
+        DeliveryAttempt.objects.create(
+            postback_id=pid,
+            attempt=1,
+            method=method,
+            url=f"http://{host}/{pid}",
+            host=host,
+            delivered_at=timezone.now(),
+            response_code=code,
+            outcome="success" if code == 200 else "failed",
+        )
+
+    def listed(**params: str) -> set[str]:
+        page = staff_client.get("/admin/delivery/deliveryattempt/", params).content.decode()
+        return {pid for pid in "abc" if f"/dashboard/postbacks/{pid}/" in page}
+
+    assert listed(status="4xx") == {"b"}
+    assert listed(status="none") == {"c"}
+    assert listed(method="POST") == {"b"}
+    assert listed(q="B.example") == {"b", "c"}
+    assert listed(q="a") == {"a"}
+
+
+def test_the_attempt_list_counts_only_so_far(monkeypatch):
+    monkeypatch.setattr(CappedPaginator, "CAP", 2)
+    for n in range(5):
+        DeliveryAttempt.objects.create(
+            postback_id=f"p{n}",
+            attempt=1,
+            method="GET",
+            url="http://e/",
+            delivered_at=timezone.now(),
+            outcome="success",
+        )
+    assert CappedPaginator(DeliveryAttempt.objects.all(), 50).count == 3
