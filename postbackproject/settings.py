@@ -117,7 +117,9 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-LOGIN_URL = "admin:login"
+# The dashboard's sign-in (admin's login page admits staff only; analysts need not be staff).
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard:index"
 
 LANGUAGE_CODE = "en-us"
 # Times are stored and queried in UTC; pages show them in this zone (the dashboard's days too).

@@ -1,6 +1,7 @@
 """URL routes: ingestion at the root (the senders' contract), dashboards and admin behind a login."""
 
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path, reverse_lazy
 from django.views.generic import RedirectView
 
@@ -22,6 +23,20 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),
+    # Anyone with an account signs in here for the dashboard; admin's own login admits staff only.
+    path(
+        "login/",
+        auth_views.LoginView.as_view(
+            template_name="admin/login.html",
+            redirect_authenticated_user=True,
+            extra_context={
+                "site_header": admin.site.site_header,
+                "site_title": admin.site.site_title,
+                "title": "Log in",
+            },
+        ),
+        name="login",
+    ),
     path("dashboard/", include("dashboard.urls")),
     path("admin/rq/", include("django_rq.urls")),
     path("admin/", admin.site.urls),

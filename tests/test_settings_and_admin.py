@@ -213,3 +213,17 @@ def test_the_attempt_list_counts_only_so_far(monkeypatch):
             outcome="success",
         )
     assert CappedPaginator(DeliveryAttempt.objects.all(), 50).count == 3
+
+
+def test_an_analyst_who_is_not_staff_signs_in_to_the_dashboard():
+    User.objects.create_user("analyst", password="a-long-test-password")
+    browser = Client()
+    page = browser.get("/dashboard/", follow=True)
+    assert page.redirect_chain[-1][0].startswith("/login/?next=/dashboard/")
+    assert "Postback delivery" in page.content.decode()
+
+    signed_in = browser.post(
+        "/login/?next=/dashboard/", {"username": "analyst", "password": "a-long-test-password"}, follow=True
+    )
+    assert signed_in.redirect_chain[-1][0] == "/dashboard/"
+    assert browser.get("/admin/").status_code == 302  # admin stays for staff
