@@ -6,9 +6,9 @@ can write, so anything not shaped as we write it raises ValueError, and the drai
 entry aside instead of failing on it.
 """
 
-from delivery.templating import render_url
 from postbackproject import inbox
 from postbackproject.postback import METHODS, METHODS_WITH_BODY, Try, dumps_data_object, loads_keeping_numbers
+from postbackproject.templating import render_url
 
 
 def entry_tries(entry: inbox.Entry, unmatched_default: str) -> list[Try]:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from delivery.templating import render_url
 from postbackproject.postback import JsonNumber, dumps_data_object, loads_data_object, loads_keeping_numbers
+from postbackproject.templating import render_url
 
 SAMPLE = "http://sample_domain_endpoint.com/data?key={key}&value={value}&foo={bar}"
 
