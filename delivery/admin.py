@@ -28,7 +28,7 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
     form = DeliverySettingsForm
     fieldsets = [
         ("Retries", {"fields": ["max_attempts", "backoff_base_seconds", "backoff_factor", "backoff_max_seconds"]}),
-        ("URL values", {"fields": ["unmatched_default"]}),
+        ("URL values", {"fields": ["unmatched_default", "max_url_bytes"]}),
         (
             "Requests",
             {

@@ -12,6 +12,7 @@ EDITABLE_FIELDS = [
     "backoff_factor",
     "backoff_max_seconds",
     "unmatched_default",
+    "max_url_bytes",
     "connect_timeout_seconds",
     "read_timeout_seconds",
     "total_timeout_seconds",

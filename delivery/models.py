@@ -48,6 +48,13 @@ class DeliverySettings(models.Model):
         help_text="Value for a {placeholder} that the data object does not have or sets to null. "
         "Percent-encoded like any other value.",
     )
+    max_url_bytes = models.PositiveIntegerField(
+        default=16 * 1024,
+        validators=[MinValueValidator(256), MaxValueValidator(1024 * 1024)],
+        help_text="Longest URL a postback may be sent to, in bytes, once its values are filled in. "
+        "Ingestion refuses a data object whose URL would be longer; delivery checks again and "
+        "records a failed attempt without sending.",
+    )
     connect_timeout_seconds = models.FloatField(
         default=5,
         validators=[MinValueValidator(0.1), MaxValueValidator(60)],

@@ -88,6 +88,7 @@ def test_the_settings_admin_opens_the_one_row_and_saves_with_validation(staff_cl
         "backoff_factor": "4",
         "backoff_max_seconds": "3600",
         "unmatched_default": "",
+        "max_url_bytes": "16384",
         "connect_timeout_seconds": "5",
         "read_timeout_seconds": "10",
         "total_timeout_seconds": "15",
