@@ -33,6 +33,17 @@ def failed_postbacks(postback_ids: Iterable[str]) -> list[DeliveryAttempt]:
     return [row for row in latest.values() if row.outcome == Outcome.FAILED]
 
 
+def unknown_postbacks(postback_ids: Iterable[str]) -> set[str]:
+    """Those of these ids that have no attempt on record: mistyped, or pruned."""
+    ids = set(postback_ids)
+    known: set[str] = set()
+    chunked = sorted(ids)
+    for start in range(0, len(chunked), REPLAY_CHUNK):
+        rows = DeliveryAttempt.objects.filter(postback_id__in=chunked[start : start + REPLAY_CHUNK])
+        known.update(rows.order_by().values_list("postback_id", flat=True).distinct())
+    return ids - known
+
+
 def failed_between(since: datetime, until: datetime | None = None, host: str = "", url_prefix: str = "") -> set[str]:
     """Postbacks with an attempt that failed for good in [since, until), optionally to one
     host (host[:port], as the attempt log shows it) or to URLs starting so. Whether each is

@@ -1,6 +1,8 @@
 """Replaying postbacks that failed for good: same id, same request, a fresh series of tries."""
 
 import io
+import subprocess
+import sys
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -10,7 +12,8 @@ from django.utils import timezone
 from delivery import replay as replay_module
 from delivery.models import DeliveryAttempt, DeliverySettings
 from postbackproject.queue import get_queue
-from tests.conftest import Receiver, Reply, deliver_everything, ingest_json
+from postbackproject.settings import BASE_DIR
+from tests.conftest import Receiver, Reply, deliver_everything, ingest_json, service_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -68,7 +71,8 @@ def test_only_postbacks_that_failed_for_good_are_replayed(client, receiver):
     ]
     deliver_everything()
 
-    assert "0 of 2 postbacks queued" in replay_command(pid, "no-such-id")
+    answer = replay_command(pid, "no-such-id")
+    assert "0 of 2 postbacks queued again; 1 unknown, with no attempt on record: no-such-id; 1 had not failed" in answer
     assert get_queue().count == 0
 
 
@@ -90,6 +94,30 @@ def test_the_command_explains_its_arguments():
         replay_command()
     with pytest.raises(CommandError, match="ISO 8601"):
         replay_command("--since", "yesterday")
+    with pytest.raises(CommandError, match="ISO 8601"):
+        replay_command("--since", "2026-02-30T00:00Z")
+
+
+def test_a_bad_time_on_the_command_line_gets_the_message_alone():
+    """As typed in a shell: the usage line and the message, no traceback."""
+    finished = subprocess.run(
+        [sys.executable, str(BASE_DIR / "manage.py"), "replay", "--since", "2026-11-28 nine"],
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2
+    assert "argument --since: use an ISO 8601 time with its zone" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_a_date_means_its_midnight_in_the_configured_zone(client, receiver, settings):
+    settings.TIME_ZONE = "Europe/Paris"
+    pid = failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url("/d")}, "data": [{}]})
+    DeliveryAttempt.objects.filter(postback_id=pid).update(delivered_at="2026-11-27T23:30Z")  # 00:30 in Paris
+
+    assert "1 of 1 postbacks queued" in replay_command("--since", "2026-11-28")
 
 
 def test_staff_with_the_permission_replay_from_admin(client, receiver):
