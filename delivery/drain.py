@@ -27,7 +27,7 @@ from django.db import DatabaseError
 from redis.exceptions import ResponseError
 
 from delivery.circuit import Circuits, HostReport
-from delivery.engine import Engine, Finished, Work
+from delivery.engine import Engine, Finished, Work, refused_try
 from delivery.entries import entry_tries
 from delivery.models import DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
@@ -221,10 +221,11 @@ class Drainer:
         """Turn entries into work for the engine; tries come round again only after a check."""
         for entry in entries:
             try:
-                tries = entry_tries(entry, config.unmatched_default)
+                asked = entry_tries(entry, config)
             except ValueError as exc:
                 self._reject(entry, str(exc))
                 continue
+            tries = asked.tries
             self.postbacks_per_entry = 0.9 * self.postbacks_per_entry + 0.1 * len(tries)
             state = EntryState(entry.id, 0)
             if reclaimed or entry.kind == "t":
@@ -240,7 +241,13 @@ class Drainer:
             state.outstanding = len(tries)
             if not tries:
                 self._entry_done(state)
-            self.engine.add((Work(item, state) for item in tries), config)
+            refused = [
+                refused_try(Work(item, state), asked.refused[item.postback_id])
+                for item in tries
+                if item.postback_id in asked.refused
+            ]
+            self._collect(refused, config)
+            self.engine.add((Work(item, state) for item in tries if item.postback_id not in asked.refused), config)
 
     def _reject(self, entry: inbox.Entry, why: str) -> None:
         """Set an entry aside, kept whole for a person to read: it is not ours, or it has

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.utils import timezone
+
 from delivery.circuit import Circuits
 from delivery.hosts import InFlightLimit, host_of
 from delivery.models import DeliverySettings
@@ -44,6 +46,12 @@ class Finished:
     response: Response | None
     deferred_until: float = 0.0  # Unix time, when deferred
     reason: str = ""
+
+
+def refused_try(work: Work, why: str) -> Finished:
+    """A try that must not be sent (its URL cannot be): over at once, failed for good."""
+    response = Response(delivered_at=timezone.now(), status=None, elapsed_ms=0.0, error=f"not sent: {why}")
+    return Finished(work, response)
 
 
 # Hosts whose earned in-flight limit is remembered while they have nothing to send.

@@ -4,14 +4,37 @@ Ingestion writes request entries (`postbackproject.inbox.request_entries`) and t
 writes entries of tries that came due. Both come back from Redis, which whoever reaches it
 can write, so anything not shaped as we write it raises ValueError, and the drainer sets the
 entry aside instead of failing on it.
+
+A postback whose URL cannot be sent (longer than `max_url_bytes` once rendered, or a rendered
+host that is not a host) is refused here, before anything is built or sent: the drainer
+records a failed attempt for it saying why.
 """
 
+from dataclasses import dataclass, field
+
+from delivery.models import DeliverySettings
 from postbackproject import inbox
-from postbackproject.postback import METHODS, METHODS_WITH_BODY, Try, dumps_data_object, loads_keeping_numbers
-from postbackproject.templating import render_url
+from postbackproject.endpoints import InvalidEndpoint, check_authority, split_url
+from postbackproject.postback import (
+    METHODS,
+    METHODS_WITH_BODY,
+    DataObject,
+    Try,
+    dumps_data_object,
+    loads_keeping_numbers,
+)
+from postbackproject.templating import Template, compile_template, render_url, rendered_length
 
 
-def entry_tries(entry: inbox.Entry, unmatched_default: str) -> list[Try]:
+@dataclass
+class EntryTries:
+    """What an entry asks for: tries to send, and those refused (postback id -> why)."""
+
+    tries: list[Try]
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def entry_tries(entry: inbox.Entry, config: DeliverySettings) -> EntryTries:
     """The tries an entry asks for: a request's first tries, or tries that came due."""
     try:
         document = loads_keeping_numbers(entry.payload)
@@ -20,13 +43,14 @@ def entry_tries(entry: inbox.Entry, unmatched_default: str) -> list[Try]:
     if entry.kind == "t":
         if not isinstance(document, list):
             raise ValueError("a tries entry is a list")
-        return [Try.from_fields(fields) for fields in document]
+        tries = [Try.from_fields(fields) for fields in document]
+        return EntryTries(tries, {item.postback_id: why for item in tries if (why := too_long(len(item.url), config))})
     if entry.kind == "r":
-        return request_tries(document, unmatched_default)
+        return request_tries(document, config)
     raise ValueError(f"unknown entry kind {entry.kind!r}")
 
 
-def request_tries(document: object, unmatched_default: str) -> list[Try]:
+def request_tries(document: object, config: DeliverySettings) -> EntryTries:
     """First tries of a request entry `[request id, first index, method, URL template, [objects]]`."""
     if not isinstance(document, list) or len(document) != 5:
         raise ValueError("a request entry has five fields")
@@ -35,12 +59,46 @@ def request_tries(document: object, unmatched_default: str) -> list[Try]:
         raise ValueError("a request entry starts with its id, first index and method")
     if not isinstance(template, str) or not isinstance(objects, list):
         raise ValueError("a request entry ends with its URL template and data objects")
+    try:
+        compiled = compile_template(template)
+    except InvalidEndpoint as exc:
+        raise ValueError(f"a request entry's URL template cannot be sent: {exc}") from exc
     with_body = method in METHODS_WITH_BODY
-    tries = []
+    found = EntryTries([])
     for index, data in enumerate(objects, start=int(start)):
         if not isinstance(data, dict) or not all(v is None or isinstance(v, (str, bool)) for v in data.values()):
             raise ValueError("a data object maps names to strings, numbers, booleans or null")
-        url = render_url(template, data, unmatched_default)
+        postback_id = inbox.postback_id(request_id, index)
+        url, refusal = first_url(compiled, data, config)
         body = dumps_data_object(data) if with_body else None
-        tries.append(Try(inbox.postback_id(request_id, index), 1, 0, method, url, body))
-    return tries
+        found.tries.append(Try(postback_id, 1, 0, method, url, body))
+        if refusal:
+            found.refused[postback_id] = refusal
+    return found
+
+
+def first_url(template: Template, data: DataObject, config: DeliverySettings) -> tuple[str, str]:
+    """The URL to send a postback to, and why it must not be sent (empty when it may).
+
+    Ingestion checked both already, with the settings of the time; these checks stand for
+    entries it did not write, and settings that changed since. A URL too long is not built:
+    the refused try carries its template instead.
+    """
+    length = rendered_length(template, data, config.unmatched_default)
+    if why := too_long(length, config):
+        return template.text, why
+    url = template.text
+    try:
+        url = render_url(template.text, data, config.unmatched_default)
+        if template.host_has_placeholders:
+            check_authority(split_url(url).authority)
+    except InvalidEndpoint as exc:
+        return url, f"invalid URL: {exc}"
+    return url, ""
+
+
+def too_long(length: int, config: DeliverySettings) -> str:
+    """Why a URL of this many bytes is not sent; empty when it may be."""
+    if length <= config.max_url_bytes:
+        return ""
+    return f"the URL would be {length} bytes, over max_url_bytes ({config.max_url_bytes})"

@@ -37,9 +37,18 @@ DATABASE_OUTAGE_SECONDS = 600
 _RETRY_WAITS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-def storable(text: str) -> str:
-    """Text every database accepts: NUL becomes the four characters `\\x00` and each unpaired
-    surrogate its `\\udXXX` escape; everything else is kept as it came."""
+# Longest texts a row keeps. URLs and request bodies are bounded before this (max_url_bytes,
+# INGEST_MAX_BODY_BYTES) and reply bodies by response_body_max_bytes; these bounds stand for
+# tries that came from Redis without passing those checks.
+TEXT_MAX_CHARS = 1024 * 1024
+ERROR_MAX_CHARS = 2000
+
+
+def storable(text: str, limit: int = TEXT_MAX_CHARS) -> str:
+    """Text every database accepts, at most `limit` characters: NUL becomes the four
+    characters `\\x00` and each unpaired surrogate its `\\udXXX` escape; everything else is
+    kept as it came."""
+    text = text[:limit]
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
     try:
@@ -80,7 +89,7 @@ def attempt_record(item: Try, host: str, response: Response, outcome: Outcome) -
         response.status,
         round(response.elapsed_ms, 2),
         storable(response.body),
-        storable(response.error),
+        storable(response.error, ERROR_MAX_CHARS),
         str(outcome),
     )
 
@@ -199,7 +208,7 @@ def _insert_one(row: Record) -> None:
         refusal = f"{type(exc).__name__}: {exc}"
     row.response_body = ""
     row.request_body = ""
-    row.error = storable(f"{row.error} [this row's texts were refused by the database: {refusal}]"[:2000])
+    row.error = storable(f"{row.error} [this row's texts were refused by the database: {refusal}]", ERROR_MAX_CHARS)
     try:
         _insert_counted([row])
     except (OperationalError, InterfaceError):

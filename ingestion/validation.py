@@ -6,9 +6,11 @@ can raise anything else for any input.
 
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from functools import lru_cache
 
-from postbackproject.postback import METHODS, JsonNumber, dumps_data_object, loads_keeping_numbers
+from postbackproject.endpoints import InvalidEndpoint, check_authority, split_url
+from postbackproject.postback import METHODS, DataObject, JsonNumber, dumps_data_object, loads_keeping_numbers
+from postbackproject.templating import Template, compile_template, encode_value, rendered_length
 
 MAX_URL_LENGTH = 8192
 # Python's \s is exactly str.isspace(): Unicode white space as well as ASCII.
@@ -24,22 +26,31 @@ class InvalidRequest(Exception):
 @dataclass(frozen=True)
 class IngestRequest:
     method: str
-    url: str
+    url: str  # the URL template as delivery renders it (any fragment dropped: never sent)
     data_texts: list[str]  # each data object as compact JSON, ready for the queue
 
 
-def parse_body(body: bytes, max_data_objects: int) -> IngestRequest:
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for: objects per request, and the URL each one renders to."""
+
+    max_data_objects: int
+    max_url_bytes: int
+    unmatched_default: str
+
+
+def parse_body(body: bytes, limits: Limits) -> IngestRequest:
     document = _parse_json(body)
     if not isinstance(document, dict):
         raise InvalidRequest(None, "body must be a JSON object with 'endpoint' and 'data'")
     endpoint = document.get("endpoint")
     if not isinstance(endpoint, dict):
         raise InvalidRequest("endpoint", "must be an object with 'method' and 'url'")
-    return IngestRequest(
-        method=_validate_method(endpoint.get("method")),
-        url=_validate_url(endpoint.get("url")),
-        data_texts=_validate_data(document.get("data"), max_data_objects),
-    )
+    method = _validate_method(endpoint.get("method"))
+    template = _validate_url(endpoint.get("url"))
+    objects = _validate_data(document.get("data"), limits.max_data_objects)
+    _check_rendered_lengths(body, template, objects, limits)
+    return IngestRequest(method, template.text, [_data_text(index, item) for index, item in enumerate(objects)])
 
 
 def _parse_json(body: bytes) -> object:
@@ -63,7 +74,9 @@ def _validate_method(method: object) -> str:
     return method.upper()
 
 
-def _validate_url(url: object) -> str:
+def _validate_url(url: object) -> Template:
+    """The template, if every URL it can render to can be sent. A host with placeholders is
+    checked once rendered, at delivery; every other host and port are checked here."""
     if not isinstance(url, str) or isinstance(url, JsonNumber) or not url:
         raise InvalidRequest("endpoint.url", "must be a non-empty string")
     if len(url) > MAX_URL_LENGTH:
@@ -71,17 +84,45 @@ def _validate_url(url: object) -> str:
     if not _is_utf8_encodable(url) or _SPACE_OR_CONTROL.search(url):
         raise InvalidRequest("endpoint.url", "must not contain spaces or control characters")
     try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        raise InvalidRequest("endpoint.url", f"is not a URL: {exc}") from exc
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidRequest("endpoint.url", "must be an absolute http:// or https:// URL")
-    if not parts.netloc:
-        raise InvalidRequest("endpoint.url", "must name a host")
-    return url
+        return checked_template(url)
+    except InvalidEndpoint as exc:
+        raise InvalidRequest("endpoint.url", str(exc)) from exc
 
 
-def _validate_data(data: object, max_data_objects: int) -> list[str]:
+@lru_cache(maxsize=1024)
+def checked_template(url: str) -> Template:
+    """A template whose host and port can be sent to (senders repeat theirs: cached)."""
+    template = compile_template(url)
+    if not template.host_has_placeholders:
+        check_authority(split_url(template.text).authority)
+    return template
+
+
+def _check_rendered_lengths(body: bytes, template: Template, objects: list[DataObject], limits: Limits) -> None:
+    """400 naming the first object whose URL would pass max_url_bytes.
+
+    No value is longer than the body, and none encodes to more than 3 bytes per byte of its
+    JSON text: when even that many bytes in every placeholder fit, no object needs a look
+    (most requests: a few short values).
+    """
+    longest = max(3 * len(body), len(encode_value(limits.unmatched_default)))
+    if template.literal_length + template.placeholders * longest <= limits.max_url_bytes:
+        return
+    for index, item in enumerate(objects):
+        _check_rendered_length(index, template, item, limits)
+
+
+def _check_rendered_length(index: int, template: Template, item: DataObject, limits: Limits) -> None:
+    length = rendered_length(template, item, limits.unmatched_default)
+    if length > limits.max_url_bytes:
+        raise InvalidRequest(
+            f"data[{index}]",
+            f"the URL for this object would be {length} bytes; at most {limits.max_url_bytes} are sent "
+            "(setting max_url_bytes)",
+        )
+
+
+def _validate_data(data: object, max_data_objects: int) -> list[DataObject]:
     if not isinstance(data, list) or not data:
         raise InvalidRequest("data", "must be a non-empty list of objects")
     if len(data) > max_data_objects:
@@ -92,11 +133,11 @@ def _validate_data(data: object, max_data_objects: int) -> list[str]:
         for key, value in item.items():
             if not (value is None or isinstance(value, (str, bool))):
                 raise InvalidRequest(f"data[{index}].{key}", "must be a string, number, boolean or null")
-    return [_data_text(index, item) for index, item in enumerate(data)]
+    return data  # values checked above
 
 
-def _data_text(index: int, item: dict[str, object]) -> str:
-    text = dumps_data_object(item)  # type: ignore[arg-type]  # values checked above
+def _data_text(index: int, item: DataObject) -> str:
+    text = dumps_data_object(item)
     if not _is_utf8_encodable(text):
         raise InvalidRequest(f"data[{index}]", "contains an unpaired UTF-16 surrogate escape")
     return text

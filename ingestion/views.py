@@ -13,7 +13,7 @@ from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
 from delivery.models import DeliverySettings
-from ingestion.validation import InvalidRequest, parse_body
+from ingestion.validation import InvalidRequest, Limits, parse_body
 from postbackproject.inbox import BacklogFull, NotReplicated, append_request, postback_id, request_entries
 from postbackproject.metrics import INGEST_REJECTED, INGESTED
 from postbackproject.queue import memory_gauge
@@ -78,13 +78,15 @@ def take(request: HttpRequest) -> Answer:
     body = read_body(request, settings.INGEST_MAX_BODY_BYTES)
     if body is None:
         return error(413, f"body is larger than {settings.INGEST_MAX_BODY_BYTES} bytes")
+    config = delivery_settings()
+    limits = Limits(settings.INGEST_MAX_DATA_OBJECTS, config.max_url_bytes, config.unmatched_default)
     try:
-        parsed = parse_body(body, settings.INGEST_MAX_DATA_OBJECTS)
+        parsed = parse_body(body, limits)
     except InvalidRequest as exc:
         return error(400, str(exc), field=exc.field)
 
     request_id = uuid.uuid4().hex
-    entries = request_entries(request_id, parsed.method, parsed.url, parsed.data_texts, batching_settings().batch_size)
+    entries = request_entries(request_id, parsed.method, parsed.url, parsed.data_texts, config.batch_size)
     try:
         if (reason := memory_gauge.full_reason()) is not None:
             return unavailable(reason)
@@ -147,7 +149,7 @@ def read_body(request: HttpRequest, limit: int) -> bytes | None:
     return None if len(body) > limit else body
 
 
-def batching_settings() -> DeliverySettings:
-    """Settings for cutting batches: readable while the database is down (the last ones read,
-    or the defaults), so ingestion keeps accepting."""
+def delivery_settings() -> DeliverySettings:
+    """Settings for checking URLs and cutting batches: readable while the database is down
+    (the last ones read, or the defaults), so ingestion keeps accepting."""
     return DeliverySettings.current()

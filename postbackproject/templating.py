@@ -1,19 +1,66 @@
-"""Turn a URL template and one data object into the URL to call, exactly as it is sent."""
+"""Turn a URL template and one data object into the URL to call, exactly as it is sent.
+
+Each value is percent-encoded as a whole, so a value can never add a path segment, a query
+parameter or a fragment: `/` becomes `%2F`, `?` `%3F`, `&` `%26`. A value that is `.` or `..`
+is encoded too (`%2E`, `%2E%2E`), so it cannot remove one either. The rendered URL is sent
+byte for byte as recorded: libcurl is told not to squash dot segments, and nothing here
+decodes what the template already escaped (`%41` stays `%41`).
+
+What one request can make the workers do is bounded: `rendered_length` tells, without
+building it, how long an object's URL would be, so that ingestion refuses one over
+`max_url_bytes` and delivery checks again before rendering.
+"""
 
 import re
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote
 
+from postbackproject.endpoints import InvalidEndpoint, ascii_host, split_url
 from postbackproject.postback import Scalar
 
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 # Characters a URL carries as they are. Everything else (non-ASCII, spaces, quotes, braces
 # left over from the template...) is percent-encoded as UTF-8, as browsers and `requests` do;
 # `%` stays, so escapes already in the template go out unchanged.
-URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
-_NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~!#$%&'()*+,/:;=?@\[\]]")
+URL_SAFE = "!$%&'()*+,/:;=?@[]~"
+_NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~!$%&'()*+,/:;=?@\[\]]")
 # Values made of these alone are the same percent-encoded (most values): no quote() call.
 _UNRESERVED = re.compile(r"[A-Za-z0-9\-._~]*")
+# Values that, alone in a path segment, would make it a dot segment that removes a segment.
+_DOT_SEGMENTS = {".": "%2E", "..": "%2E%2E"}
+
+
+@dataclass(frozen=True)
+class Template:
+    """An endpoint URL template, read once: what rendering and length checks need of it."""
+
+    text: str  # the template without its fragment (never sent)
+    literal_length: int  # bytes of the wire URL that come from the template itself
+    uses: Counter[str]  # placeholder name -> how many times it appears
+    placeholders: int
+    host_has_placeholders: bool  # then the rendered host is checked at delivery
+
+
+@lru_cache(maxsize=1024)
+def compile_template(text: str) -> Template:
+    """Read a template; InvalidEndpoint when it is not an absolute http(s) URL, or a host
+    with placeholders is not ASCII around them (its wire length could not be told ahead)."""
+    masked = PLACEHOLDER.sub(lambda match: "\0" * len(match.group()), text)
+    parts = split_url(text, masked)
+    host_has_placeholders = PLACEHOLDER.search(parts.authority) is not None
+    if host_has_placeholders and not parts.authority.isascii():
+        raise InvalidEndpoint("a host with {placeholders} must otherwise be ASCII")
+    names = [match.group(1) for match in PLACEHOLDER.finditer(parts.url)]
+    return Template(
+        text=parts.url,
+        literal_length=len(wire_url(PLACEHOLDER.sub("", parts.url))),
+        uses=Counter(names),
+        placeholders=len(names),
+        host_has_placeholders=host_has_placeholders,
+    )
 
 
 def scalar_text(value: Scalar) -> str | None:
@@ -25,6 +72,27 @@ def scalar_text(value: Scalar) -> str | None:
     return value
 
 
+def encode_value(value: str) -> str:
+    """A value percent-encoded as a whole: it stays inside the one URL component it fills."""
+    if _UNRESERVED.fullmatch(value):
+        return _DOT_SEGMENTS.get(value, value)
+    return quote(value, safe="")
+
+
+def rendered_length(template: Template, data: Mapping[str, Scalar], unmatched_default: str) -> int:
+    """Bytes of the URL `render_url` would make, computed from each value's encoded length
+    once, without building the URL: a 1 MB value named 2,000 times costs one encoding here."""
+    default = len(encode_value(unmatched_default))
+    length = template.literal_length + template.placeholders * default
+    names = template.uses.keys() if len(template.uses) < len(data) else data.keys()
+    for name in names:
+        uses = template.uses.get(name, 0)
+        text = scalar_text(data.get(name)) if uses else None
+        if text is not None:
+            length += uses * (len(encode_value(text)) - default)
+    return length
+
+
 def render_url(template: str, data: Mapping[str, Scalar], unmatched_default: str) -> str:
     """Replace every {name} in one pass with its value, percent-encoded as a whole.
 
@@ -34,24 +102,23 @@ def render_url(template: str, data: Mapping[str, Scalar], unmatched_default: str
 
     def substitute(match: re.Match[str]) -> str:
         text = scalar_text(data.get(match.group(1)))
-        value = unmatched_default if text is None else text
-        return value if _UNRESERVED.fullmatch(value) else quote(value, safe="")
+        return encode_value(unmatched_default if text is None else text)
 
-    return wire_url(PLACEHOLDER.sub(substitute, template))
+    return wire_url(PLACEHOLDER.sub(substitute, compile_template(template).text))
 
 
 def wire_url(url: str) -> str:
-    """The URL as it goes on the wire: ASCII only, a non-ASCII host in IDNA (punycode) form.
+    """The URL as it goes on the wire: ASCII only, a non-ASCII host in IDNA (punycode) form,
+    no fragment (HTTP never sends one).
 
-    Only characters outside URL_SAFE change; nothing is reordered or dropped (an empty `?`
-    stays), so the recorded URL is the one sent.
+    Only characters outside URL_SAFE change; nothing is reordered, decoded or dropped (an
+    empty `?` stays), so the recorded URL is the one sent. InvalidEndpoint when the host
+    cannot be written in ASCII.
     """
     if not _NEEDS_QUOTING.search(url):
         return url
-    scheme, separator, rest = url.partition("://")
-    end = min((index for index in (rest.find(c) for c in "/?#") if index >= 0), default=len(rest))
-    authority, tail = rest[:end], rest[end:]
-    return f"{scheme}{separator}{_wire_authority(authority)}{quote(tail, safe=URL_SAFE)}"
+    parts = split_url(url)
+    return f"{parts.scheme}://{_wire_authority(parts.authority)}{quote(parts.target, safe=URL_SAFE)}"
 
 
 def _wire_authority(authority: str) -> str:
@@ -61,8 +128,4 @@ def _wire_authority(authority: str) -> str:
     host, colon, port = hostport.rpartition(":")
     if not colon or not port.isdigit():
         host, colon, port = hostport, "", ""
-    try:
-        ascii_host = host.encode("idna").decode()
-    except UnicodeError:
-        ascii_host = quote(host, safe="")  # not a valid name: the request fails, and says so
-    return f"{quote(userinfo, safe=URL_SAFE)}{at}{ascii_host}{colon}{port}"
+    return f"{quote(userinfo, safe=URL_SAFE)}{at}{ascii_host(host)}{colon}{port}"

@@ -290,17 +290,18 @@ def test_each_attempt_is_one_json_log_line(client, receiver, caplog):
     assert {"method", "url", "delivered_at", "response_time_ms", "response_body", "error"} <= line.keys()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_private_addresses_are_refused_without_sending(client, receiver, settings, scheme):
+def test_private_addresses_are_refused_without_sending(client, receiver, settings, scheme, host):
     settings.DELIVERY_ALLOW_NETWORKS = []
-    document = {"endpoint": {"method": "GET", "url": f"{scheme}://2130706433:{receiver.port}/in"}, "data": [{}]}
+    document = {"endpoint": {"method": "GET", "url": f"{scheme}://{host}:{receiver.port}/in"}, "data": [{}]}
     [pid] = ingest_json(client, document).json()["postbacks"]
 
     deliver_everything()
 
     [attempt] = attempts_of(pid)
     assert attempt.outcome == "failed"
-    assert "127.0.0.1 is not public" in attempt.error
+    assert "is not public and not in DELIVERY_ALLOW_NETWORKS" in attempt.error
     assert receiver.requests == []
 
 

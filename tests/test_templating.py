@@ -1,9 +1,13 @@
 """URL rendering and the number-preserving data encoding (pure functions)."""
 
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postbackproject.postback import JsonNumber, dumps_data_object, loads_data_object, loads_keeping_numbers
-from postbackproject.templating import render_url
+from postbackproject.templating import compile_template, render_url, rendered_length
 
 SAMPLE = "http://sample_domain_endpoint.com/data?key={key}&value={value}&foo={bar}"
 
@@ -53,3 +57,64 @@ def test_data_objects_round_trip_with_numbers_untouched():
 def test_non_standard_constants_are_refused(constant):
     with pytest.raises(ValueError):
         loads_keeping_numbers(f'{{"a": {constant}}}')
+
+
+# --- what is recorded is what is sent ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "segment"), [(".", "%2E"), ("..", "%2E%2E"), ("...", "..."), (".a", ".a")])
+def test_a_value_can_never_be_a_dot_segment(value, segment):
+    assert render_url("http://h/a/{v}/b", {"v": value}, "") == f"http://h/a/{segment}/b"
+
+
+def test_escapes_in_the_template_go_out_as_written():
+    assert render_url("http://h/p%41th/%2e%2E?q=%zz", {}, "") == "http://h/p%41th/%2e%2E?q=%zz"
+
+
+def test_a_fragment_is_never_part_of_the_url_sent():
+    assert render_url("http://h/f?a={a}#part-{a}", {"a": "x#y"}, "") == "http://h/f?a=x%23y"
+    assert compile_template("http://h/{a#b}/x#frag").text == "http://h/{a#b}/x"
+
+
+def test_a_non_ascii_host_goes_out_in_its_idna_2008_form():
+    assert render_url("http://Bücher.example/faß", {}, "") == "http://xn--bcher-kva.example/fa%C3%9F"
+    assert render_url("http://faß.de/", {}, "") == "http://xn--fa-hia.de/"  # IDNA 2003 would send fass.de
+
+
+# --- properties ----------------------------------------------------------------------------
+
+# Values with every character class that matters: delimiters, escapes, dots, braces naming
+# other placeholders, non-ASCII, and text that looks like an escape.
+VALUES = st.one_of(
+    st.text(),
+    st.sampled_from([".", "..", "{a}", "{b}", "%41", "%", "/", "?", "#", "&", "=", "é", "\U0001f600", ""]),
+    st.lists(st.sampled_from([".", "/", "{", "}", "a", "%", "é", "b}"]), max_size=8).map("".join),
+)
+TEMPLATE = "http://h.example/x/{a}/{b}?q={a}&r={b}"
+
+
+@settings(max_examples=500, deadline=None)
+@given(a=VALUES, b=st.one_of(st.none(), VALUES), default=VALUES)
+def test_each_value_decodes_back_and_is_substituted_once(a, b, default):
+    url = render_url(TEMPLATE, {"a": a, "b": b}, default)
+    parts = urlsplit(url)
+    b_text = default if b is None else b
+    assert url.isascii() and (parts.scheme, parts.netloc) == ("http", "h.example")
+    assert parts.path.split("/")[1:] == ["x", encoded(a), encoded(b_text)]  # no segment added or removed
+    assert [unquote(segment) for segment in parts.path.split("/")[2:]] == [a, b_text]
+    assert parse_qsl(parts.query, keep_blank_values=True) == [("q", a), ("r", b_text)]
+    assert len(url) == rendered_length(compile_template(TEMPLATE), {"a": a, "b": b}, default)
+
+
+def encoded(value: str) -> str:
+    return value.replace(".", "%2E") if value in (".", "..") else quote(value, safe="-._~")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    path=st.text(alphabet=st.sampled_from("/ab.%é{}?#&=x y"), max_size=30),
+    data=st.dictionaries(st.sampled_from(["a", "b", "c"]), st.one_of(st.none(), st.booleans(), VALUES), max_size=3),
+)
+def test_the_length_told_ahead_is_the_length_rendered(path, data):
+    template = compile_template(f"http://h.example/{path}")
+    assert len(render_url(template.text, data, "d/ef")) == rendered_length(template, data, "d/ef")
