@@ -8,7 +8,9 @@ import time
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.forms.models import model_to_dict
+from django.test.utils import CaptureQueriesContext
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from delivery.forms import EDITABLE_FIELDS
@@ -115,6 +117,22 @@ def test_a_retried_attempt_carries_a_new_timestamp_and_a_valid_signature(client,
     assert int(headers["webhook-timestamp"]) > first_time
     assert headers["webhook-signature"] != lowered(first.headers)["webhook-signature"]
     Webhook(secret).verify(retried.body, retried.headers)
+
+
+def test_a_worker_reads_the_secrets_with_its_settings_not_per_request(client, receiver, settings):
+    settings.DELIVERY_SETTINGS_CACHE_SECONDS = 3600  # as in production: one read per refresh
+    [secret] = secrets_active(1)
+    endpoint = {"method": "GET", "url": receiver.url("/hook?v={v}")}
+    ingest_json(client, {"endpoint": endpoint, "data": [{"v": n} for n in range(20)]})
+    signing_on()  # saving the settings makes this process read them (and the secrets) afresh
+
+    with CaptureQueriesContext(connection) as queries:
+        run_worker()
+
+    assert len(receiver.requests) == 20
+    for request in receiver.requests:
+        Webhook(secret).verify(request.body, request.headers, json_parse=False)
+    assert len([query for query in queries if "delivery_signingsecret" in query["sql"]]) == 1
 
 
 def test_it_reproduces_the_specifications_published_test_vector():
