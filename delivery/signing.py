@@ -17,7 +17,7 @@ from functools import lru_cache
 from secrets import token_bytes
 
 SECRET_PREFIX = "whsec_"
-# The specification asks for 24 to 64 bytes of key; 32 is what HMAC-SHA256 can use in full.
+# The specification asks for at least 24 random bytes; 32 match SHA-256's own 256 bits.
 SECRET_BYTES = 32
 
 
