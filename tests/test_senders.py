@@ -17,7 +17,7 @@ from ingestion.checks import check_ingestion_limits
 from ingestion.models import SenderKey
 from postbackproject import inbox
 from postbackproject.queue import get_connection
-from tests.conftest import free_port, wait_until
+from tests.conftest import wait_until
 from tests.test_metrics import scrape
 
 SAMPLE: dict[str, Any] = {
@@ -342,14 +342,7 @@ def test_web_processes_share_the_limits_and_stop_taking_a_revoked_key(processes)
     """Two gunicorn workers, each with its own key cache: the limit is one, and a key revoked
     elsewhere is refused within the cache's few seconds."""
     sender, key = issue(rate_limit=0.1)
-    port = free_port()
-    processes.run(
-        ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"],
-        GUNICORN_BIND=f"127.0.0.1:{port}",
-        WEB_CONCURRENCY="2",
-        INGEST_REQUIRE_SENDER_KEY="true",
-    )
-    url = f"http://127.0.0.1:{port}/i"
+    url = processes.web(WEB_CONCURRENCY="2", INGEST_REQUIRE_SENDER_KEY="true") + "/i"
 
     def send(**headers: str) -> int:
         return requests.post(url, data=BODY, headers=headers, timeout=10).status_code
@@ -372,8 +365,22 @@ def test_web_processes_share_the_limits_and_stop_taking_a_revoked_key(processes)
     assert queued_entries() == 1
 
 
-def answers(url: str) -> bool:
+def test_a_key_that_cannot_be_checked_gets_503_and_a_request_without_one_is_served(processes, tmp_path):
+    """A web process whose database cannot be opened has never read the keys: it cannot tell
+    a valid key from a wrong one, so it asks the sender to come back rather than answer 401."""
+    url = processes.web(WEB_CONCURRENCY="1", DATABASE_URL=f"sqlite:///{tmp_path}/no/such/folder/db.sqlite3") + "/i"
+    wait_until(lambda: answers(url, 400), timeout=30, what="the web process")
+
+    refused = requests.post(url, data=BODY, headers={"X-API-Key": "pbk_whatever"}, timeout=10)
+
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "5"
+    assert refused.json()["error"] == "sender keys cannot be checked now"
+    assert requests.post(url, data=BODY, timeout=10).status_code == 202
+
+
+def answers(url: str, status: int = 401) -> bool:
     try:
-        return requests.post(url, data=b"", timeout=1).status_code == 401
+        return requests.post(url, data=b"", timeout=1).status_code == status
     except requests.ConnectionError:
         return False
