@@ -22,7 +22,8 @@ from django.dispatch import receiver
 from django.http import HttpRequest
 
 from ingestion.models import KEY_PREFIX, SHOWN_LENGTH, SenderKey, hash_key
-from postbackproject.inbox import RateLimit, RateLimited
+from postbackproject.inbox import RateLimit
+from postbackproject.inbox import RateLimited as RateLimited  # re-exported: the view catches it from here
 
 logger = logging.getLogger(__name__)
 

@@ -15,14 +15,7 @@ from redis.exceptions import RedisError
 from delivery.models import DeliverySettings
 from ingestion import senders
 from ingestion.validation import InvalidRequest, Limits, parse_body
-from postbackproject.inbox import (
-    BacklogFull,
-    NotReplicated,
-    RateLimited,
-    append_request,
-    postback_id,
-    request_entries,
-)
+from postbackproject.inbox import BacklogFull, NotReplicated, append_request, postback_id, request_entries
 from postbackproject.metrics import INGEST_REJECTED, INGESTED
 from postbackproject.queue import memory_gauge
 
@@ -110,7 +103,7 @@ def take(request: HttpRequest) -> Answer:
         if (reason := memory_gauge.full_reason()) is not None:
             return unavailable(reason)
         append_request(entries, len(parsed.data_texts), rate_limits)
-    except RateLimited as exc:
+    except senders.RateLimited as exc:
         return refused(senders.too_many(exc))
     except BacklogFull:
         return unavailable("delivery backlog is full, nothing was accepted")
