@@ -1,9 +1,13 @@
 """The web process as the local run starts it (gunicorn with deploy/gunicorn.conf.py, no nginx
-in front): bodies sent chunked are read."""
+in front): bodies sent chunked are read, and clients trickling their bodies hold up no one."""
 
 import http.client
 import json
+import socket
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
@@ -14,8 +18,10 @@ from tests.conftest import Processes, Receiver, deliver_everything, free_port, w
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Gunicorn processes of the web server under test.
+# The web server under test: gunicorn processes, and threads in each. Slow clients can hold
+# all of them but one (a sync worker's processes were stopped by as many as there were).
 WEB_PROCESSES = 2
+WEB_THREADS = 4
 
 
 @dataclass
@@ -37,6 +43,7 @@ def web(processes: Processes) -> Web:
         ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"],
         GUNICORN_BIND=f"127.0.0.1:{port}",
         WEB_CONCURRENCY=str(WEB_PROCESSES),
+        GUNICORN_THREADS=str(WEB_THREADS),
     )
     server = Web(port)
     wait_until(lambda: healthy(server), timeout=30, what="gunicorn to answer /healthz")
@@ -101,3 +108,44 @@ def test_a_chunked_body_over_the_limit_is_refused_with_413_and_one_at_the_limit_
     status, answer = post_chunked(web, padded_to(sample(receiver), limit), chunk=64 * 1024)
     assert status == 202
     assert answer["accepted"] == 2
+
+
+@pytest.fixture
+def slow_clients(web: Web) -> Iterator[list[socket.socket]]:
+    """A client for every thread of the web server but one, each having sent its headers and the
+    first byte of a 1,000-byte body, and then nothing more."""
+    with ExitStack() as stack:
+        clients = []
+        for _ in range(WEB_PROCESSES * WEB_THREADS - 1):
+            client = stack.enter_context(socket.create_connection(("127.0.0.1", web.port), timeout=5))
+            client.sendall(b"POST /ingest.php HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
+            clients.append(client)
+        yield clients
+
+
+def still_waiting(client: socket.socket) -> bool:
+    """Connected, and no answer yet: the server is still waiting for the rest of the body."""
+    client.setblocking(False)
+    try:
+        client.recv(1)
+    except BlockingIOError:
+        return True
+    finally:
+        client.setblocking(True)
+    return False
+
+
+def test_clients_trickling_their_bodies_do_not_stop_the_web_process_answering_others(web, receiver, slow_clients):
+    answered: list[int] = []
+    done = threading.Event()
+
+    def ingest() -> None:
+        answered.append(requests.post(f"{web.url}/ingest.php", data=sample(receiver), timeout=60).status_code)
+        done.set()
+
+    threading.Thread(target=ingest, daemon=True).start()
+
+    # Under sync workers this waited for gunicorn's 30 s timeout to kill the held processes.
+    wait_until(done.is_set, timeout=15, what="an answer while slow clients hold their connections")
+    assert answered == [202]
+    assert all(still_waiting(client) for client in slow_clients)
