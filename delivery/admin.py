@@ -17,8 +17,8 @@ from django.utils.timezone import localtime
 from redis.exceptions import RedisError
 
 from delivery.circuit import close_circuits, open_circuits
-from delivery.forms import BulkReplayForm, DeliverySettingsForm
-from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings, QueueMonitor
+from delivery.forms import BulkReplayForm, DeliverySettingsForm, SigningSecretForm
+from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings, QueueMonitor, SigningSecret
 from delivery.replay import failed_between, replay
 from postbackproject.postback import METHODS
 
@@ -45,6 +45,7 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
             {"fields": ["max_in_flight_per_host", "circuit_failure_threshold", "circuit_open_seconds"]},
         ),
         ("Queueing", {"fields": ["batch_size"]}),
+        ("Signing", {"fields": ["sign_postbacks"]}),
     ]
 
     def changelist_view(
@@ -61,6 +62,26 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
 
     def has_delete_permission(self, request: HttpRequest, obj: DeliverySettings | None = None) -> bool:
         return False
+
+
+@admin.register(SigningSecret)
+class SigningSecretAdmin(admin.ModelAdmin[SigningSecret]):
+    """Secrets that sign postbacks. Staff see each secret on its page: receivers need it."""
+
+    form = SigningSecretForm
+    list_display = ["label", "active", "created_at"]
+    list_filter = ["active"]
+    readonly_fields = ["secret", "created_at"]
+    # No bulk delete: it would bypass the form's rule on the last active secret.
+    actions = None
+
+    def get_fields(self, request: HttpRequest, obj: SigningSecret | None = None) -> tuple[str, ...]:
+        """Adding asks for a label only: the secret is generated when it is saved."""
+        return ("label", "active") if obj is None else ("label", "secret", "active", "created_at")
+
+    def has_delete_permission(self, request: HttpRequest, obj: SigningSecret | None = None) -> bool:
+        """Only retired secrets are deleted; an active one is deactivated first (the form's rules)."""
+        return super().has_delete_permission(request, obj) and (obj is None or not obj.active)
 
 
 class CappedPaginator(Paginator):  # type: ignore[type-arg]

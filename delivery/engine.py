@@ -10,6 +10,7 @@ The engine does not know where postbacks come from or how results are recorded: 
 work and take back what finished (sent or deferred) from `step()`.
 """
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from django.utils import timezone
 from delivery.circuit import Circuits
 from delivery.hosts import InFlightLimit, host_of
 from delivery.models import DeliverySettings
+from delivery.signing import signature_headers
 from delivery.transport import Limits, Request, Response, Transport
 from postbackproject.postback import Try
 
@@ -149,7 +151,7 @@ class Engine:
             work = host.waiting.popleft()
             self._waiting -= 1
             work.probe = admission.probe
-            self._start(work, host, limits)
+            self._start(work, host, limits, config.signing_secrets)
             if not admission.probe:
                 self._enter_rotation(name, host)
         return finished
@@ -159,11 +161,20 @@ class Engine:
         for name, host in self._hosts.items():
             self._enter_rotation(name, host)
 
-    def _start(self, work: Work, host: _Host, limits: Limits) -> None:
+    def _start(self, work: Work, host: _Host, limits: Limits, signing_secrets: tuple[str, ...]) -> None:
         item = work.item
         body = item.body.encode() if item.body is not None else None
+        headers: tuple[str, ...] = ()
+        if signing_secrets:
+            # Signed as it leaves: each try carries its own time, and receivers refuse old ones.
+            headers = tuple(signature_headers(item.postback_id, int(time.time()), body or b"", signing_secrets))
         request = Request(
-            postback_id=item.postback_id, attempt=item.attempt, method=item.method, url=item.url, body=body
+            postback_id=item.postback_id,
+            attempt=item.attempt,
+            method=item.method,
+            url=item.url,
+            body=body,
+            headers=headers,
         )
         host.in_flight += 1
         self.transport.start(request, limits, token=work)

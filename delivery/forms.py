@@ -4,7 +4,7 @@ from typing import Any
 
 from django import forms
 
-from delivery.models import DeliverySettings
+from delivery.models import DeliverySettings, SigningSecret
 
 EDITABLE_FIELDS = [
     "max_attempts",
@@ -21,6 +21,7 @@ EDITABLE_FIELDS = [
     "max_in_flight_per_host",
     "circuit_failure_threshold",
     "circuit_open_seconds",
+    "sign_postbacks",
 ]
 
 
@@ -33,6 +34,41 @@ class DeliverySettingsForm(forms.ModelForm[DeliverySettings]):
         super().__init__(*args, **kwargs)
         # Form fields strip whitespace by default; an admin may mean a space.
         self.fields["unmatched_default"].strip = False  # type: ignore[attr-defined]
+
+    def clean_sign_postbacks(self) -> bool:
+        """Signing is on only with a secret to sign with: a receiver that checks signatures
+        would refuse every unsigned postback."""
+        sign: bool = self.cleaned_data["sign_postbacks"]
+        if sign and not SigningSecret.objects.filter(active=True).exists():
+            raise forms.ValidationError(
+                "Signing needs an active signing secret: add one under Delivery > Signing secrets first."
+            )
+        return sign
+
+
+class SigningSecretForm(forms.ModelForm[SigningSecret]):
+    """A secret's label and state; the secret itself is generated, never typed in."""
+
+    class Meta:
+        model = SigningSecret
+        fields = ["label", "active"]
+
+    def clean_active(self) -> bool:
+        active: bool = self.cleaned_data["active"]
+        others = SigningSecret.objects.filter(active=True).exclude(pk=self.instance.pk)
+        if active and others.count() >= SigningSecret.MAX_ACTIVE:
+            raise forms.ValidationError(
+                f"At most {SigningSecret.MAX_ACTIVE} signing secrets can be active at once. Deactivate the "
+                "old one once receivers have the new one, then add or activate another."
+            )
+        # (The instance still holds the stored values here: fields are copied onto it after.)
+        was_active = self.instance.pk is not None and self.instance.active
+        if was_active and not active and not others.exists() and DeliverySettings.load().sign_postbacks:
+            raise forms.ValidationError(
+                "This is the last active secret and postbacks are signed: add another secret first, "
+                "or turn off sign_postbacks under Delivery > Delivery settings."
+            )
+        return active
 
 
 class BulkReplayForm(forms.Form):

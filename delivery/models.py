@@ -8,6 +8,8 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import DatabaseError, models
 
+from delivery.signing import new_secret
+
 logger = logging.getLogger(__name__)
 
 
@@ -101,7 +103,16 @@ class DeliverySettings(models.Model):
         help_text="How long an open circuit waits before its probe. Each failed probe doubles the "
         "wait, up to 16 times this.",
     )
+    sign_postbacks = models.BooleanField(
+        default=False,
+        help_text="Sign every request with the active signing secrets (Standard Webhooks headers "
+        "webhook-id, webhook-timestamp, webhook-signature). Needs an active signing secret.",
+    )
     updated_at = models.DateTimeField(auto_now=True)
+
+    # The active signing secrets when sign_postbacks is on, loaded with the settings by
+    # `current()`, so that workers sign without a query per request. Not a column.
+    signing_secrets: tuple[str, ...] = ()
 
     _cache: ClassVar[tuple[float, "DeliverySettings"] | None] = None
 
@@ -131,12 +142,59 @@ class DeliverySettings(models.Model):
         now = time.monotonic()
         if cached is None or now - cached[0] >= settings.DELIVERY_SETTINGS_CACHE_SECONDS:
             try:
-                cached = (now, cls.load())
+                cached = (now, cls.load().with_signing_secrets())
             except DatabaseError:
                 logger.warning("delivery settings unreadable; using the last ones read", exc_info=True)
                 cached = (now, cached[1] if cached is not None else cls(pk=cls.SINGLETON_ID))
             cls._cache = cached
         return cached[1]
+
+    def with_signing_secrets(self) -> "DeliverySettings":
+        """These settings with the active signing secrets attached, when signing is on."""
+        if self.sign_postbacks:
+            self.signing_secrets = SigningSecret.active_secrets()
+            if not self.signing_secrets:
+                # The admin and the command refuse this state; only a direct database edit
+                # reaches it. Postbacks then go out unsigned: say so on every refresh.
+                logger.error("sign_postbacks is on but no signing secret is active: postbacks go out unsigned")
+        return self
+
+
+class SigningSecret(models.Model):
+    """A secret that signs postbacks (`delivery.signing`), shared with receivers.
+
+    Generated here, never typed in. At most MAX_ACTIVE are active, so that a rotation can run:
+    add the new one, give it to receivers, deactivate the old one. The database holds it in
+    clear, as it must to sign: whoever reads the database can sign postbacks.
+    """
+
+    MAX_ACTIVE = 2
+
+    label = models.CharField(max_length=100, help_text='Whom or what this secret is for, e.g. "2026 rotation".')
+    secret = models.CharField(max_length=100, default=new_secret, editable=False)
+    active = models.BooleanField(default=True, help_text="Active secrets sign every postback while signing is on.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.label
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+        DeliverySettings._cache = None  # this process signs with the change at once
+
+    def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
+        deleted = super().delete(*args, **kwargs)  # type: ignore[arg-type]
+        DeliverySettings._cache = None
+        return deleted
+
+    @classmethod
+    def active_secrets(cls) -> tuple[str, ...]:
+        """The secrets that sign now, oldest first (their order in the signature header)."""
+        rows = cls.objects.filter(active=True).order_by("created_at", "id")
+        return tuple(rows.values_list("secret", flat=True))
 
 
 class Outcome(models.TextChoices):

@@ -46,6 +46,7 @@ class Request:
     method: str
     url: str  # exactly as it goes on the wire (ASCII)
     body: bytes | None
+    headers: tuple[str, ...] = ()  # "Name: value" lines added to the product's own (signatures)
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,7 @@ class Transport:
             handle.setopt(pycurl.COPYPOSTFIELDS, request.body or b"")
         if request.method not in ("GET", "POST"):
             handle.setopt(pycurl.CUSTOMREQUEST, request.method)
+        headers.extend(request.headers)
         handle.setopt(pycurl.HTTPHEADER, headers)
 
     def _perform(self) -> None:

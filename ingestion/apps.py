@@ -6,4 +6,5 @@ class IngestionConfig(AppConfig):
     verbose_name = "Ingestion"
 
     def ready(self) -> None:
-        from ingestion import checks  # noqa: F401  (registers the system checks)
+        # checks registers the system checks; senders, the signal that forgets cached keys.
+        from ingestion import checks, senders  # noqa: F401

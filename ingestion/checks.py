@@ -14,4 +14,7 @@ def check_ingestion_limits(app_configs: Sequence[AppConfig] | None, **kwargs: An
     for name in ("INGEST_MAX_BODY_BYTES", "INGEST_MAX_DATA_OBJECTS", "INGEST_MAX_QUEUED_JOBS"):
         if getattr(settings, name) < 1:
             errors.append(Error(f"{name} must be a positive number.", id="ingestion.E001"))
+    for name in ("INGEST_RATE_LIMIT_PER_KEY", "INGEST_RATE_LIMIT_PER_ADDRESS"):
+        if getattr(settings, name) < 0:
+            errors.append(Error(f"{name} must be 0 (no limit) or more.", id="ingestion.E002"))
     return errors

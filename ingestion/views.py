@@ -13,6 +13,7 @@ from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
 from delivery.models import DeliverySettings
+from ingestion import senders
 from ingestion.body import read_body
 from ingestion.validation import InvalidRequest, Limits, parse_body
 from postbackproject.inbox import BacklogFull, NotReplicated, append_request, postback_id, request_entries
@@ -48,6 +49,13 @@ def unavailable(message: str) -> Answer:
     return answer
 
 
+def refused(exc: senders.Refused) -> Answer:
+    answer = error(exc.status, str(exc))
+    for name, value in exc.headers.items():
+        answer.response[name] = value
+    return answer
+
+
 def accepted(request_id: str, count: int) -> Answer:
     """202 `{"accepted": N, "postbacks": [ids]}`, written directly: the ids need no escaping."""
     ids = [postback_id(request_id, index) for index in range(count)]
@@ -75,6 +83,10 @@ def take(request: HttpRequest) -> Answer:
         answer = error(405, "use POST with a raw JSON body")
         answer.response["Allow"] = "POST"
         return answer
+    try:
+        rate_limits = senders.admit(request, client_address(request))
+    except senders.Refused as exc:
+        return refused(exc)
 
     body = read_body(request, settings.INGEST_MAX_BODY_BYTES)
     if body is None:
@@ -91,7 +103,9 @@ def take(request: HttpRequest) -> Answer:
     try:
         if (reason := memory_gauge.full_reason()) is not None:
             return unavailable(reason)
-        append_request(entries, len(parsed.data_texts))
+        append_request(entries, len(parsed.data_texts), rate_limits)
+    except senders.RateLimited as exc:
+        return refused(senders.too_many(exc))
     except BacklogFull:
         return unavailable("delivery backlog is full, nothing was accepted")
     except NotReplicated as exc:
@@ -114,6 +128,7 @@ def log_request(request: HttpRequest, answer: Answer, seconds: float) -> None:
         "status": answer.response.status_code,
         "duration_ms": round(seconds * 1000, 2),
         "client": client_address(request),
+        **senders.log_fields(request),
         **answer.log,
     }
     request_log.info(json.dumps(line, ensure_ascii=False))

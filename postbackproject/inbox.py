@@ -22,7 +22,9 @@ Every key is named here, with the scripts that change them together.
 
 import json
 import logging
+import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -45,6 +47,8 @@ LEASES = "postback:drainers"  # sorted set: drainer id -> lease expiry (ms since
 DUE = "postback:due"  # sorted set: postback id -> when its next try is due (ms)
 DUE_TRIES = "postback:due:tries"  # hash: postback id -> the try (JSON), beside DUE
 ACCEPTED = "postback:accepted"  # hash: minute (Unix seconds) -> postbacks accepted in it
+RATE_PER_KEY = "postback:rate:key:%d"  # a sender key's rate limit: when its allowance is whole (ms)
+RATE_PER_ADDRESS = "postback:rate:address:%s"  # the same for a client address without a key
 
 # A drainer renews its lease every second; one that stops renewing is taken for dead after
 # this long, and its pending entries go to the next drainer that looks.
@@ -111,18 +115,33 @@ end
 # Append a request's entries; start a drainer when none is alive. The hot path of ingestion:
 # few arguments, no cleanup (the sweep does that), the new drainer named after the entry, and
 # the consumer group left for drainers to create (with id 0: they read from the first entry).
-# Counts the postbacks accepted, per minute, for the dashboard.
-# KEYS: inbox, leases, accepted. ARGV: most entries waiting, postbacks, entries...
-# Returns -1 (backlog full, nothing added), 0, or the id of a drainer for the caller to start.
+# Counts the postbacks accepted, per minute, for the dashboard. Rate limits are checked first,
+# in the same call, and charged only when the request is taken (GCRA: each limit's key holds
+# the time, in ms, at which its sender's allowance is whole again).
+# KEYS: inbox, leases, accepted, one per rate limit. ARGV: most entries waiting, postbacks,
+# number of rate limits, for each its interval and tolerance (ms), entries...
+# Returns {limit's number, ms to wait} (rate limited, nothing added), -1 (backlog full, nothing
+# added), 0, or the id of a drainer for the caller to start.
 _APPEND = """
 local inbox, leases = KEYS[1], KEYS[2]
+local now = now_ms()
+local limits = tonumber(ARGV[3])
+local charged = {}
+for n = 1, limits do
+  local interval, tolerance = tonumber(ARGV[2 + 2 * n]), tonumber(ARGV[3 + 2 * n])
+  local tat = math.max(tonumber(redis.call('GET', KEYS[3 + n]) or 0), now)
+  if tat - now > tolerance then return {n, math.ceil(tat - now - tolerance)} end
+  charged[n] = tat + interval
+end
 if redis.call('XLEN', inbox) >= tonumber(ARGV[1]) then return -1 end
+for n = 1, limits do
+  redis.call('SET', KEYS[3 + n], string.format('%.3f', charged[n]), 'PX', math.max(1, math.ceil(charged[n] - now)))
+end
 local first
-for i = 3, #ARGV do
+for i = 4 + 2 * limits, #ARGV do
   local id = redis.call('XADD', inbox, '*', 'r', ARGV[i])
   first = first or id
 end
-local now = now_ms()
 redis.call('HINCRBY', KEYS[3], math.floor(now / 60000) * 60, ARGV[2])
 if redis.call('ZCOUNT', leases, '(' .. now, '+inf') > 0 then return 0 end
 local drainer = 'drain-' .. first
@@ -289,18 +308,54 @@ class BacklogFull(Exception):
     """The inbox holds INGEST_MAX_QUEUED_JOBS entries: nothing was added."""
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `per_second` requests a second, up to that many at once (at least one), counted
+    under a Redis key shared by every web process."""
+
+    key: str
+    per_second: float
+    subject: str  # what is limited, for the sender to read: "sender key" or "address"
+
+    @classmethod
+    def per_sender_key(cls, key_id: int, per_second: float) -> "RateLimit":
+        return cls(RATE_PER_KEY % key_id, per_second, "sender key")
+
+    @classmethod
+    def per_address(cls, address: str, per_second: float) -> "RateLimit":
+        return cls(RATE_PER_ADDRESS % address, per_second, "address")
+
+    def script_args(self) -> tuple[float, float]:
+        """GCRA's emission interval and tolerance, in ms."""
+        interval = 1000 / self.per_second
+        return interval, (max(1.0, self.per_second) - 1) * interval
+
+
+class RateLimited(Exception):
+    """A rate limit refused the request: nothing was added or charged."""
+
+    def __init__(self, limit: RateLimit, wait_ms: int) -> None:
+        super().__init__(f"{limit.key}: wait {wait_ms} ms")
+        self.limit = limit
+        self.retry_after = max(1, math.ceil(wait_ms / 1000))
+
+
 class NotReplicated(Exception):
     """Fewer replicas than REDIS_WAIT_FOR_REPLICAS confirmed the request in time: it is in the
     master, and will be delivered unless the master dies before a replica has it."""
 
 
-def append_request(entries: list[str], postbacks: int) -> None:
-    """Add a request's entries in one round trip; start a drainer if none is alive.
+def append_request(entries: list[str], postbacks: int, limits: Sequence[RateLimit] = ()) -> None:
+    """Add a request's entries in one round trip, charging its rate limits; start a drainer if
+    none is alive.
 
-    Raises BacklogFull or RedisError, and then nothing was added (unless the connection broke
-    after Redis ran the script, which the caller cannot tell from a refusal).
+    Raises RateLimited, BacklogFull or RedisError, and then nothing was added (unless the
+    connection broke after Redis ran the script, which the caller cannot tell from a refusal).
     """
-    started = _append(entries, postbacks)
+    started = _append(entries, postbacks, limits)
+    if isinstance(started, list):
+        number, wait_ms = started
+        raise RateLimited(limits[number - 1], wait_ms)
     if started == -1:
         raise BacklogFull
     if started:
@@ -312,10 +367,12 @@ def append_request(entries: list[str], postbacks: int) -> None:
             logger.warning("could not start drainer %s; the next sweep will", drainer, exc_info=True)
 
 
-def _append(entries: list[str], postbacks: int) -> Any:
+def _append(entries: list[str], postbacks: int, limits: Sequence[RateLimit]) -> Any:
     """The append script, and with REDIS_WAIT_FOR_REPLICAS, WAIT in the same round trip."""
-    keys = [INBOX, LEASES, ACCEPTED]
-    args: list[str | int] = [settings.INGEST_MAX_QUEUED_JOBS, postbacks, *entries]
+    keys = [INBOX, LEASES, ACCEPTED, *(limit.key for limit in limits)]
+    args: list[str | int | float] = [settings.INGEST_MAX_QUEUED_JOBS, postbacks, len(limits)]
+    args += [number for limit in limits for number in limit.script_args()]
+    args += entries
     wanted = settings.REDIS_WAIT_FOR_REPLICAS
     if not wanted:
         return run_script("append", keys, args)
@@ -323,7 +380,7 @@ def _append(entries: list[str], postbacks: int) -> Any:
         _script("append")(keys=keys, args=args, client=pipe)
         pipe.wait(wanted, settings.REDIS_WAIT_TIMEOUT_MS)
         started, replicas = pipe.execute()
-    if started != -1 and replicas < wanted:
+    if started != -1 and not isinstance(started, list) and replicas < wanted:
         raise NotReplicated(f"{replicas} of {wanted} replicas confirmed the request")
     return started
 

@@ -22,7 +22,7 @@ from postbackproject.queue import get_connection
 
 INGESTED = Counter("postback_ingested", "Postbacks accepted by ingestion (answered 202).")
 INGEST_REJECTED = Counter(
-    "postback_ingest_rejected", "Ingest requests refused, by HTTP status (400, 405, 413, 503).", ["status"]
+    "postback_ingest_rejected", "Ingest requests refused, by HTTP status (400, 401, 405, 413, 429, 503).", ["status"]
 )
 DELIVERY_ATTEMPTS = Counter(
     "postback_delivery_attempts", "Delivery attempts by outcome: success, retry, failed.", ["outcome"]

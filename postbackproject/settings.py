@@ -210,6 +210,14 @@ INGEST_BACKLOG_CHECK_SECONDS: float = env.float("INGEST_BACKLOG_CHECK_SECONDS", 
 
 INGEST_MAX_BODY_BYTES: int = env.int("INGEST_MAX_BODY_BYTES", default=1024 * 1024)
 INGEST_MAX_DATA_OBJECTS: int = env.int("INGEST_MAX_DATA_OBJECTS", default=10_000)
+# Known senders (README, "Known senders"): when true, a request without a valid sender key is
+# refused with 401; when false, keyless requests are served and only a wrong key is refused.
+INGEST_REQUIRE_SENDER_KEY: bool = env.bool("INGEST_REQUIRE_SENDER_KEY", default=False)
+# Requests per second, up to that many at once, per sender key (unless the key sets its own)
+# and per client address for requests without a key; 0: no limit. Off by default: a 429 loses
+# the postback of a sender that does not retry, so limits are set knowing the senders.
+INGEST_RATE_LIMIT_PER_KEY: float = env.float("INGEST_RATE_LIMIT_PER_KEY", default=0.0)
+INGEST_RATE_LIMIT_PER_ADDRESS: float = env.float("INGEST_RATE_LIMIT_PER_ADDRESS", default=0.0)
 
 # --- Delivery ----------------------------------------------------------------------------
 

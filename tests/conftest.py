@@ -315,6 +315,14 @@ class Processes:
         """The production command: `manage.py rqworker postbacks --with-scheduler`."""
         return self.run([str(BASE_DIR / "manage.py"), "rqworker", "postbacks", "--with-scheduler"], **env)
 
+    def web(self, **env: str) -> str:
+        """gunicorn as production runs it, on a free loopback port: its base URL (it may not
+        answer yet)."""
+        port = free_port()
+        argv = ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"]
+        self.run(argv, GUNICORN_BIND=f"127.0.0.1:{port}", **env)
+        return f"http://127.0.0.1:{port}"
+
     def run(self, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
         log = (self.logs / f"process-{len(self.started)}.log").open("wb")
         process = subprocess.Popen(

@@ -77,14 +77,7 @@ def test_readyz_says_redis_memory_is_nearly_full(client, clean_redis):
 
 def test_readyz_says_the_database_is_down_and_healthz_still_answers(processes, tmp_path):
     """A real web process whose database cannot be opened."""
-    port = free_port()
-    processes.run(
-        ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"],
-        GUNICORN_BIND=f"127.0.0.1:{port}",
-        WEB_CONCURRENCY="1",
-        DATABASE_URL=f"sqlite:///{tmp_path}/no/such/folder/db.sqlite3",
-    )
-    web = f"http://127.0.0.1:{port}"
+    web = processes.web(WEB_CONCURRENCY="1", DATABASE_URL=f"sqlite:///{tmp_path}/no/such/folder/db.sqlite3")
     wait_until(lambda: answers(f"{web}/healthz"), timeout=30, what="the web process")
 
     ready = requests.get(f"{web}/readyz", timeout=10)
