@@ -13,29 +13,39 @@ from typing import Any
 from prometheus_client import multiprocess
 
 # Where to listen. Loopback only: nginx is the public face in production (it buffers slow
-# clients, which sync workers must never wait on), and locally nothing else needs it.
+# clients, each of which would otherwise hold a thread below), and locally nothing else needs it.
 bind = [os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")]
 
 # Processes. Requests are short (parse, validate, one pipelined Redis round trip), so the
 # classic 2 x cores + 1 keeps the CPUs busy while some workers wait on Redis or the database.
 workers = int(os.environ.get("WEB_CONCURRENCY", 2 * multiprocessing.cpu_count() + 1))
 
-# One request at a time per process: the fastest choice for short CPU-bound views (a minimal
-# ingest view measured ~3,300 req/s with 4 sync workers on 2 cores) and the simplest to
-# reason about. Slow clients are nginx's problem, not gunicorn's.
-worker_class = "sync"
+# Threads in each process (gunicorn's gthread worker), and as many connections as threads.
+# A sync worker reads a request's body itself, so a client trickling its body holds the whole
+# process: two such clients stopped a two-process local run for 30 s. Here each holds one
+# thread; a process takes only the connections it has a free thread for, and the rest wait
+# in the kernel's queue for any process that has one, so it takes processes x threads slow
+# clients to stop the web (with more connections than threads, a process accepts requests
+# it cannot start, and 8 slow clients stopped 2 x 8 threads). Production has nginx in front,
+# which reads whole bodies before passing them on; the local run has not. Threads do not
+# slow ingestion (docs/decisions.md, "gthread"), but each one that touches the database
+# keeps its own connection: processes x threads at most.
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", 8))
+worker_connections = threads
 
-# A request running longer than this is stuck (an ingest takes milliseconds): the master
-# kills and replaces its worker. nginx's proxy_read_timeout is set a little above it.
+# A worker whose main loop does not check in for this long is stuck: the master kills and
+# replaces it. (With threads this no longer bounds one request: a stuck thread is not noticed.)
+# nginx's proxy_read_timeout is set a little above it.
 timeout = 30
 
 # On SIGTERM / SIGHUP, workers get this long to finish the requests they hold. systemd's
 # TimeoutStopSec for postback-web is above it, so a stop is never cut short.
 graceful_timeout = 30
 
-# Seconds an idle keep-alive connection is held open. The sync worker ignores it (it closes
-# every connection after its response); it applies if worker_class becomes "gthread".
-keepalive = 5
+# No keep-alive: an idle kept-alive connection would count against worker_connections and
+# keep a new one waiting. Each response closes its connection, as the sync worker's did.
+keepalive = 0
 
 # Recycle each worker after about this many requests, so a slow leak cannot grow forever.
 # The jitter spreads the restarts, so that the workers do not all recycle at once.

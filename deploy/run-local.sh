@@ -68,7 +68,8 @@ METRICS_TOKEN=$metrics_token
 # Ctrl-C: workers wait this long for requests in flight, under honcho's 5 s before it kills.
 DELIVERY_STOP_GRACE_SECONDS=4
 # Optional: WEB_CONCURRENCY=4 (gunicorn processes; default 2 x CPU cores + 1),
-# GUNICORN_BIND=127.0.0.1:8000. More: README.md, "Configuration".
+# GUNICORN_THREADS=8 (threads in each), GUNICORN_BIND=127.0.0.1:8000 (loopback: no nginx in
+# front buffers slow clients here). More: README.md, "Configuration".
 EOF
     mv var/local.env.tmp var/local.env
 fi

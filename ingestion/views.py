@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from delivery.models import DeliverySettings
 from ingestion import senders
+from ingestion.body import read_body
 from ingestion.validation import InvalidRequest, Limits, parse_body
 from postbackproject.inbox import BacklogFull, NotReplicated, append_request, postback_id, request_entries
 from postbackproject.metrics import INGEST_REJECTED, INGESTED
@@ -150,18 +151,6 @@ def client_address(request: HttpRequest) -> str:
     except ValueError:
         behind_proxy = False
     return str(forwarded if behind_proxy else remote)
-
-
-def read_body(request: HttpRequest, limit: int) -> bytes | None:
-    """The body, or None when it is over the limit (read no further than limit + 1 bytes)."""
-    try:
-        declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        declared = 0
-    if declared > limit:
-        return None
-    body = request.read(limit + 1)
-    return None if len(body) > limit else body
 
 
 def delivery_settings() -> DeliverySettings:

@@ -1,0 +1,151 @@
+"""The web process as the local run starts it (gunicorn with deploy/gunicorn.conf.py, no nginx
+in front): bodies sent chunked are read, and clients trickling their bodies hold up no one."""
+
+import http.client
+import json
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import pytest
+import requests
+from django.conf import settings
+
+from tests.conftest import Processes, Receiver, deliver_everything, free_port, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# The web server under test: gunicorn processes, and threads in each. Slow clients can hold
+# all of them but one (a sync worker's processes were stopped by as many as there were).
+WEB_PROCESSES = 2
+WEB_THREADS = 4
+
+
+@dataclass
+class Web:
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+
+@pytest.fixture
+def web(processes: Processes) -> Web:
+    port = free_port()
+    processes.run(
+        ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"],
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        WEB_CONCURRENCY=str(WEB_PROCESSES),
+        GUNICORN_THREADS=str(WEB_THREADS),
+    )
+    server = Web(port)
+    wait_until(lambda: healthy(server), timeout=30, what="gunicorn to answer /healthz")
+    return server
+
+
+def healthy(web: Web) -> bool:
+    try:
+        return requests.get(f"{web.url}/healthz", timeout=1).status_code == 200
+    except requests.RequestException:  # not listening yet, or still starting up
+        return False
+
+
+def sample(receiver: Receiver) -> bytes:
+    """The exercise's sample request, its endpoint on the receiver."""
+    return json.dumps(
+        {
+            "endpoint": {"method": "GET", "url": receiver.url("/data?key={key}&value={value}&foo={bar}")},
+            "data": [{"key": "Azureus", "value": "Dendrobates"}, {"key": "Phyllobates", "value": "Terribilis"}],
+        }
+    ).encode()
+
+
+def post_chunked(web: Web, body: bytes, chunk: int = 1000) -> tuple[int, dict[str, object]]:
+    """POST /ingest.php with Transfer-Encoding: chunked (no Content-Length), in chunks of `chunk` bytes."""
+    connection = web.connection()
+    try:
+        pieces = (body[start : start + chunk] for start in range(0, len(body), chunk))
+        connection.request("POST", "/ingest.php", body=pieces, encode_chunked=True)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def padded_to(body: bytes, size: int) -> bytes:
+    """The same JSON document, `size` bytes long (whitespace after it)."""
+    return body + b" " * (size - len(body))
+
+
+def test_a_chunked_request_is_delivered_exactly_as_the_same_request_with_content_length(web, receiver):
+    body = sample(receiver)
+
+    with_length = requests.post(f"{web.url}/ingest.php", data=body, timeout=30)
+    status, answer = post_chunked(web, body, chunk=7)
+
+    assert with_length.status_code == 202
+    assert status == 202
+    assert answer["accepted"] == with_length.json()["accepted"] == 2
+    deliver_everything()
+    sent = ["/data?key=Azureus&value=Dendrobates&foo=", "/data?key=Phyllobates&value=Terribilis&foo="]
+    assert Counter(receiver.targets) == {target: 2 for target in sent}
+
+
+def test_a_chunked_body_over_the_limit_is_refused_with_413_and_one_at_the_limit_is_accepted(web, receiver):
+    limit = settings.INGEST_MAX_BODY_BYTES
+
+    status, answer = post_chunked(web, padded_to(sample(receiver), limit + 1), chunk=64 * 1024)
+
+    assert status == 413
+    assert answer["error"] == f"body is larger than {limit} bytes"
+    status, answer = post_chunked(web, padded_to(sample(receiver), limit), chunk=64 * 1024)
+    assert status == 202
+    assert answer["accepted"] == 2
+
+
+@pytest.fixture
+def slow_clients(web: Web) -> Iterator[list[socket.socket]]:
+    """A client for every thread of the web server but one, each having sent its headers and the
+    first byte of a 1,000-byte body, and then nothing more."""
+    with ExitStack() as stack:
+        clients = []
+        for _ in range(WEB_PROCESSES * WEB_THREADS - 1):
+            client = stack.enter_context(socket.create_connection(("127.0.0.1", web.port), timeout=5))
+            client.sendall(b"POST /ingest.php HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
+            clients.append(client)
+        yield clients
+
+
+def still_waiting(client: socket.socket) -> bool:
+    """Connected, and no answer yet: the server is still waiting for the rest of the body."""
+    client.setblocking(False)
+    try:
+        client.recv(1)
+    except BlockingIOError:
+        return True
+    finally:
+        client.setblocking(True)
+    return False
+
+
+def test_clients_trickling_their_bodies_do_not_stop_the_web_process_answering_others(web, receiver, slow_clients):
+    answered: list[int] = []
+    done = threading.Event()
+
+    def ingest() -> None:
+        answered.append(requests.post(f"{web.url}/ingest.php", data=sample(receiver), timeout=60).status_code)
+        done.set()
+
+    threading.Thread(target=ingest, daemon=True).start()
+
+    # Under sync workers this waited for gunicorn's 30 s timeout to kill the held processes.
+    wait_until(done.is_set, timeout=15, what="an answer while slow clients hold their connections")
+    assert answered == [202]
+    assert all(still_waiting(client) for client in slow_clients)
