@@ -205,6 +205,8 @@ class LocalService:
             "DELIVERY_SETTINGS_CACHE_SECONDS": str(self.options.settings_cache_seconds),
             # The access log is nginx's job in production; writing it here costs the web CPU.
             "GUNICORN_ACCESS_LOG": "",
+            # Production's web behind nginx (postback-web.service), unless the caller says otherwise.
+            "GUNICORN_WORKER_CLASS": os.environ.get("GUNICORN_WORKER_CLASS", "sync"),
         }
         if self.options.concurrency is not None:
             env["DELIVERY_CONCURRENCY"] = str(self.options.concurrency)

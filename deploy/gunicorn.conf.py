@@ -30,8 +30,13 @@ workers = int(os.environ.get("WEB_CONCURRENCY", 2 * multiprocessing.cpu_count() 
 # which reads whole bodies before passing them on; the local run has not. Threads do not
 # slow ingestion (docs/decisions.md, "gthread"), but each one that touches the database
 # keeps its own connection: processes x threads at most.
-worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", 8))
+#
+# Behind nginx (production) no slow client reaches gunicorn, and the sync worker answers 22-48 %
+# more requests a second on two cores (docs/decisions.md, "gthread"): postback-web.service sets
+# GUNICORN_WORKER_CLASS=sync. gunicorn turns a sync worker with threads into gthread, so the
+# sync worker gets one thread.
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+threads = int(os.environ.get("GUNICORN_THREADS", 8)) if worker_class == "gthread" else 1
 worker_connections = threads
 
 # A worker whose main loop does not check in for this long is stuck: the master kills and

@@ -3,6 +3,7 @@ in front): bodies sent chunked are read, and clients trickling their bodies hold
 
 import http.client
 import json
+import runpy
 import socket
 import threading
 from collections import Counter
@@ -149,3 +150,22 @@ def test_clients_trickling_their_bodies_do_not_stop_the_web_process_answering_ot
     wait_until(done.is_set, timeout=15, what="an answer while slow clients hold their connections")
     assert answered == [202]
     assert all(still_waiting(client) for client in slow_clients)
+
+
+def gunicorn_config(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, object]:
+    """deploy/gunicorn.conf.py's settings, read as gunicorn reads them, under this environment."""
+    monkeypatch.delenv("GUNICORN_WORKER_CLASS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(str(settings.BASE_DIR / "deploy" / "gunicorn.conf.py"))
+
+
+def test_the_local_run_gets_threads_and_production_behind_nginx_the_sync_worker(monkeypatch):
+    local = gunicorn_config(monkeypatch, GUNICORN_THREADS="8")
+    assert (local["worker_class"], local["threads"], local["worker_connections"]) == ("gthread", 8, 8)
+
+    unit = (settings.BASE_DIR / "deploy" / "systemd" / "postback-web.service").read_text()
+    assert "Environment=GUNICORN_WORKER_CLASS=sync" in unit.splitlines()
+    production = gunicorn_config(monkeypatch, GUNICORN_WORKER_CLASS="sync", GUNICORN_THREADS="8")
+    # One thread: gunicorn would turn a sync worker with threads into gthread.
+    assert (production["worker_class"], production["threads"]) == ("sync", 1)
