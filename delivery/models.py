@@ -92,7 +92,7 @@ class DeliverySettings(models.Model):
         "A host starts lower and earns this limit with answered requests.",
     )
     circuit_failure_threshold = models.PositiveIntegerField(
-        default=5,
+        default=10,
         validators=[MinValueValidator(1), MaxValueValidator(10000)],
         help_text="Failures or timeouts in a row after which a host's circuit opens: its postbacks "
         "wait, without using up their attempts, until one probe request gets through.",

@@ -119,6 +119,21 @@ def test_a_circuit_opens_after_failures_in_a_row_and_defers_without_sending(clie
     assert all(due >= until for attempt, due in waiting.values() if attempt == 1)
 
 
+def test_a_flaky_host_failing_six_times_in_a_row_keeps_its_circuit_closed_by_default(client, receiver):
+    # Six in a row happens to a receiver failing 30 % of its requests about once in 400
+    # attempts: with the default threshold (10) its postbacks are retried, never all deferred.
+    DeliverySettings(max_in_flight_per_host=1, backoff_base_seconds=0).save()
+    receiver.answer(*[Reply(503)] * 6)
+    ids = ingest_json(client, document(receiver, 7)).json()["postbacks"]
+
+    run_worker()
+
+    assert circuit.open_circuits() == []
+    assert not DeliveryAttempt.objects.filter(outcome="deferred").exists()
+    assert outcomes().count("retry") == 6
+    assert success_ids() >= set(ids[6:])
+
+
 def test_retries_that_come_due_while_the_circuit_is_open_are_deferred_again_without_a_request(client, receiver):
     open_circuit_on(client, receiver)
     release_scheduled()  # every try due now; the circuit stays open for 30 s
