@@ -23,7 +23,7 @@ from postbackproject.postback import (
     dumps_data_object,
     loads_keeping_numbers,
 )
-from postbackproject.templating import Template, compile_template, render_url, rendered_length
+from postbackproject.templating import Template, always_fits, compile_template, render_url, rendered_length
 
 
 @dataclass
@@ -46,12 +46,13 @@ def entry_tries(entry: inbox.Entry, config: DeliverySettings) -> EntryTries:
         tries = [Try.from_fields(fields) for fields in document]
         return EntryTries(tries, {item.postback_id: why for item in tries if (why := too_long(len(item.url), config))})
     if entry.kind == "r":
-        return request_tries(document, config)
+        return request_tries(document, config, len(entry.payload))
     raise ValueError(f"unknown entry kind {entry.kind!r}")
 
 
-def request_tries(document: object, config: DeliverySettings) -> EntryTries:
-    """First tries of a request entry `[request id, first index, method, URL template, [objects]]`."""
+def request_tries(document: object, config: DeliverySettings, payload_bytes: int) -> EntryTries:
+    """First tries of a request entry `[request id, first index, method, URL template, [objects]]`
+    (its JSON text `payload_bytes` long)."""
     if not isinstance(document, list) or len(document) != 5:
         raise ValueError("a request entry has five fields")
     request_id, start, method, template, objects = document
@@ -64,12 +65,13 @@ def request_tries(document: object, config: DeliverySettings) -> EntryTries:
     except InvalidEndpoint as exc:
         raise ValueError(f"a request entry's URL template cannot be sent: {exc}") from exc
     with_body = method in METHODS_WITH_BODY
+    fits = always_fits(compiled, payload_bytes, config.unmatched_default, config.max_url_bytes)
     found = EntryTries([])
     for index, data in enumerate(objects, start=int(start)):
         if not isinstance(data, dict) or not all(v is None or isinstance(v, (str, bool)) for v in data.values()):
             raise ValueError("a data object maps names to strings, numbers, booleans or null")
         postback_id = inbox.postback_id(request_id, index)
-        url, refusal = first_url(compiled, data, config)
+        url, refusal = first_url(compiled, data, config, fits)
         body = dumps_data_object(data) if with_body else None
         found.tries.append(Try(postback_id, 1, 0, method, url, body))
         if refusal:
@@ -77,15 +79,15 @@ def request_tries(document: object, config: DeliverySettings) -> EntryTries:
     return found
 
 
-def first_url(template: Template, data: DataObject, config: DeliverySettings) -> tuple[str, str]:
+def first_url(template: Template, data: DataObject, config: DeliverySettings, fits: bool) -> tuple[str, str]:
     """The URL to send a postback to, and why it must not be sent (empty when it may).
 
     Ingestion checked both already, with the settings of the time; these checks stand for
-    entries it did not write, and settings that changed since. A URL too long is not built:
-    the refused try carries its template instead.
+    entries it did not write, and settings that changed since. Unless the template always
+    `fits`, the length is computed first: a URL too long is not built, and the refused try
+    carries its template instead.
     """
-    length = rendered_length(template, data, config.unmatched_default)
-    if why := too_long(length, config):
+    if not fits and (why := too_long(rendered_length(template, data, config.unmatched_default), config)):
         return template.text, why
     url = template.text
     try:

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from postbackproject.endpoints import InvalidEndpoint, check_authority, split_url
 from postbackproject.postback import METHODS, DataObject, JsonNumber, dumps_data_object, loads_keeping_numbers
-from postbackproject.templating import Template, compile_template, encode_value, rendered_length
+from postbackproject.templating import Template, always_fits, compile_template, rendered_length
 
 MAX_URL_LENGTH = 8192
 # Python's \s is exactly str.isspace(): Unicode white space as well as ASCII.
@@ -99,14 +99,9 @@ def checked_template(url: str) -> Template:
 
 
 def _check_rendered_lengths(body: bytes, template: Template, objects: list[DataObject], limits: Limits) -> None:
-    """400 naming the first object whose URL would pass max_url_bytes.
-
-    No value is longer than the body, and none encodes to more than 3 bytes per byte of its
-    JSON text: when even that many bytes in every placeholder fit, no object needs a look
-    (most requests: a few short values).
-    """
-    longest = max(3 * len(body), len(encode_value(limits.unmatched_default)))
-    if template.literal_length + template.placeholders * longest <= limits.max_url_bytes:
+    """400 naming the first object whose URL would pass max_url_bytes (no value is longer
+    than the body: most requests need no look at each object)."""
+    if always_fits(template, len(body), limits.unmatched_default, limits.max_url_bytes):
         return
     for index, item in enumerate(objects):
         _check_rendered_length(index, template, item, limits)

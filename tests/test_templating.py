@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postbackproject.postback import JsonNumber, dumps_data_object, loads_data_object, loads_keeping_numbers
-from postbackproject.templating import compile_template, render_url, rendered_length
+from postbackproject.templating import always_fits, compile_template, render_url, rendered_length
 
 SAMPLE = "http://sample_domain_endpoint.com/data?key={key}&value={value}&foo={bar}"
 
@@ -118,3 +118,16 @@ def encoded(value: str) -> str:
 def test_the_length_told_ahead_is_the_length_rendered(path, data):
     template = compile_template(f"http://h.example/{path}")
     assert len(render_url(template.text, data, "d/ef")) == rendered_length(template, data, "d/ef")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    path=st.text(alphabet=st.sampled_from("/ab.%é{}?#&=x y"), max_size=30),
+    data=st.dictionaries(st.sampled_from(["a", "b", "c"]), VALUES, max_size=3),
+    cap=st.integers(min_value=20, max_value=400),
+)
+def test_a_template_said_always_to_fit_never_renders_past_the_cap(path, data, cap):
+    template = compile_template(f"http://h.example/{path}")
+    longest = max((len(value.encode()) for value in data.values()), default=0)
+    if always_fits(template, longest, "d/ef", cap):
+        assert len(render_url(template.text, data, "d/ef")) <= cap
