@@ -1,6 +1,7 @@
 """System checks: configuration mistakes reported by `manage.py check` and at startup."""
 
 import ipaddress
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,4 +20,7 @@ def check_delivery_configuration(app_configs: Sequence[AppConfig] | None, **kwar
             errors.append(Error(f"DELIVERY_ALLOW_NETWORKS: {cidr!r} is not a network (CIDR).", id="delivery.E001"))
     if settings.DELIVERY_CONCURRENCY < 1:
         errors.append(Error("DELIVERY_CONCURRENCY must be at least 1.", id="delivery.E002"))
+    bundle = settings.DELIVERY_CA_BUNDLE
+    if bundle and not os.access(bundle, os.R_OK):
+        errors.append(Error(f"DELIVERY_CA_BUNDLE: {bundle!r} is not a readable file.", id="delivery.E003"))
     return errors

@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import cache
 
 from django.conf import settings
 from django.db import DatabaseError
@@ -34,7 +33,7 @@ from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.progress import resume
 from delivery.recording import Record, attempt_record, count_in_metrics, deferral_record, log_attempts, save_attempts
 from delivery.rollups import fold_accepted_now_and_then
-from delivery.transport import Transport, parse_allowed_networks
+from delivery.transport import process_transport
 from postbackproject import inbox
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection
@@ -78,12 +77,6 @@ def host_reports(finished: list[Finished]) -> dict[str, HostReport]:
 def request_stop() -> None:
     """Warm shutdown (SIGTERM to the worker): stop reading, finish what is in flight, hand over."""
     _stop.set()
-
-
-@cache
-def process_transport() -> Transport:
-    """The worker process's transport: its connections outlive each job."""
-    return Transport(parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS))
 
 
 @dataclass(eq=False)

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import certifi
 import pycurl
+from django.conf import settings
 from django.utils import timezone
 
 USER_AGENT = "postback-delivery/1.0"
@@ -188,8 +189,9 @@ class _Transfer:
 class Transport:
     """Requests in flight on a libcurl multi handle, driven by `poll()` from one thread."""
 
-    def __init__(self, allowed_networks: tuple[IPNetwork, ...]) -> None:
+    def __init__(self, allowed_networks: tuple[IPNetwork, ...], ca_bundle: str = "") -> None:
         self._allowed = allowed_networks
+        self._ca_bundle = ca_bundle or certifi.where()
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_MAXCONNECTS, IDLE_CONNECTIONS)
         self._idle: list[pycurl.Curl] = []
@@ -250,7 +252,7 @@ class Transport:
         handle.setopt(pycurl.PROXY, "")  # no proxy from the environment
         handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         handle.setopt(pycurl.USERAGENT, USER_AGENT)
-        handle.setopt(pycurl.CAINFO, certifi.where())
+        handle.setopt(pycurl.CAINFO, self._ca_bundle)
         handle.setopt(pycurl.NOSIGNAL, 1)
         handle.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, round(limits.connect_timeout * 1000)))
         handle.setopt(pycurl.TIMEOUT_MS, max(1, round(limits.total_timeout * 1000)))
@@ -348,6 +350,12 @@ class Transport:
     def _elapsed_ms(handle: pycurl.Curl, transfer: _Transfer) -> float:
         total = float(handle.getinfo(pycurl.TOTAL_TIME))
         return round((total if total > 0 else time.monotonic() - transfer.started) * 1000, 2)
+
+
+@cache
+def process_transport() -> Transport:
+    """The worker process's transport: its connections outlive each job."""
+    return Transport(parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS), settings.DELIVERY_CA_BUNDLE)
 
 
 def reply_bytes(handle: pycurl.Curl) -> int:

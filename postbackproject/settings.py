@@ -223,6 +223,9 @@ INGEST_RATE_LIMIT_PER_ADDRESS: float = env.float("INGEST_RATE_LIMIT_PER_ADDRESS"
 
 # Private, loopback and link-local destinations are refused unless listed here (CIDRs).
 DELIVERY_ALLOW_NETWORKS: list[str] = env.list("DELIVERY_ALLOW_NETWORKS", default=[])
+# PEM file of the certificate authorities that receivers' HTTPS certificates are checked
+# against; empty: the public ones (certifi). For receivers behind a private CA.
+DELIVERY_CA_BUNDLE: str = env.str("DELIVERY_CA_BUNDLE", default="")
 # Requests one worker process keeps in flight at once (libcurl connections on one thread).
 DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=64)
 # A drain job leaves after this long idle (a lone postback arriving within it goes out at

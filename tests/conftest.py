@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import connection
 from redis import Redis
 
-from delivery import drain
+from delivery import drain, transport
 from delivery.models import DeliveryAttempt, Outcome
 from delivery.worker import DeliveryWorker
 from postbackproject import inbox
@@ -113,7 +113,7 @@ def clean_redis(redis_server: RedisServer) -> Iterator[Redis]:
     """Every test starts with an empty Redis and fresh per-process state."""
     use_redis(redis_server.url)
     get_connection().flushall()
-    drain.process_transport.cache_clear()  # picks up DELIVERY_ALLOW_NETWORKS afresh
+    transport.process_transport.cache_clear()  # picks up DELIVERY_ALLOW_NETWORKS afresh
     drain._stop.clear()
     yield get_connection()
 
