@@ -1,9 +1,17 @@
-"""HTTP to receivers: many requests in flight on one thread, through libcurl's multi interface.
+"""HTTP to receivers: thousands of requests in flight on one thread, through libcurl.
 
 A `requests.Session` call costs about 620 µs of CPU here and needs a thread per request in
-flight; libcurl's multi interface runs the whole event loop in C, about 13 µs a request, and
-keeps hundreds in flight from one thread (docs/decisions.md, "libcurl"). One `Transport` per
-worker process keeps its keep-alive connections across jobs.
+flight; libcurl's multi interface keeps every request's state in C and costs a few tens of µs
+a request, from one thread (docs/decisions.md, "libcurl"). One `Transport` per worker process
+keeps its keep-alive connections, DNS answers and TLS sessions across jobs.
+
+The loop is event-driven (libcurl's socket interface, decisions "An event loop for thousands
+in flight"): libcurl says which sockets it waits on and when its next timer falls, the process
+waits on epoll, and each turn hands libcurl only the sockets that are ready. A turn therefore
+costs as much as the requests that moved, however many are in flight, and there is no
+descriptor ceiling (select() stops at 1,024). Read timeouts sit in a heap (`timers.Deadlines`);
+total and connect timeouts are libcurl's own timers. Names resolve on libcurl's resolver
+threads, never on the loop.
 
 The service sends requests to URLs that strangers give it. Checking the URL's text is no
 defence (`http://2130706433/` is 127.0.0.1 to the resolver), and a check before resolving can
@@ -15,11 +23,12 @@ not even a TCP SYN, to any other address.
 import codecs
 import ipaddress
 import os
+import select
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from functools import cache, lru_cache
@@ -27,17 +36,36 @@ from functools import cache, lru_cache
 import certifi
 import pycurl
 from django.conf import settings
-from django.utils import timezone
+
+from delivery.timers import Deadlines
 
 USER_AGENT = "postback-delivery/1.0"
 # Response bytes past the logged part that are still read, to keep the connection reusable;
 # a longer reply closes its connection instead of being read to the end.
 DRAIN_MAX_BYTES = 64 * 1024
-# Connections kept open for reuse, per worker process, beyond those in use.
-IDLE_CONNECTIONS = 256
+# Idle connections kept open for reuse, per worker process, beyond those in use: libcurl's
+# connection cache counts both, and closes the oldest idle one when it is full.
+IDLE_CONNECTIONS = 512
+# How long a resolved name is used before it is looked up again.
+DNS_CACHE_SECONDS = 60
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# epoll's events on a socket (the low five bits) as libcurl's socket_action flags; hang-ups
+# and errors count as readable, so that libcurl reads the end of the connection.
+_CURL_FLAGS = [
+    (pycurl.CSELECT_IN if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) else 0)
+    | (pycurl.CSELECT_OUT if events & select.EPOLLOUT else 0)
+    | (pycurl.CSELECT_ERR if events & select.EPOLLERR else 0)
+    for events in range(32)
+]
+# libcurl's "what to wait for" (its socket callback) as epoll events.
+_EPOLL_EVENTS = {
+    pycurl.POLL_IN: select.EPOLLIN,
+    pycurl.POLL_OUT: select.EPOLLOUT,
+    pycurl.POLL_INOUT: select.EPOLLIN | select.EPOLLOUT,
+}
 
 
 @dataclass(frozen=True)
@@ -54,10 +82,16 @@ class Request:
 class Limits:
     """How long one request may take, and how much of its reply is kept."""
 
-    connect_timeout: float  # to establish the connection
+    connect_timeout: float  # to resolve the name and establish the connection (TLS included)
     read_timeout: float  # between bytes of the reply, and from the request to its first byte
     total_timeout: float  # connect to last byte, whatever the receiver does
     body_max_bytes: int
+    # The connect and total timeouts in whole ms, as libcurl takes them (computed once).
+    curl_timeouts_ms: tuple[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        timeouts = (max(1, round(self.connect_timeout * 1000)), max(1, round(self.total_timeout * 1000)))
+        object.__setattr__(self, "curl_timeouts_ms", timeouts)
 
 
 @dataclass(frozen=True)
@@ -115,41 +149,120 @@ def declared_charset(content_type: str | None) -> str:
         return "utf-8"
 
 
-class _Transfer:
-    """One request in flight: libcurl's callbacks land here."""
+def connection_cache_size(concurrency: int) -> int:
+    """Connections libcurl may keep open: every request in flight, and IDLE_CONNECTIONS more.
+    Smaller, a connection that finishes while the cache is full is closed at once, and a busy
+    host pays a new connection (and TLS handshake) for every request."""
+    return concurrency + IDLE_CONNECTIONS
+
+
+class _Slot:
+    """One libcurl easy handle and the request it carries now.
+
+    Handles are reused, request after request, with the options that never change set once
+    and the callbacks bound once to the slot; only what differs per request is set again.
+    (`reset()` and setting everything anew cost more than the rest of a request's Python.)
+    A slot's `generation` counts its requests, so that a read deadline left behind by an
+    earlier request is told apart from the current one's.
+    """
 
     __slots__ = (
         "allowed",
         "blocked",
         "body",
+        "custom_method",
         "delivered_at",
+        "generation",
+        "handle",
         "header_lines",
         "kept",
-        "last_progress_at",
+        "last_body_at",
         "limits",
+        "live",
+        "looked_at",
         "received",
         "request",
         "seen",
         "started",
+        "timeouts",
         "token",
         "too_long",
     )
 
-    def __init__(self, request: Request, limits: Limits, token: object, allowed: tuple[IPNetwork, ...]) -> None:
-        self.request = request
-        self.limits = limits
-        self.token = token
+    def __init__(self, allowed: tuple[IPNetwork, ...], ca_bundle: str, share: pycurl.CurlShare) -> None:
         self.allowed = allowed
-        self.delivered_at = timezone.now()
-        self.started = time.monotonic()
-        self.received = 0  # reply bytes seen at the last look (headers and body)
-        self.last_progress_at = 0.0
+        self.generation = 0
+        self.live = False  # True while a request is in flight on it
+        self.custom_method: str | None = None  # the CUSTOMREQUEST the handle is set to
+        self.timeouts = (0, 0)  # the connect and total timeouts (ms) the handle is set to
+        self.header_lines: list[bytes] = []  # cleared per request, never replaced: bound below
         self.body: list[bytes] = []
-        self.kept = 0
-        self.seen = 0
-        self.header_lines: list[bytes] = []
+        self.handle = pycurl.Curl()
+        self._set_fixed_options(ca_bundle, share)
+
+    def _set_fixed_options(self, ca_bundle: str, share: pycurl.CurlShare) -> None:
+        handle = self.handle
+        handle.setopt(pycurl.SHARE, share)
+        handle.setopt(pycurl.PATH_AS_IS, 1)  # send the path as given: no dot-segment squashing
+        handle.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        handle.setopt(pycurl.PROXY, "")  # no proxy from the environment
+        handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        handle.setopt(pycurl.USERAGENT, USER_AGENT)
+        handle.setopt(pycurl.CAINFO, ca_bundle)
+        handle.setopt(pycurl.DNS_CACHE_TIMEOUT, DNS_CACHE_SECONDS)
+        handle.setopt(pycurl.NOSIGNAL, 1)
+        handle.setopt(pycurl.OPENSOCKETFUNCTION, self.open_socket)
+        handle.setopt(pycurl.HEADERFUNCTION, self.header_lines.append)  # no Python frame per line
+        handle.setopt(pycurl.WRITEFUNCTION, self.on_body)
+
+    def load(self, request: Request, limits: Limits, token: object) -> None:
+        """Take a new request: per-request state afresh, and the options that differ."""
+        self.generation += 1
+        self.live = True
+        self.request, self.limits, self.token = request, limits, token
+        self.delivered_at = datetime.now(UTC)
+        self.started = self.looked_at = time.monotonic()
+        self.received = 0  # reply bytes seen at the last read-timeout check (headers and body)
+        self.last_body_at = 0.0
+        self.body.clear()
+        self.header_lines.clear()
+        self.kept = self.seen = 0
         self.blocked = ""
         self.too_long = False
+        handle = self.handle
+        handle.setopt(pycurl.URL, request.url)
+        self._set_timeouts(limits)
+        headers = [f"X-Postback-Id: {request.postback_id}", f"X-Postback-Attempt: {request.attempt}", "Expect:"]
+        if self._set_method(request):
+            headers.append("Content-Type: application/json")
+        headers.extend(request.headers)
+        handle.setopt(pycurl.HTTPHEADER, headers)  # "Expect:": no 100-continue wait before a body
+
+    def _set_timeouts(self, limits: Limits) -> None:
+        timeouts = limits.curl_timeouts_ms
+        if timeouts != self.timeouts:
+            self.handle.setopt(pycurl.CONNECTTIMEOUT_MS, timeouts[0])
+            self.handle.setopt(pycurl.TIMEOUT_MS, timeouts[1])
+            self.timeouts = timeouts
+
+    def _set_method(self, request: Request) -> bool:
+        """The method and body, undoing whatever the handle's last request set; True when a
+        body goes out."""
+        handle = self.handle
+        with_body = request.method == "POST" or request.body is not None
+        if with_body:
+            handle.setopt(pycurl.POSTFIELDSIZE, len(request.body or b""))
+            handle.setopt(pycurl.COPYPOSTFIELDS, request.body or b"")  # also makes it a POST
+        else:
+            handle.setopt(pycurl.HTTPGET, 1)  # back to a GET without a body, after any POST
+        custom = None if request.method in ("GET", "POST") else request.method
+        if custom != self.custom_method:
+            if custom is None:
+                handle.unsetopt(pycurl.CUSTOMREQUEST)
+            else:
+                handle.setopt(pycurl.CUSTOMREQUEST, custom)
+            self.custom_method = custom
+        return with_body
 
     def open_socket(self, purpose: int, address: tuple[int, int, int, tuple[object, ...]]) -> object:
         """libcurl's socket(2): refuse addresses the service must not reach."""
@@ -160,10 +273,11 @@ class _Transfer:
                 self.blocked or f"destination address {peer} is not public and not in DELIVERY_ALLOW_NETWORKS"
             )
             return pycurl.SOCKET_BAD
-        return socket.socket(family, socktype, protocol)
+        return _Descriptor(socket.socket(family, socktype, protocol).detach())
 
     def on_body(self, chunk: bytes) -> int | None:
         """Keep the first body_max_bytes; stop reading (closing the connection) past the drain."""
+        self.last_body_at = time.monotonic()
         self.seen += len(chunk)
         room = self.limits.body_max_bytes - self.kept
         if room > 0:
@@ -185,18 +299,91 @@ class _Transfer:
                 value = rest.strip().decode("latin-1")
         return value
 
+    def read_deadline(self, now: float) -> float | None:
+        """When this request's read timeout falls, as far as can be told now; None when it has.
+
+        The clock runs from the request being sent (libcurl's PRETRANSFER time) to the first
+        byte of the reply, then between bytes. Body bytes are timed as they arrive; header
+        bytes after the first are only seen at these checks, so a reply that trickles its
+        headers counts as moving if anything came since the last check.
+        """
+        handle, read_timeout = self.handle, self.limits.read_timeout
+        first_byte_after = float(handle.getinfo(pycurl.STARTTRANSFER_TIME))
+        if first_byte_after:
+            waiting_since = max(self.started + first_byte_after, self.last_body_at)
+        else:
+            sent_after = float(handle.getinfo(pycurl.PRETRANSFER_TIME))
+            if not sent_after:
+                self.looked_at = now
+                return now + read_timeout  # still connecting: the connect timeout applies
+            waiting_since = self.started + sent_after
+        received = reply_bytes(handle)
+        if received != self.received:
+            self.received = received
+            waiting_since = max(waiting_since, self.looked_at)
+        self.looked_at = now
+        due = waiting_since + read_timeout
+        return None if due <= now else due
+
+    def elapsed_ms(self) -> float:
+        total = float(self.handle.getinfo(pycurl.TOTAL_TIME))
+        return round((total if total > 0 else time.monotonic() - self.started) * 1000, 2)
+
+
+class _Descriptor:
+    """A new socket handed to pycurl, which dup()s the descriptor and drops this object: the
+    original is closed then. (A socket.socket dropped unclosed would be closed too, but only
+    after building a ResourceWarning whose text looks up the peer: a system call per
+    connection, for a warning nobody sees.)"""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+# A read deadline names its slot and which of the slot's requests it belongs to.
+_Deadline = tuple[_Slot, int]
+
+
+def is_live(deadline: _Deadline) -> bool:
+    slot, generation = deadline
+    return slot.live and slot.generation == generation
+
 
 class Transport:
     """Requests in flight on a libcurl multi handle, driven by `poll()` from one thread."""
 
-    def __init__(self, allowed_networks: tuple[IPNetwork, ...], ca_bundle: str = "") -> None:
+    def __init__(
+        self,
+        allowed_networks: tuple[IPNetwork, ...],
+        ca_bundle: str = "",
+        connections: int = 64 + IDLE_CONNECTIONS,
+    ) -> None:
         self._allowed = allowed_networks
         self._ca_bundle = ca_bundle or certifi.where()
+        self._epoll = select.epoll()
+        self._watched: dict[int, int] = {}  # descriptor -> epoll events wanted
+        self._curl_due: float | None = None  # when libcurl's own next timer falls (monotonic)
+        self._read_deadlines: Deadlines[_Deadline] = Deadlines()
         self._multi = pycurl.CurlMulti()
-        self._multi.setopt(pycurl.M_MAXCONNECTS, IDLE_CONNECTIONS)
-        self._idle: list[pycurl.Curl] = []
-        self._active: dict[pycurl.Curl, _Transfer] = {}
-        self._aborted: list[tuple[pycurl.Curl, str]] = []
+        self._multi.setopt(pycurl.M_MAXCONNECTS, connections)
+        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._watch_socket)
+        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._set_curl_timer)
+        # TLS sessions shared by every handle, so that a new connection to a host resumes the
+        # session of an earlier one (an abbreviated handshake). The DNS cache is the multi
+        # handle's own, shared by its handles already.
+        self._share = pycurl.CurlShare()
+        self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_SSL_SESSION)
+        self._idle: list[_Slot] = []
+        self._active: dict[pycurl.Curl, _Slot] = {}
+        self._timed_out: list[_Slot] = []
 
     @property
     def in_flight(self) -> int:
@@ -204,24 +391,21 @@ class Transport:
 
     def start(self, request: Request, limits: Limits, token: object) -> None:
         """Begin sending; the outcome comes back from poll() with the token."""
-        transfer = _Transfer(request, limits, token, self._allowed)
-        handle = self._idle.pop() if self._idle else pycurl.Curl()
-        handle.reset()
-        self._configure(handle, transfer)
-        self._active[handle] = transfer
-        self._multi.add_handle(handle)
+        slot = self._idle.pop() if self._idle else _Slot(self._allowed, self._ca_bundle, self._share)
+        slot.load(request, limits, token)
+        self._active[slot.handle] = slot
+        self._read_deadlines.add(slot.started + limits.read_timeout, (slot, slot.generation))
+        self._multi.add_handle(slot.handle)  # libcurl asks, through its timer, to be run at once
 
     def poll(self, timeout: float) -> list[tuple[object, Response]]:
-        """Wait up to timeout for activity, move every transfer on; return the finished ones."""
+        """Wait up to timeout for a socket or a timer, move on what is ready; return the
+        requests that finished."""
         if not self._active:
             return []
-        self._perform()
-        wait = self._multi.timeout()  # ms until libcurl's own next timer; -1 when none
-        wait_seconds = timeout if wait < 0 else min(timeout, wait / 1000)
-        if wait_seconds > 0 and self._multi.select(wait_seconds) == -1:
-            time.sleep(wait_seconds)  # no sockets to wait on yet (resolving): wait out the timer
-        self._perform()
-        self._abort_silent_transfers()
+        for fd, events in self._epoll.poll(self._wait_seconds(timeout)):
+            self._multi.socket_action(fd, _CURL_FLAGS[events & 31])
+        self._run_curl_timer()
+        self._expire_silent_requests()
         return self._collect()
 
     def abandon(self) -> None:
@@ -232,130 +416,128 @@ class Transport:
     def close(self) -> None:
         for handle in list(self._active):
             self._multi.remove_handle(handle)
-            handle.close()
-        for handle in self._idle:
-            handle.close()
+        for slot in [*self._active.values(), *self._idle]:
+            slot.handle.close()
         self._active.clear()
         self._idle.clear()
+        self._read_deadlines.clear()
         self._multi.close()
+        self._share.close()
+        self._epoll.close()
 
-    def _configure(self, handle: pycurl.Curl, transfer: _Transfer) -> None:
-        request, limits = transfer.request, transfer.limits
-        headers = [
-            f"X-Postback-Id: {request.postback_id}",
-            f"X-Postback-Attempt: {request.attempt}",
-            "Expect:",  # no 100-continue round trip before a body
-        ]
-        handle.setopt(pycurl.URL, request.url)
-        handle.setopt(pycurl.PATH_AS_IS, 1)  # send the path as given: no dot-segment squashing
-        handle.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
-        handle.setopt(pycurl.PROXY, "")  # no proxy from the environment
-        handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
-        handle.setopt(pycurl.USERAGENT, USER_AGENT)
-        handle.setopt(pycurl.CAINFO, self._ca_bundle)
-        handle.setopt(pycurl.NOSIGNAL, 1)
-        handle.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, round(limits.connect_timeout * 1000)))
-        handle.setopt(pycurl.TIMEOUT_MS, max(1, round(limits.total_timeout * 1000)))
-        handle.setopt(pycurl.OPENSOCKETFUNCTION, transfer.open_socket)
-        handle.setopt(pycurl.HEADERFUNCTION, transfer.header_lines.append)  # no Python frame per line
-        handle.setopt(pycurl.WRITEFUNCTION, transfer.on_body)
-        if request.method == "POST" or request.body is not None:
-            headers.append("Content-Type: application/json")
-            handle.setopt(pycurl.POSTFIELDSIZE, len(request.body or b""))
-            handle.setopt(pycurl.COPYPOSTFIELDS, request.body or b"")
-        if request.method not in ("GET", "POST"):
-            handle.setopt(pycurl.CUSTOMREQUEST, request.method)
-        headers.extend(request.headers)
-        handle.setopt(pycurl.HTTPHEADER, headers)
+    # --- the event loop ------------------------------------------------------------------
 
-    def _perform(self) -> None:
-        while self._multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
-            pass
-
-    def _abort_silent_transfers(self) -> None:
-        """Read timeout: no byte for read_timeout, counted from the request being sent.
-
-        libcurl has a total timeout but no per-read one; a receiver that answers nothing, or
-        stops mid-reply, is cut off here.
-        """
+    def _wait_seconds(self, timeout: float) -> float:
+        """Up to timeout, but no later than the next timer (libcurl's or a read deadline)."""
+        wait = timeout
         now = time.monotonic()
-        for handle, transfer in self._active.items():
-            read_timeout = transfer.limits.read_timeout
-            if now - transfer.started <= read_timeout:
-                continue  # fast transfers are never looked at: no cost on the hot path
-            received = reply_bytes(handle)
-            if received != transfer.received:
-                transfer.received, transfer.last_progress_at = received, now
-            if received:
-                waiting_since = transfer.last_progress_at
+        for due in (self._curl_due, self._read_deadlines.next_due()):
+            if due is not None:
+                wait = min(wait, due - now)
+        return max(0.0, wait)
+
+    def _watch_socket(self, what: int, fd: int, multi: object, socket_data: object) -> None:
+        """libcurl's socket callback: start, change or stop watching one socket."""
+        if what == pycurl.POLL_REMOVE:
+            if self._watched.pop(fd, None) is not None:
+                self._epoll.unregister(fd)
+            return
+        events = _EPOLL_EVENTS[what]
+        if fd in self._watched:
+            try:
+                self._epoll.modify(fd, events)
+            except FileNotFoundError:  # closed, and its number reused: watch it afresh
+                self._epoll.register(fd, events)
+        else:
+            self._epoll.register(fd, events)
+        self._watched[fd] = events
+
+    def _set_curl_timer(self, timeout_ms: int) -> None:
+        """libcurl's timer callback: when to call socket_action(SOCKET_TIMEOUT) (-1: never)."""
+        self._curl_due = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+
+    def _run_curl_timer(self) -> None:
+        if self._curl_due is not None and time.monotonic() >= self._curl_due:
+            self._curl_due = None  # libcurl sets its next one from inside socket_action
+            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+
+    def _expire_silent_requests(self) -> None:
+        """Read timeouts: libcurl has a total timeout but no per-read one; a receiver that
+        answers nothing, or stops mid-reply, is cut off here. Only the deadlines that fell are
+        looked at; one that moved (bytes came) goes back in the heap with its new time."""
+        now = time.monotonic()
+        for slot, generation in self._read_deadlines.pop_due(now, is_live):
+            due = slot.read_deadline(now)
+            if due is None:
+                slot.live = False
+                self._timed_out.append(slot)
             else:
-                connected_after = handle.getinfo(pycurl.PRETRANSFER_TIME)  # 0 until connected
-                if connected_after == 0:
-                    continue  # still connecting: the connect timeout applies
-                waiting_since = transfer.started + connected_after
-            if now - waiting_since > read_timeout:
-                self._aborted.append((handle, "read timeout"))
+                self._read_deadlines.add(due, (slot, generation))
 
     def _collect(self) -> list[tuple[object, Response]]:
         finished: list[tuple[object, Response]] = []
-        for handle, error in self._aborted:
-            transfer = self._release(handle)
-            finished.append((transfer.token, self._failure(handle, transfer, error, transient=True)))
-        self._aborted.clear()
+        for slot in self._timed_out:
+            self._release(slot.handle)
+            finished.append((slot.token, failure(slot, "read timeout", transient=True)))
+        self._timed_out.clear()
         while True:
             queued, succeeded, failed = self._multi.info_read()
             for handle in succeeded:
-                transfer = self._release(handle)
-                finished.append((transfer.token, self._response(handle, transfer)))
+                slot = self._release(handle)
+                finished.append((slot.token, response_of(slot)))
             for handle, code, message in failed:
-                transfer = self._release(handle)
-                finished.append((transfer.token, self._error_response(handle, transfer, code, message)))
+                slot = self._release(handle)
+                finished.append((slot.token, error_response(slot, code, message)))
             if not queued:
                 return finished
 
-    def _release(self, handle: pycurl.Curl) -> _Transfer:
-        transfer = self._active.pop(handle)
+    def _release(self, handle: pycurl.Curl) -> _Slot:
+        slot = self._active.pop(handle)
+        slot.live = False
         self._multi.remove_handle(handle)
-        self._idle.append(handle)
-        return transfer
+        self._idle.append(slot)
+        return slot
 
-    def _response(self, handle: pycurl.Curl, transfer: _Transfer) -> Response:
-        status = int(handle.getinfo(pycurl.RESPONSE_CODE))
-        body = b"".join(transfer.body).decode(declared_charset(handle.getinfo(pycurl.CONTENT_TYPE)), errors="replace")
-        retry_after = transfer.retry_after() if status == 429 or status >= 500 else None
-        return Response(
-            delivered_at=transfer.delivered_at,
-            status=status,
-            elapsed_ms=self._elapsed_ms(handle, transfer),
-            body=body,
-            retry_after_seconds=parse_retry_after(retry_after, timezone.now()),
-        )
 
-    def _error_response(self, handle: pycurl.Curl, transfer: _Transfer, code: int, message: str) -> Response:
-        if code == pycurl.E_WRITE_ERROR and transfer.too_long:
-            return self._response(handle, transfer)  # we stopped reading a long reply on purpose
-        error, transient = describe_error(handle, transfer, code, message)
-        return self._failure(handle, transfer, error, transient)
+def response_of(slot: _Slot) -> Response:
+    handle = slot.handle
+    status = int(handle.getinfo(pycurl.RESPONSE_CODE))
+    body = b"".join(slot.body).decode(declared_charset(handle.getinfo(pycurl.CONTENT_TYPE)), errors="replace")
+    retry_after = slot.retry_after() if status == 429 or status >= 500 else None
+    return Response(
+        delivered_at=slot.delivered_at,
+        status=status,
+        elapsed_ms=slot.elapsed_ms(),
+        body=body,
+        retry_after_seconds=parse_retry_after(retry_after, datetime.now(UTC)),
+    )
 
-    def _failure(self, handle: pycurl.Curl, transfer: _Transfer, error: str, transient: bool) -> Response:
-        return Response(
-            delivered_at=transfer.delivered_at,
-            status=None,
-            elapsed_ms=self._elapsed_ms(handle, transfer),
-            error=error,
-            transient=transient,
-        )
 
-    @staticmethod
-    def _elapsed_ms(handle: pycurl.Curl, transfer: _Transfer) -> float:
-        total = float(handle.getinfo(pycurl.TOTAL_TIME))
-        return round((total if total > 0 else time.monotonic() - transfer.started) * 1000, 2)
+def error_response(slot: _Slot, code: int, message: str) -> Response:
+    if code == pycurl.E_WRITE_ERROR and slot.too_long:
+        return response_of(slot)  # we stopped reading a long reply on purpose
+    error, transient = describe_error(slot, code, message)
+    return failure(slot, error, transient)
+
+
+def failure(slot: _Slot, error: str, transient: bool) -> Response:
+    return Response(
+        delivered_at=slot.delivered_at,
+        status=None,
+        elapsed_ms=slot.elapsed_ms(),
+        error=error,
+        transient=transient,
+    )
 
 
 @cache
 def process_transport() -> Transport:
     """The worker process's transport: its connections outlive each job."""
-    return Transport(parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS), settings.DELIVERY_CA_BUNDLE)
+    return Transport(
+        parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS),
+        settings.DELIVERY_CA_BUNDLE,
+        connection_cache_size(settings.DELIVERY_CONCURRENCY),
+    )
 
 
 def reply_bytes(handle: pycurl.Curl) -> int:
@@ -367,24 +549,43 @@ def reply_bytes(handle: pycurl.Curl) -> int:
 _PERMANENT_ERRORS = {
     pycurl.E_UNSUPPORTED_PROTOCOL: "invalid URL",
     pycurl.E_URL_MALFORMAT: "invalid URL",
+    # The receiver's certificate does not check out (untrusted issuer, wrong name, expired),
+    # or the CA bundle cannot be read: sending again changes nothing until someone fixes it.
+    pycurl.E_PEER_FAILED_VERIFICATION: "TLS certificate not accepted",
+    pycurl.E_SSL_ISSUER_ERROR: "TLS certificate not accepted",
+    pycurl.E_SSL_PINNEDPUBKEYNOTMATCH: "TLS certificate not accepted",
+    pycurl.E_SSL_CACERT_BADFILE: "DELIVERY_CA_BUNDLE cannot be read",
 }
 
 
-def describe_error(handle: pycurl.Curl, transfer: _Transfer, code: int, message: str) -> tuple[str, bool]:
+def describe_error(slot: _Slot, code: int, message: str) -> tuple[str, bool]:
     """A short error text and whether the failure is transient."""
-    if transfer.blocked:
-        return transfer.blocked, False
+    if slot.blocked:
+        return slot.blocked, False
     if code in _PERMANENT_ERRORS:
         return f"{_PERMANENT_ERRORS[code]}: {message}", False
     if code == pycurl.E_OPERATION_TIMEDOUT:
-        if handle.getinfo(pycurl.CONNECT_TIME) == 0:
-            return "connect timeout", True
-        if not reply_bytes(handle):
-            return f"total timeout: no reply within {transfer.limits.total_timeout:g} s", True
-        return f"total timeout: no complete reply within {transfer.limits.total_timeout:g} s", True
+        return describe_timeout(slot, message), True
     if code == pycurl.E_COULDNT_RESOLVE_HOST:
         return f"name not resolved: {message}", True
-    os_errno = int(handle.getinfo(pycurl.OS_ERRNO))
+    if code == pycurl.E_SSL_CONNECT_ERROR:
+        return f"TLS handshake failed: {message}", True
+    os_errno = int(slot.handle.getinfo(pycurl.OS_ERRNO))
     if os_errno:
         return f"connection error: [Errno {os_errno}] {os.strerror(os_errno)}", True
     return f"connection error: {message}", True
+
+
+def describe_timeout(slot: _Slot, message: str) -> str:
+    """Which stage a timed-out request was in: resolving, connecting, the TLS handshake, or
+    waiting for (the rest of) the reply."""
+    handle, limits = slot.handle, slot.limits
+    if message.startswith("Resolving timed out"):
+        return f"name not resolved: no answer within {limits.connect_timeout:g} s"
+    if handle.getinfo(pycurl.CONNECT_TIME) == 0:
+        return "connect timeout"
+    if slot.request.url[:6].lower() == "https:" and handle.getinfo(pycurl.APPCONNECT_TIME) == 0:
+        return f"connect timeout: TLS handshake not finished within {limits.connect_timeout:g} s"
+    if not reply_bytes(handle):
+        return f"total timeout: no reply within {limits.total_timeout:g} s"
+    return f"total timeout: no complete reply within {limits.total_timeout:g} s"
