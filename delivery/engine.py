@@ -1,29 +1,62 @@
 """The delivery engine: which postback goes out next, and when one must wait.
 
 Postbacks wait in one queue per destination host. Free connections go to hosts in turn, each
-host within its earned in-flight limit (`hosts.InFlightLimit`) and only while its circuit
-lets it (`circuit.Circuits`): a host whose circuit is open has its postbacks deferred at once,
-without a request. So a receiver that stalls holds a handful of this worker's connections,
-never all of them, and postbacks for every other host keep going out.
+host within its earned in-flight limit and only while its circuit lets it
+(`circuit.Circuits`): a host whose circuit is open has its postbacks deferred at once,
+without a request. Hosts that have not answered yet (new, stalling, dead) share a bounded
+part of the slots (`hosts.unproven_slots`); with it full they wait in line for one of its
+slots, those holding nothing first. So one receiver that stalls holds at most half of that
+share, any number of them hold the share, and postbacks for hosts that answer keep going out
+(docs/decisions.md, "Fair shares of a worker's slots").
+
+Every step costs in proportion to what moved (requests started and landed, hosts that
+changed), never to the number of hosts known or waiting.
 
 The engine does not know where postbacks come from or how results are recorded: callers add
 work and take back what finished (sent or deferred) from `step()`.
 """
 
+import enum
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from django.utils import timezone
 
-from delivery.circuit import Circuits
-from delivery.hosts import InFlightLimit, host_of
+from delivery.circuit import Admission
+from delivery.hosts import (
+    INITIAL_IN_FLIGHT,
+    InFlightLimit,
+    RememberedLimits,
+    host_of,
+    process_limits,
+    unproven_slots,
+)
 from delivery.models import DeliverySettings
 from delivery.signing import signature_headers
-from delivery.transport import Limits, Request, Response, Transport
+from delivery.transport import Limits, Request, Response
 from postbackproject.postback import Try
+
+
+class Sender(Protocol):
+    """What the engine needs of a transport (`delivery.transport.Transport`, or a fake)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def start(self, request: Request, limits: Limits, token: object) -> None: ...
+
+    def poll(self, timeout: float) -> list[tuple[object, Response]]: ...
+
+    def abandon(self) -> None: ...
+
+
+class Gate(Protocol):
+    """What the engine needs of the circuits (`delivery.circuit.Circuits`, or a fake)."""
+
+    def admission(self, host: str, probe_seconds: float, open_seconds: float) -> Admission: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -34,6 +67,7 @@ class Work:
     origin: Any = None
     host: str = ""
     probe: bool = False
+    unproven: bool = False  # started within the unproven share
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -56,8 +90,12 @@ def refused_try(work: Work, why: str) -> Finished:
     return Finished(work, response)
 
 
-# Hosts whose earned in-flight limit is remembered while they have nothing to send.
-REMEMBERED_HOSTS = 10_000
+class Queued(enum.Enum):
+    """Where a host with work waiting stands."""
+
+    NO = 0  # not in line: at its limit (back when a request lands) or nothing to send
+    ROTATION = 1  # in line for the next free connection
+    UNPROVEN = 2  # unproven, in line for a slot of the unproven share
 
 
 @dataclass(slots=True)
@@ -65,20 +103,31 @@ class _Host:
     limit: InFlightLimit
     waiting: deque[Work] = field(default_factory=deque)
     in_flight: int = 0
-    in_rotation: bool = False
+    queued: Queued = Queued.NO
 
 
 class Engine:
     """Per-host queues in front of one Transport; driven by `step()` from one thread."""
 
-    def __init__(self, transport: Transport, circuits: Circuits, concurrency: int) -> None:
+    def __init__(
+        self,
+        transport: Sender,
+        circuits: Gate,
+        concurrency: int,
+        remembered: RememberedLimits | None = None,
+    ) -> None:
         self.transport = transport
         self.circuits = circuits
         self.concurrency = concurrency
+        self._remembered = remembered if remembered is not None else process_limits()
         self._hosts: dict[str, _Host] = {}  # hosts with work waiting or in flight
-        self._limits: OrderedDict[str, InFlightLimit] = OrderedDict()  # least recently used first
-        self._rotation: deque[str] = deque()  # hosts with waiting work, in turn
+        self._rotation: deque[str] = deque()  # hosts that may send, in turn
         self._waiting = 0
+        # The unproven share: its size, the requests it holds, and the hosts in line for one
+        # of its slots (entries whose host moved on meanwhile are skipped).
+        self._unproven_slots = unproven_slots(concurrency)
+        self._unproven_in_flight = 0
+        self._unproven_line: deque[str] = deque()
 
     @property
     def waiting(self) -> int:
@@ -93,10 +142,8 @@ class Engine:
         return bool(self._waiting or self.transport.in_flight)
 
     def add(self, works: Iterable[Work], config: DeliverySettings) -> None:
-        cap = max(1, min(config.max_in_flight_per_host, self.concurrency))
         for work in works:
             host = self._hosts.get(work.host) or self._open_host(work.host)
-            host.limit.cap = cap
             host.waiting.append(work)
             self._waiting += 1
             self._enter_rotation(work.host, host)
@@ -107,9 +154,10 @@ class Engine:
         finished = self._dispatch(config) if start else []
         if finished or (start and self._can_start_more()):
             timeout = 0.0
+        cap = self._cap(config)
         for token, response in self.transport.poll(timeout):
             assert isinstance(token, Work)
-            finished.append(self._landed(token, response))
+            finished.append(self._landed(token, response, cap))
         return finished
 
     def drop_waiting(self) -> list[Work]:
@@ -117,11 +165,27 @@ class Engine:
         dropped = [work for host in self._hosts.values() for work in host.waiting]
         for name, host in list(self._hosts.items()):
             host.waiting.clear()
-            host.in_rotation = False
+            host.queued = Queued.NO
             self._close_host_if_idle(name, host)
         self._rotation.clear()
+        self._unproven_line.clear()
         self._waiting = 0
         return dropped
+
+    def reconsider(self, hosts: Iterable[str] | None = None) -> None:
+        """Give hosts with waiting work another turn (after their circuits changed): the hosts
+        named, or every host."""
+        names = self._hosts.keys() if hosts is None else hosts
+        for name in list(names):
+            host = self._hosts.get(name)
+            if host is not None:
+                self._enter_rotation(name, host)
+
+    def _cap(self, config: DeliverySettings) -> int:
+        """Most requests one host may have in flight: the setting (0: no cap of its own), and
+        never more than the worker's slots."""
+        cap = config.max_in_flight_per_host
+        return min(cap, self.concurrency) if cap else self.concurrency
 
     def _can_start_more(self) -> bool:
         return bool(self._rotation) and self.transport.in_flight < self.concurrency
@@ -135,10 +199,11 @@ class Engine:
             total_timeout=config.total_timeout_seconds,
             body_max_bytes=config.response_body_max_bytes,
         )
+        cap = self._cap(config)
         while self._rotation and self.transport.in_flight < self.concurrency:
             name = self._rotation.popleft()
             host = self._hosts[name]
-            host.in_rotation = False
+            host.queued = Queued.NO
             admission = self.circuits.admission(name, config.total_timeout_seconds, config.circuit_open_seconds)
             if not admission.send:
                 if admission.defer_until:
@@ -146,20 +211,35 @@ class Engine:
                     self._close_host_if_idle(name, host)
                 # else its probe is out: the host waits for `reconsider()` after the answer
                 continue
-            if not host.limit.allows(host.in_flight):
+            if not host.limit.allows(host.in_flight, cap):
                 continue  # back in rotation when one of its requests lands
+            unproven = not host.limit.proven
+            if unproven and not self._unproven_may_send(name, host):
+                continue
             work = host.waiting.popleft()
             self._waiting -= 1
             work.probe = admission.probe
+            work.unproven = unproven
             self._start(work, host, limits, config.signing_secrets)
             if not admission.probe:
                 self._enter_rotation(name, host)
         return finished
 
-    def reconsider(self) -> None:
-        """Give every host with waiting work another turn (after circuits changed)."""
-        for name, host in self._hosts.items():
-            self._enter_rotation(name, host)
+    def _unproven_may_send(self, name: str, host: _Host) -> bool:
+        """Whether an unproven host may start one more request now: up to INITIAL_IN_FLIGHT
+        while the share has room, more only while it is less than half used (else it waits
+        for one of its own to land). With the share full it joins the line for a slot, ahead
+        of the hosts holding some when it holds none."""
+        if host.in_flight >= INITIAL_IN_FLIGHT and 2 * self._unproven_in_flight >= self._unproven_slots:
+            return False
+        if self._unproven_in_flight < self._unproven_slots:
+            return True
+        host.queued = Queued.UNPROVEN
+        if host.in_flight:
+            self._unproven_line.append(name)
+        else:
+            self._unproven_line.appendleft(name)
+        return False
 
     def _start(self, work: Work, host: _Host, limits: Limits, signing_secrets: tuple[str, ...]) -> None:
         item = work.item
@@ -177,18 +257,34 @@ class Engine:
             headers=headers,
         )
         host.in_flight += 1
+        if work.unproven:
+            self._unproven_in_flight += 1
         self.transport.start(request, limits, token=work)
 
-    def _landed(self, work: Work, response: Response) -> Finished:
+    def _landed(self, work: Work, response: Response, cap: int) -> Finished:
         host = self._hosts[work.host]
         host.in_flight -= 1
         if response.status is not None:
-            host.limit.answered()
+            host.limit.answered(host.in_flight, cap, response.elapsed_ms / 1000)
         elif response.transient:
-            host.limit.went_silent()
+            host.limit.went_silent(host.in_flight)
         self._enter_rotation(work.host, host)
+        if work.unproven:
+            self._unproven_in_flight -= 1
+            self._let_next_unproven_in()
         self._close_host_if_idle(work.host, host)
         return Finished(work, response)
+
+    def _let_next_unproven_in(self) -> None:
+        """A slot of the unproven share came free: the first host still in line for it goes
+        back into rotation."""
+        while self._unproven_line:
+            name = self._unproven_line.popleft()
+            host = self._hosts.get(name)
+            if host is not None and host.queued is Queued.UNPROVEN:
+                host.queued = Queued.NO
+                self._enter_rotation(name, host)
+                return
 
     def _defer_all(self, host: _Host, until: float, reason: str) -> list[Finished]:
         deferred = [Finished(work, None, deferred_until=until, reason=reason) for work in host.waiting]
@@ -197,8 +293,7 @@ class Engine:
         return deferred
 
     def _open_host(self, name: str) -> _Host:
-        limit = self._limits.pop(name, None) or InFlightLimit(self.concurrency)
-        host = self._hosts[name] = _Host(limit)
+        host = self._hosts[name] = _Host(self._remembered.take(name))
         return host
 
     def _close_host_if_idle(self, name: str, host: _Host) -> None:
@@ -206,11 +301,15 @@ class Engine:
         if host.waiting or host.in_flight:
             return
         del self._hosts[name]
-        self._limits[name] = host.limit
-        if len(self._limits) > REMEMBERED_HOSTS:
-            self._limits.popitem(last=False)
+        self._remembered.keep(name, host.limit)
 
     def _enter_rotation(self, name: str, host: _Host) -> None:
-        if host.waiting and not host.in_rotation:
-            host.in_rotation = True
-            self._rotation.append(name)
+        """Into the line for connections, if it has work and is not in a line already (an
+        unproven host in line for a slot of the share stays there unless it has proved
+        itself meanwhile)."""
+        if not host.waiting or host.queued is Queued.ROTATION:
+            return
+        if host.queued is Queued.UNPROVEN and not host.limit.proven:
+            return
+        host.queued = Queued.ROTATION
+        self._rotation.append(name)

@@ -85,11 +85,12 @@ class DeliverySettings(models.Model):
         "which different workers can deliver at once.",
     )
     max_in_flight_per_host = models.PositiveIntegerField(
-        default=56,
-        validators=[MinValueValidator(1), MaxValueValidator(10000)],
-        help_text="Most requests one worker keeps in flight to one destination host. Keep it below "
-        "DELIVERY_CONCURRENCY (64 by default), so that one slow host cannot take every connection. "
-        "A host starts lower and earns this limit with answered requests.",
+        default=0,
+        validators=[MaxValueValidator(100000)],
+        help_text="Most requests one worker keeps in flight to one destination host; 0: no cap of "
+        "its own (DELIVERY_CONCURRENCY, 1024 by default, bounds it). Hosts earn their in-flight "
+        "requests with answers, and hosts that have not answered share a quarter of each "
+        "worker's connections, so a slow or stalling host cannot take them all without a cap.",
     )
     circuit_failure_threshold = models.PositiveIntegerField(
         default=10,

@@ -180,6 +180,7 @@ class _Slot:
         "limits",
         "live",
         "looked_at",
+        "moved_at",
         "received",
         "request",
         "seen",
@@ -189,7 +190,7 @@ class _Slot:
         "too_long",
     )
 
-    def __init__(self, allowed: tuple[IPNetwork, ...], ca_bundle: str, share: pycurl.CurlShare) -> None:
+    def __init__(self, allowed: tuple[IPNetwork, ...], ca_bundle: str) -> None:
         self.allowed = allowed
         self.generation = 0
         self.live = False  # True while a request is in flight on it
@@ -198,11 +199,10 @@ class _Slot:
         self.header_lines: list[bytes] = []  # cleared per request, never replaced: bound below
         self.body: list[bytes] = []
         self.handle = pycurl.Curl()
-        self._set_fixed_options(ca_bundle, share)
+        self._set_fixed_options(ca_bundle)
 
-    def _set_fixed_options(self, ca_bundle: str, share: pycurl.CurlShare) -> None:
+    def _set_fixed_options(self, ca_bundle: str) -> None:
         handle = self.handle
-        handle.setopt(pycurl.SHARE, share)
         handle.setopt(pycurl.PATH_AS_IS, 1)  # send the path as given: no dot-segment squashing
         handle.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         handle.setopt(pycurl.PROXY, "")  # no proxy from the environment
@@ -223,6 +223,7 @@ class _Slot:
         self.delivered_at = datetime.now(UTC)
         self.started = self.looked_at = time.monotonic()
         self.received = 0  # reply bytes seen at the last read-timeout check (headers and body)
+        self.moved_at = 0.0  # bytes came after this check (the time of the one before)
         self.last_body_at = 0.0
         self.body.clear()
         self.header_lines.clear()
@@ -319,10 +320,9 @@ class _Slot:
             waiting_since = self.started + sent_after
         received = reply_bytes(handle)
         if received != self.received:
-            self.received = received
-            waiting_since = max(waiting_since, self.looked_at)
+            self.received, self.moved_at = received, self.looked_at
         self.looked_at = now
-        due = waiting_since + read_timeout
+        due = max(waiting_since, self.moved_at) + read_timeout
         return None if due <= now else due
 
     def elapsed_ms(self) -> float:
@@ -376,11 +376,9 @@ class Transport:
         self._multi.setopt(pycurl.M_MAXCONNECTS, connections)
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._watch_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._set_curl_timer)
-        # TLS sessions shared by every handle, so that a new connection to a host resumes the
-        # session of an earlier one (an abbreviated handshake). The DNS cache is the multi
-        # handle's own, shared by its handles already.
-        self._share = pycurl.CurlShare()
-        self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_SSL_SESSION)
+        # The multi handle's DNS cache and TLS session cache serve all its handles: a new
+        # connection to a host resumes an earlier connection's session (an abbreviated
+        # handshake; tests/test_transport.py checks it at the receiver).
         self._idle: list[_Slot] = []
         self._active: dict[pycurl.Curl, _Slot] = {}
         self._timed_out: list[_Slot] = []
@@ -391,7 +389,7 @@ class Transport:
 
     def start(self, request: Request, limits: Limits, token: object) -> None:
         """Begin sending; the outcome comes back from poll() with the token."""
-        slot = self._idle.pop() if self._idle else _Slot(self._allowed, self._ca_bundle, self._share)
+        slot = self._idle.pop() if self._idle else _Slot(self._allowed, self._ca_bundle)
         slot.load(request, limits, token)
         self._active[slot.handle] = slot
         self._read_deadlines.add(slot.started + limits.read_timeout, (slot, slot.generation))
@@ -422,7 +420,6 @@ class Transport:
         self._idle.clear()
         self._read_deadlines.clear()
         self._multi.close()
-        self._share.close()
         self._epoll.close()
 
     # --- the event loop ------------------------------------------------------------------

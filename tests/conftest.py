@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from django.conf import settings
 from django.db import connection
 from redis import Redis
 
-from delivery import drain, transport
+from delivery import drain, hosts, transport
 from delivery.models import DeliveryAttempt, Outcome
 from delivery.worker import DeliveryWorker
 from postbackproject import inbox
@@ -114,6 +115,7 @@ def clean_redis(redis_server: RedisServer) -> Iterator[Redis]:
     use_redis(redis_server.url)
     get_connection().flushall()
     transport.process_transport.cache_clear()  # picks up DELIVERY_ALLOW_NETWORKS afresh
+    hosts.process_limits().clear()  # no host earned anything yet
     drain._stop.clear()
     yield get_connection()
 
@@ -140,13 +142,15 @@ class Received:
     headers: dict[str, str]
     body: bytes
     client_port: int  # tells connections apart: a kept-alive connection keeps its port
+    tls_session_reused: bool | None = None  # HTTPS: whether the handshake resumed a session
 
 
 class QuietHTTPServer(ThreadingHTTPServer):
-    """A client that hangs up (a worker killed, a request timed out) is not an error here."""
+    """A client that hangs up (a worker killed, a request timed out) or refuses the server's
+    certificate is not an error here."""
 
     def handle_error(self, request: object, client_address: object) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
+        if not isinstance(sys.exc_info()[1], ConnectionError | ssl.SSLError):
             super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
@@ -154,7 +158,7 @@ class Receiver:
     """An HTTP server on loopback that records every request and answers from a script
     (then with `default`). Dripping replies stop dripping once `release` is set."""
 
-    def __init__(self, default: Reply | None = None) -> None:
+    def __init__(self, default: Reply | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Received] = []
         self.script: list[Reply] = []
         self.default = default or Reply()
@@ -169,7 +173,14 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with receiver._lock:
-                    received = Received(self.command, self.path, dict(self.headers), body, self.client_address[1])
+                    received = Received(
+                        self.command,
+                        self.path,
+                        dict(self.headers),
+                        body,
+                        self.client_address[1],
+                        getattr(self.connection, "session_reused", None),
+                    )
                     receiver.requests.append(received)
                     reply = receiver.script.pop(0) if receiver.script else receiver.default
                 if reply.delay:
@@ -204,13 +215,16 @@ class Receiver:
                 pass
 
         self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:  # HTTPS: each connection's handshake runs in its own thread
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
         self.server.daemon_threads = True
+        self.scheme = "https" if tls is not None else "http"
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def answer(self, *replies: Reply) -> None:
         with self._lock:

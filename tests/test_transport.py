@@ -1,11 +1,27 @@
-"""Transport pieces that need no receiver: the address guard and Retry-After parsing."""
+"""The transport: the address guard and Retry-After parsing on their own, then real requests
+to receivers on loopback (HTTPS behind a private CA, names, methods, a thousand-plus in flight,
+read deadlines)."""
 
+import asyncio
 import ipaddress
+import json
+import os
+import resource
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+import trustme
 
-from delivery.transport import is_allowed_address, parse_retry_after
+from delivery.transport import Limits, Request, Response, Transport, _Slot, is_allowed_address, parse_retry_after
+from postbackproject.settings import BASE_DIR
+from tests.conftest import Receiver, Reply, wait_until
 
 ALLOW_LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 
@@ -61,3 +77,313 @@ NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 )
 def test_retry_after_takes_seconds_or_a_date(header, seconds):
     assert parse_retry_after(header, NOW) == seconds
+
+
+# --- against real receivers ------------------------------------------------------------------
+
+LIMITS = Limits(connect_timeout=5, read_timeout=10, total_timeout=30, body_max_bytes=1000)
+
+
+def deliver(transport: Transport, requests: list[Request], limits: Limits = LIMITS) -> dict[object, Response]:
+    """Send every request and drive the loop until each has an outcome (keyed by its index)."""
+    for index, request in enumerate(requests):
+        transport.start(request, limits, token=index)
+    outcomes: dict[object, Response] = {}
+
+    def all_in() -> bool:
+        outcomes.update(transport.poll(0.05))
+        return len(outcomes) == len(requests)
+
+    wait_until(all_in, timeout=60, what="every request's outcome")
+    return outcomes
+
+
+def get(url: str, postback_id: str = "p") -> Request:
+    return Request(postback_id, 1, "GET", url, None)
+
+
+@pytest.fixture
+def transport() -> Iterator[Transport]:
+    made = Transport(tuple(ALLOW_LOOPBACK))
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def authority() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def https_receiver(authority) -> Iterator[Receiver]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    server = Receiver(tls=context)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def ca_bundle(authority, tmp_path) -> str:
+    path = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def test_an_https_receiver_behind_a_private_ca_is_reached_with_the_ca_bundle(https_receiver, ca_bundle):
+    transport = Transport(tuple(ALLOW_LOOPBACK), ca_bundle)
+    try:
+        outcomes = deliver(transport, [get(https_receiver.url("/tls"))])
+    finally:
+        transport.close()
+
+    assert outcomes[0].status == 200
+    assert https_receiver.targets == ["/tls"]
+
+
+def test_a_certificate_the_service_does_not_trust_fails_for_good(transport, https_receiver):
+    [outcome] = deliver(transport, [get(https_receiver.url("/tls"))]).values()
+
+    assert outcome.status is None
+    assert outcome.error.startswith("TLS certificate not accepted: ")
+    assert not outcome.transient  # never retried: sending again changes nothing
+    assert https_receiver.requests == []
+
+
+def test_a_certificate_for_another_name_fails_for_good(ca_bundle, authority):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("other.example").configure_cert(context)
+    receiver = Receiver(tls=context)
+    transport = Transport(tuple(ALLOW_LOOPBACK), ca_bundle)
+    try:
+        [outcome] = deliver(transport, [get(receiver.url("/tls"))]).values()
+    finally:
+        transport.close()
+        receiver.close()
+
+    assert outcome.error.startswith("TLS certificate not accepted: ")
+    assert not outcome.transient
+
+
+def test_tls_sessions_are_resumed_on_new_connections(https_receiver, ca_bundle):
+    """A receiver that closes each connection makes every request a new one. After one full
+    handshake, later ones resume its session, also on handles that never connected before:
+    two requests at once take two handles."""
+    https_receiver.default = Reply(headers={"Connection": "close"})
+    transport = Transport(tuple(ALLOW_LOOPBACK), ca_bundle)
+    try:
+        deliver(transport, [get(https_receiver.url("/first"))])
+        deliver(transport, [get(https_receiver.url("/second")), get(https_receiver.url("/third"))])
+    finally:
+        transport.close()
+
+    reused = {request.target: request.tls_session_reused for request in https_receiver.requests}
+    assert reused == {"/first": False, "/second": True, "/third": True}
+
+
+def test_a_name_that_does_not_resolve_is_a_transient_failure_saying_so(transport):
+    limits = Limits(connect_timeout=3, read_timeout=10, total_timeout=30, body_max_bytes=100)
+    [outcome] = deliver(transport, [get("http://no-such-host.invalid/x")], limits).values()
+
+    assert outcome.status is None
+    assert outcome.error.startswith("name not resolved")
+    assert outcome.transient
+
+
+def test_one_handle_carries_any_sequence_of_methods_without_leftovers(receiver):
+    """Handles are reused without a reset: each request sets only what differs, so a POST's
+    body, or a PUT's method, must not leak into the next request on the same handle."""
+    transport = Transport(tuple(ALLOW_LOOPBACK))
+    sequence = [
+        Request("a", 1, "POST", receiver.url("/a"), b'{"a":1}'),
+        Request("b", 1, "GET", receiver.url("/b"), None),
+        Request("c", 1, "PUT", receiver.url("/c"), b'{"c":3}'),
+        Request("d", 1, "DELETE", receiver.url("/d"), None),
+        Request("e", 1, "PATCH", receiver.url("/e"), b"{}"),
+        Request("f", 1, "GET", receiver.url("/f"), None),
+        Request("g", 1, "POST", receiver.url("/g"), None),
+    ]
+    try:
+        for request in sequence:  # one at a time: the same handle each time
+            deliver(transport, [request])
+    finally:
+        transport.close()
+
+    seen = [(r.method, r.target, r.body, r.headers.get("Content-Type")) for r in receiver.requests]
+    assert seen == [
+        ("POST", "/a", b'{"a":1}', "application/json"),
+        ("GET", "/b", b"", None),
+        ("PUT", "/c", b'{"c":3}', "application/json"),
+        ("DELETE", "/d", b"", None),
+        ("PATCH", "/e", b"{}", "application/json"),
+        ("GET", "/f", b"", None),
+        ("POST", "/g", b"", "application/json"),
+    ]
+
+
+class HoldingServer:
+    """An asyncio HTTP server in a thread that holds every request until released: it shows
+    how many requests a client has in flight at once."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.holding = 0
+        self.released = asyncio.Event()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=4096))
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.holding += 1
+        await self.released.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(self.released.set)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_more_requests_than_select_could_watch_are_in_flight_at_once():
+    """1,100 requests out together (select() stops at descriptor 1,024): the server holds them
+    all at the same time, then every one is answered."""
+    count = 1100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 3 * count:
+        pytest.skip(f"needs {3 * count} open files (client and server ends here); the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 3 * count), hard))
+    server = HoldingServer()
+    transport = Transport(tuple(ALLOW_LOOPBACK), connections=count)
+    try:
+        for index in range(count):
+            transport.start(get(f"http://127.0.0.1:{server.port}/{index}", str(index)), LIMITS, token=index)
+
+        def all_held() -> bool:
+            transport.poll(0.05)
+            return server.holding == count
+
+        wait_until(all_held, timeout=60, what=f"the server to hold {count} requests at once")
+        assert transport.in_flight == count
+        server.release()
+        outcomes: dict[object, Response] = {}
+
+        def all_answered() -> bool:
+            outcomes.update(transport.poll(0.05))
+            return len(outcomes) == count
+
+        wait_until(all_answered, timeout=60, what="every answer")
+    finally:
+        transport.close()
+        server.close()
+
+    assert {outcome.status for outcome in outcomes.values()} == {200}
+
+
+def test_a_read_deadline_is_looked_at_when_it_falls_not_on_every_turn(receiver, monkeypatch):
+    """Among requests in flight, only the one whose read timeout falls is looked at; the loop
+    does not walk the others each turn to find it."""
+    looked_at: list[str] = []
+    check = _Slot.read_deadline
+
+    def counting(slot: _Slot, now: float) -> float | None:
+        looked_at.append(slot.request.postback_id)
+        return check(slot, now)
+
+    monkeypatch.setattr(_Slot, "read_deadline", counting)
+    server = HoldingServer()
+    transport = Transport(tuple(ALLOW_LOOPBACK))
+    quick = Limits(connect_timeout=5, read_timeout=0.3, total_timeout=30, body_max_bytes=100)
+    try:
+        for index in range(50):
+            transport.start(get(f"http://127.0.0.1:{server.port}/{index}", f"slow-{index}"), LIMITS, token=index)
+        transport.start(get(f"http://127.0.0.1:{server.port}/quick", "quick"), quick, token="quick")
+        outcomes: dict[object, Response] = {}
+
+        def quick_timed_out() -> bool:
+            outcomes.update(transport.poll(0.05))
+            return "quick" in outcomes
+
+        wait_until(quick_timed_out, timeout=20, what="the short read timeout")
+    finally:
+        server.release()
+        transport.close()
+        server.close()
+
+    assert outcomes["quick"].error == "read timeout"
+    assert set(looked_at) == {"quick"}  # the 50 with 10 s deadlines were never looked at
+
+
+# A transport in a process of its own whose /etc/resolv.conf names a server that never
+# answers: one request to a name there, five to an address. Prints each outcome as it lands.
+_SILENT_RESOLVER_CLIENT = """
+import ipaddress, json, sys, time
+import django
+django.setup()
+from delivery.transport import Limits, Request, Transport
+port = sys.argv[1]
+transport = Transport((ipaddress.ip_network("127.0.0.0/8"),))
+limits = Limits(connect_timeout=4, read_timeout=10, total_timeout=30, body_max_bytes=100)
+transport.start(Request("named", 1, "GET", f"http://slow.example.test:{port}/n", None), limits, token="named")
+for index in range(5):
+    transport.start(Request(str(index), 1, "GET", f"http://127.0.0.1:{port}/{index}", None), limits, token=str(index))
+landed = []
+deadline = time.monotonic() + 30
+while len(landed) < 6 and time.monotonic() < deadline:
+    for token, response in transport.poll(0.05):
+        landed.append([token, response.status, response.error, response.transient])
+print(json.dumps(landed))
+"""
+
+
+def test_a_name_server_that_never_answers_holds_up_only_the_postbacks_to_its_names(receiver, tmp_path):
+    """Names resolve on libcurl's resolver threads: while one name waits on a silent name
+    server, requests to other hosts go out and come back; the named one then fails as
+    "name not resolved", to be retried."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give a process a resolv.conf of its own")
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # reads queries, answers none
+    try:
+        silent.bind(("127.0.0.53", 53))
+    except OSError as exc:
+        pytest.skip(f"cannot listen on 127.0.0.53:53 for the silent name server: {exc}")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\noptions timeout:2 attempts:1\n")
+    script = tmp_path / "client.py"
+    script.write_text(_SILENT_RESOLVER_CLIENT)
+    command = f'mount --bind "{resolv}" /etc/resolv.conf && exec "{sys.executable}" "{script}" {receiver.port}'
+    try:
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=BASE_DIR,
+            env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(BASE_DIR)},
+        )
+    finally:
+        silent.close()
+    if done.returncode != 0 and "unshare" in done.stderr:
+        pytest.skip(f"unshare refused: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    landed = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert sorted(token for token, *_ in landed[:5]) == ["0", "1", "2", "3", "4"]  # first, all of them
+    assert [status for _, status, *_ in landed[:5]] == [200] * 5
+    named = landed[5]
+    assert named[0] == "named"
+    assert named[1] is None
+    assert named[2].startswith("name not resolved")
+    assert named[3] is True  # transient: retried later
