@@ -1,11 +1,13 @@
 """The RQ worker that `manage.py rqworker` builds (settings.RQ["WORKER_CLASS"])."""
 
 import logging
+import resource
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, close_old_connections
 from django_rq.queues import DjangoRQ
 from redis import Redis
@@ -15,6 +17,7 @@ from rq.job import Job
 
 from delivery.drain import request_stop
 from delivery.rollups import fold_accepted_now_and_then
+from delivery.transport import connection_cache_size
 from postbackproject.inbox import sweep
 from postbackproject.postback import DRAIN
 from postbackproject.queue import CompactJSONSerializer
@@ -24,6 +27,11 @@ logger = logging.getLogger(__name__)
 # How long a worker waits for Redis to come back after it failed mid-job, before giving up
 # (and exiting, for systemd to start it again).
 REDIS_OUTAGE_SECONDS = 300
+
+
+# Descriptors a worker needs beside its connections to receivers: Redis, the database, the
+# resolver's wake-up pipe, logs, and a margin.
+OTHER_DESCRIPTORS = 128
 
 
 # The only functions a worker runs. RQ imports and calls whatever a job names, so whoever can
@@ -83,6 +91,30 @@ class DeliveryQueue(DjangoRQ):
         return super().dequeue_any(queues, timeout, connection=connection, **kwargs)
 
 
+def descriptors_needed(concurrency: int) -> int:
+    """Open files a worker may need: every connection libcurl may keep, and the rest."""
+    return connection_cache_size(concurrency) + OTHER_DESCRIPTORS
+
+
+def ensure_descriptor_limit(concurrency: int) -> int:
+    """Raise this process's open-file limit to what DELIVERY_CONCURRENCY needs, within the hard
+    limit; refuse to start when the hard limit is lower (past it, every new connection would
+    fail with "Too many open files" under load, long after the start). Returns the limit."""
+    needed = descriptors_needed(concurrency)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ImproperlyConfigured(
+            f"DELIVERY_CONCURRENCY={concurrency} needs up to {needed} open files, but this process may "
+            f"open at most {hard} (ulimit -Hn). Raise the limit (LimitNOFILE= in the systemd unit, "
+            f"ulimit -n in a shell) or lower DELIVERY_CONCURRENCY."
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    logger.info("open-file limit raised from %d to %d for DELIVERY_CONCURRENCY=%d", soft, needed, concurrency)
+    return needed
+
+
 class DeliveryWorker(SimpleWorker):
     """Runs jobs in its own process, without a fork per job.
 
@@ -98,6 +130,7 @@ class DeliveryWorker(SimpleWorker):
         kwargs["serializer"] = CompactJSONSerializer
         kwargs["queue_class"] = DeliveryQueue
         kwargs["job_class"] = DeliveryJob
+        ensure_descriptor_limit(settings.DELIVERY_CONCURRENCY)
         super().__init__(*args, **kwargs)
 
     def _start_scheduler(self, *args: Any, **kwargs: Any) -> None:

@@ -165,7 +165,7 @@ METRICS_TOKEN=$metrics_token
 # Profiles of one request (X-Profile: METRICS_TOKEN) or one drain job (manage.py profilejob).
 PROFILE_DIR=$state/profiles
 # Also recognised, shown with their defaults:
-# DELIVERY_CONCURRENCY=64
+# DELIVERY_CONCURRENCY=1024 (requests in flight per worker; LimitNOFILE in the unit covers it)
 # INGEST_MAX_BODY_BYTES=1048576 (keep nginx's client_max_body_size in step)
 # INGEST_MAX_DATA_OBJECTS=10000
 # INGEST_MAX_QUEUED_JOBS=100000

@@ -139,6 +139,10 @@ The service is starting: Redis :$REDIS_PORT, web $web_bind, workers 1 and 2. Ctr
 
 EOF
 
+# Workers keep a descriptor per connection (DELIVERY_CONCURRENCY in flight and idle ones):
+# the soft open-file limit up to the hard one (each worker checks it has enough at start).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
 export PATH="$root/.venv/bin:$PATH"
 # No -e: the settings are in the environment already, \${NAME} references expanded.
 exec .venv/bin/honcho -f deploy/Procfile start

@@ -227,7 +227,9 @@ DELIVERY_ALLOW_NETWORKS: list[str] = env.list("DELIVERY_ALLOW_NETWORKS", default
 # against; empty: the public ones (certifi). For receivers behind a private CA.
 DELIVERY_CA_BUNDLE: str = env.str("DELIVERY_CA_BUNDLE", default="")
 # Requests one worker process keeps in flight at once (libcurl connections on one thread).
-DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=64)
+# Sized for slow receivers: 1,000 postbacks/s to receivers answering in 1 s need 1,000 in
+# flight. Each costs a descriptor and some memory (docs/performance.md, "Memory in flight").
+DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=1024)
 # A drain job leaves after this long idle (a lone postback arriving within it goes out at
 # once, without starting a job), and hands over to a fresh job after DRAINER_MAX_SECONDS, so
 # that no RQ job runs unbounded (a warm shutdown does not wait for it: drainers stop at once).
