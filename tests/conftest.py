@@ -22,10 +22,10 @@ from django.conf import settings
 from django.db import connection
 from redis import Redis
 
-from delivery import drain, transport
+from delivery import circuit, drain, transport
 from delivery.models import DeliveryAttempt, Outcome
 from delivery.worker import DeliveryWorker
-from postbackproject import inbox
+from postbackproject import inbox, keys
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection, get_queue
 from postbackproject.settings import BASE_DIR
@@ -97,7 +97,7 @@ def use_redis(url: str) -> None:
     settings.RQ_QUEUES = {settings.POSTBACK_QUEUE: {**settings.RQ_QUEUES[settings.POSTBACK_QUEUE], "URL": url}}
     get_connection.cache_clear()
     get_queue.cache_clear()
-    inbox._script.cache_clear()
+    circuit.process_circuits.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +114,7 @@ def clean_redis(redis_server: RedisServer) -> Iterator[Redis]:
     use_redis(redis_server.url)
     get_connection().flushall()
     transport.process_transport.cache_clear()  # picks up DELIVERY_ALLOW_NETWORKS afresh
+    circuit.process_circuits.cache_clear()  # a fresh view of the circuits, for the fresh Redis
     drain._stop.clear()
     yield get_connection()
 
@@ -140,6 +141,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     client_port: int  # tells connections apart: a kept-alive connection keeps its port
+    received_at: float = 0.0  # Unix time the request was read (this machine's clock, Redis's too)
 
 
 class QuietHTTPServer(ThreadingHTTPServer):
@@ -169,7 +171,9 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with receiver._lock:
-                    received = Received(self.command, self.path, dict(self.headers), body, self.client_address[1])
+                    received = Received(
+                        self.command, self.path, dict(self.headers), body, self.client_address[1], time.time()
+                    )
                     receiver.requests.append(received)
                     reply = receiver.script.pop(0) if receiver.script else receiver.default
                 if reply.delay:
@@ -254,17 +258,17 @@ def run_worker() -> None:
 def scheduled_retries() -> list[tuple[Try, float]]:
     """Tries waiting for their time (retries, deferrals, replays), with the Unix time each is due."""
     connection = get_connection()
-    due: list[tuple[bytes, float]] = connection.zrange(inbox.DUE, 0, -1, withscores=True)  # type: ignore[assignment]
-    tries: dict[bytes, bytes] = connection.hgetall(inbox.DUE_TRIES)  # type: ignore[assignment]
+    due: list[tuple[bytes, float]] = connection.zrange(keys.DUE, 0, -1, withscores=True)  # type: ignore[assignment]
+    tries: dict[bytes, bytes] = connection.hgetall(keys.DUE_TRIES)  # type: ignore[assignment]
     return [(Try.from_fields(json.loads(tries[pid])), score / 1000) for pid, score in due]
 
 
 def release_scheduled() -> int:
     """Make every waiting try due now, as time passing would."""
     connection = get_connection()
-    waiting: list[bytes] = connection.zrange(inbox.DUE, 0, -1)  # type: ignore[assignment]
+    waiting: list[bytes] = connection.zrange(keys.DUE, 0, -1)  # type: ignore[assignment]
     if waiting:
-        connection.zadd(inbox.DUE, dict.fromkeys(waiting, 0))
+        connection.zadd(keys.DUE, dict.fromkeys(waiting, 0))
     return len(waiting)
 
 
