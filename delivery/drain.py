@@ -226,7 +226,8 @@ class Drainer:
                         self.lease.leave(handing_over=True)
                         break
                 read = self._read(config) if accepting and self._may_read(config) else 0
-                self.settler.collect(self.engine.step(config, timeout=0.0 if read else self._poll_wait()), config)
+                wait = 0.0 if read else self._poll_wait(reading=accepting and self._has_room(config))
+                self.settler.collect(self.engine.step(config, timeout=wait), config)
                 if self.settler.is_due(idle=not read and not self.engine.busy):
                     self._settle(config)
                 if read or self._busy():
@@ -267,8 +268,10 @@ class Drainer:
         while requests are out: entries trickling in are then read a few at a time."""
         return self._has_room(config) and (not self._busy() or self.clock.monotonic() >= self.next_read_at)
 
-    def _poll_wait(self) -> float:
-        if not self._busy():
+    def _poll_wait(self, reading: bool) -> float:
+        """How long to wait for replies: POLL_SECONDS, or until the next read when one is due
+        sooner (never zero when no read can follow: that would spin while requests are out)."""
+        if not reading or not self._busy():
             return POLL_SECONDS
         return max(0.0, min(POLL_SECONDS, self.next_read_at - self.clock.monotonic()))
 
