@@ -9,7 +9,7 @@ from rq.registry import FailedJobRegistry
 
 from dashboard.charts import Circuit
 from delivery.circuit import open_circuits
-from postbackproject import inbox
+from postbackproject import inbox, keys
 from postbackproject.queue import get_connection, get_queue
 
 
@@ -32,7 +32,7 @@ def figures() -> dict[str, Any]:
 def unfolded_accepted() -> dict[int, int]:
     """Accepted postbacks counted by ingestion and not yet folded into the database, per
     minute (Unix time): the current minute, and past ones while no worker folds."""
-    counts: dict[bytes, bytes] = get_connection().hgetall(inbox.ACCEPTED)  # type: ignore[assignment]
+    counts: dict[bytes, bytes] = get_connection().hgetall(keys.ACCEPTED)  # type: ignore[assignment]
     return {int(minute): int(count) for minute, count in counts.items()}
 
 

@@ -5,42 +5,84 @@ postbacks are not sent but deferred (put back without using up an attempt) until
 has been open `circuit_open_seconds`. Then one worker sends one postback as a probe; an
 answer closes the circuit, a failure opens it again for twice as long (up to 16 times).
 
-Every worker keeps a local copy of which hosts are open or failing, refreshed each second and
-after each report, so a healthy host costs no Redis round trip at all.
+Every worker process keeps a copy of which hosts are open or failing, so a healthy host costs
+no Redis round trip at all. The copy is brought up to date by each report, and every second
+at least, from a feed of changes (`keys.CIRCUITS_CHANGES`: host -> when it last changed): a
+refresh costs what changed since the last one, not what is open or failing, so ten thousand
+hosts of which thousands are dead cost no more each second than ten. State nobody needs is
+forgotten as reports go by: circuits whose time ended long ago without anyone probing them
+(nobody had postbacks for the host), and failure counts of hosts not reported on for as long.
+
+Open-until times are on Redis's clock, as every time kept in Redis; a worker compares them with
+its estimate of that clock (`delivery.clock.RedisClock`), never with its own wall clock.
 """
 
 import json
+import os
 import random
+import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
+from redis import Redis
+
+from delivery.clock import Clock, RedisClock
 from delivery.hosts import host_of
-from postbackproject import inbox
+from postbackproject import inbox, keys, scripts
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection
 
-OPEN = "postback:circuits:open"  # sorted set: host -> open until (ms since the epoch)
-FAILURES = "postback:circuits:failures"  # hash: host -> failures in a row
-TRIPS = "postback:circuits:trips"  # hash: host -> times opened in a row (doubles the wait)
-PROBE_PREFIX = "postback:circuits:probe:"  # string per host: the worker probing it
 # Longest an open circuit waits, as a multiple of circuit_open_seconds.
 MAX_WAIT_FACTOR = 16
+# A host's state is forgotten when its circuit's time ended this long ago and nobody probed it,
+# or when it is not open and nobody reported on it for this long. Forgetting a dead host costs
+# at most `circuit_failure_threshold` requests, once, if postbacks for it come back later.
+FORGET_AFTER_MS = 3_600_000
+# Stale hosts forgotten per script call, at most: each call does a little of it.
+FORGET_PER_CALL = 100
+# A worker's copy is refreshed at least this often while it delivers.
+REFRESH_SECONDS = 1.0
 
-# KEYS: open, failures, trips. ARGV: threshold, base wait ms, probe key prefix, then per host:
-# host, answered (1/0), failures since its last answer, probed (1/0).
-# Returns {open hosts and their times (ms), flat}, {hosts with failures counted and the counts, flat}.
-_REPORT = """
-local open, failures, trips = KEYS[1], KEYS[2], KEYS[3]
+# What both circuit scripts share. KEYS: open, failures, trips, changes, then per host named
+# in ARGV its probe key.
+_SHARED = """
+local open, failures, trips, changes = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = now_ms()
+-- Marks in the feed never go back, even if Redis's clock does: whoever read the feed up to a
+-- mark reads every later change by asking from that mark.
+local top = redis.call('ZREVRANGE', changes, 0, 0, 'WITHSCORES')
+local stamp = math.max(now, tonumber(top[2] or 0))
+
+local function forget(host)
+  redis.call('ZREM', open, host)
+  redis.call('HDEL', failures, host)
+  redis.call('HDEL', trips, host)
+  redis.call('ZADD', changes, stamp, host)
+end
+"""
+
+# Apply what hosts did, forget stale state, and return what changed since the caller last read.
+# ARGV: threshold, base wait ms, forget after ms, most forgotten, the caller's mark (0: none),
+# then per host: host, answered (1/0), failures since its last answer, probed (1/0).
+# Returns {Redis's time ms, the new mark, 1 when the changes are everything else 0,
+# {host, open until ms or -1, failures in a row}...}.
+_REPORT = (
+    _SHARED
+    + """
 local threshold, base = tonumber(ARGV[1]), tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 4, #ARGV, 4 do
+local stale, most, mark = now - tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = 0
+for i = 6, #ARGV, 4 do
+  n = n + 1
   local host, answered, trailing, probed = ARGV[i], ARGV[i + 1] == '1', tonumber(ARGV[i + 2]), ARGV[i + 3] == '1'
+  local probe = KEYS[4 + n]
   if answered then
     redis.call('ZREM', open, host)
     redis.call('HDEL', trips, host)
-    redis.call('DEL', ARGV[3] .. host)
+    redis.call('DEL', probe)
     if trailing > 0 then redis.call('HSET', failures, host, trailing) else redis.call('HDEL', failures, host) end
   elseif trailing > 0 or probed then
     local count = redis.call('HINCRBY', failures, host, trailing)
@@ -49,12 +91,46 @@ for i = 4, #ARGV, 4 do
       local trip = redis.call('HINCRBY', trips, host, 1)
       local wait = base * math.min(2 ^ (trip - 1), __MAX_FACTOR__)
       redis.call('ZADD', open, now + wait, host)
-      redis.call('DEL', ARGV[3] .. host)
+      redis.call('DEL', probe)
     end
   end
+  redis.call('ZADD', changes, stamp, host)
 end
-return {redis.call('ZRANGE', open, 0, -1, 'WITHSCORES'), redis.call('HGETALL', failures)}
+for _, host in ipairs(redis.call('ZRANGEBYSCORE', open, '-inf', stale, 'LIMIT', 0, most)) do forget(host) end
+for _, host in ipairs(redis.call('ZRANGEBYSCORE', changes, '-inf', stale, 'LIMIT', 0, most)) do
+  if redis.call('ZSCORE', open, host) then
+    redis.call('ZADD', changes, stamp, host)  -- open longer than that: looked at again later
+  elseif redis.call('HEXISTS', failures, host) == 1 or redis.call('HEXISTS', trips, host) == 1 then
+    forget(host)
+  else
+    redis.call('ZREM', changes, host)  -- forgotten long enough ago for every reader to know
+  end
+end
+local everything = mark <= stale
+local changed = redis.call('ZRANGEBYSCORE', changes, everything and '-inf' or mark, '+inf')
+local found = {}
+for _, host in ipairs(changed) do
+  found[#found + 1] = host
+  found[#found + 1] = tonumber(redis.call('ZSCORE', open, host) or -1)
+  found[#found + 1] = tonumber(redis.call('HGET', failures, host) or 0)
+end
+return {now, stamp, everything and 1 or 0, found}
 """.replace("__MAX_FACTOR__", str(MAX_WAIT_FACTOR))
+)
+
+# Close circuits by hand: forget the hosts. ARGV: the hosts.
+_CLOSE = (
+    _SHARED
+    + """
+for i, host in ipairs(ARGV) do
+  forget(host)
+  redis.call('DEL', KEYS[4 + i])
+end
+return #ARGV
+"""
+)
+
+_STATE_KEYS = [keys.CIRCUITS_OPEN, keys.CIRCUITS_FAILURES, keys.CIRCUITS_TRIPS, keys.CIRCUITS_CHANGES]
 
 
 @dataclass
@@ -79,7 +155,7 @@ class Admission:
 
     send: bool
     probe: bool = False
-    defer_until: float = 0.0  # Unix time, when not sending
+    defer_until: float = 0.0  # when not sending: Unix time by Redis's clock
     reason: str = ""
 
 
@@ -87,54 +163,95 @@ SEND = Admission(send=True)
 
 
 class Circuits:
-    """This worker's view of the shared circuits, and its reports to them."""
+    """This process's view of the shared circuits, and its reports to them."""
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, connection: Redis, clock: Clock, redis_clock: RedisClock) -> None:
         self.owner = owner
-        self._open: dict[str, float] = {}  # host -> open until (Unix seconds)
-        self._failures: dict[str, int] = {}  # host -> failures in a row, as last reported
-        self._probing: set[str] = set()
-        self._refreshed_at = 0.0
-        self._script = get_connection().register_script(_REPORT)
+        self.connection = connection
+        self.clock = clock
+        self.redis_clock = redis_clock
+        self._open: dict[str, float] = {}  # host -> open until (Unix seconds, Redis's clock)
+        self._failures: dict[str, int] = {}  # host -> failures in a row, as last read
+        self._probing: dict[str, float] = {}  # host -> when our probe's claim lapses (monotonic)
+        self._mark = 0  # how far the feed of changes has been read
+        self._refreshed_at = -REFRESH_SECONDS
 
     def admission(self, host: str, probe_seconds: float, open_seconds: float) -> Admission:
         """May this host's postbacks be sent now? Acquires the probe when its time has come."""
         until = self._open.get(host)
         if until is None:
             return SEND
-        now = time.time()
+        now = self.redis_clock.now()
         if now < until:
             return Admission(send=False, defer_until=self._spread(until, open_seconds), reason=self._why(host, until))
-        if host in self._probing:
+        if self._probing.get(host, -1.0) > self.clock.monotonic():
             return Admission(send=False, defer_until=0.0, reason="")  # hold until the probe answers
-        if get_connection().set(PROBE_PREFIX + host, self.owner, nx=True, px=round(probe_seconds * 1000) + 5000):
-            self._probing.add(host)
+        claim_ms = round(probe_seconds * 1000) + 5000
+        if self.connection.set(keys.circuit_probe(host), self.owner, nx=True, px=claim_ms):
+            self._probing[host] = self.clock.monotonic() + claim_ms / 1000
             return Admission(send=True, probe=True)
         later = now + probe_seconds
         return Admission(send=False, defer_until=self._spread(later, open_seconds), reason=self._why(host, until))
 
     def failures_in_row(self, host: str) -> int:
-        """Failures in a row counted for the host by every worker, as of the last report."""
+        """Failures in a row counted for the host by every worker, as of the last refresh."""
         return self._failures.get(host, 0)
 
     def needs_report(self, host: str, report: HostReport) -> bool:
         """Healthy hosts are not reported: only failures, and answers that close or reset."""
         return report.failures_since_answer > 0 or report.probed or host in self._failures or host in self._open
 
-    def report(self, reports: dict[str, HostReport], threshold: int, open_seconds: float) -> None:
-        """Send what hosts did; refresh the local view from the answer. Also refreshes on a timer."""
+    def report(
+        self, reports: dict[str, HostReport], threshold: int, open_seconds: float, fresh: bool = False
+    ) -> set[str]:
+        """Send what hosts did; bring the local view up to date (with nothing to send, only
+        every REFRESH_SECONDS, unless asked for a `fresh` view). Returns the hosts whose
+        admission may have changed: circuits opened or closed, probes that landed."""
         due = {host: report for host, report in reports.items() if self.needs_report(host, report)}
-        if not due and time.monotonic() - self._refreshed_at < 1.0:
-            return
-        args: list[str | int] = [threshold, round(open_seconds * 1000), PROBE_PREFIX]
+        if not due and not fresh and self.clock.monotonic() - self._refreshed_at < REFRESH_SECONDS:
+            return set()
+        args: list[str | int] = [threshold, round(open_seconds * 1000), FORGET_AFTER_MS, FORGET_PER_CALL, self._mark]
+        landed = self._lapsed_probes()
         for host, report in due.items():
             args += [host, int(report.answered), report.failures_since_answer, int(report.probed)]
-            if report.probed:
-                self._probing.discard(host)
-        opened, failing = self._script(keys=[OPEN, FAILURES, TRIPS], args=args, client=get_connection())
-        self._open = {opened[i].decode(): float(opened[i + 1]) / 1000 for i in range(0, len(opened), 2)}
-        self._failures = {failing[i].decode(): int(failing[i + 1]) for i in range(0, len(failing), 2)}
-        self._refreshed_at = time.monotonic()
+            if report.probed and self._probing.pop(host, None) is not None:
+                landed.add(host)
+        asked_at = self.redis_clock.asking()
+        reply = scripts.run(_REPORT, [*_STATE_KEYS, *map(keys.circuit_probe, due)], args, client=self.connection)
+        self.redis_clock.heard(int(reply[0]), asked_at)
+        self._refreshed_at = self.clock.monotonic()
+        return landed | self._apply(reply)
+
+    def _lapsed_probes(self) -> set[str]:
+        """Probes of ours whose claim ran out unanswered (cut off): their hosts may be tried again."""
+        now = self.clock.monotonic()
+        lapsed = {host for host, claim_ends in self._probing.items() if claim_ends <= now}
+        for host in lapsed:
+            del self._probing[host]
+        return lapsed
+
+    def _apply(self, reply: Sequence[Any]) -> set[str]:
+        """Take in the changes read from the feed; returns hosts opened, closed or re-timed."""
+        _, mark, everything, found = reply
+        self._mark = int(mark)
+        rows = [(found[i].decode(), int(found[i + 1]), int(found[i + 2])) for i in range(0, len(found), 3)]
+        previous = self._open
+        touched = {host for host, _, _ in rows}
+        if everything:
+            touched |= previous.keys()
+            self._open, self._failures = {}, {}
+        else:
+            previous = {host: previous[host] for host in touched if host in previous}
+        for host, until, failures in rows:
+            if until >= 0:
+                self._open[host] = until / 1000
+            else:
+                self._open.pop(host, None)
+            if failures:
+                self._failures[host] = failures
+            else:
+                self._failures.pop(host, None)
+        return {host for host in touched if previous.get(host) != self._open.get(host)}
 
     def _why(self, host: str, until: float) -> str:
         when = time.strftime("%H:%M:%S", time.gmtime(until))
@@ -146,15 +263,23 @@ class Circuits:
         return until + random.uniform(0, min(10.0, open_seconds / 4))
 
 
+@cache
+def process_circuits() -> Circuits:
+    """The process's view of the circuits, kept across drain jobs (so that each job does not
+    read the whole feed again)."""
+    clock = Clock()
+    connection = get_connection()
+    return Circuits(f"{socket.gethostname()}-{os.getpid()}", connection, clock, RedisClock(connection, clock))
+
+
 def open_circuits() -> list[tuple[str, float, int]]:
     """Hosts whose circuit is open: (host, open until as Unix time, failures in a row)."""
     connection = get_connection()
-    with connection.pipeline(transaction=False) as pipe:
-        pipe.zrange(OPEN, 0, -1, withscores=True)
-        pipe.hgetall(FAILURES)
-        opened, failures = pipe.execute()
-    counts = {host.decode(): int(count) for host, count in failures.items()}
-    return [(host.decode(), score / 1000, counts.get(host.decode(), 0)) for host, score in opened]
+    opened: list[tuple[bytes, float]] = connection.zrange(keys.CIRCUITS_OPEN, 0, -1, withscores=True)  # type: ignore[assignment]
+    if not opened:
+        return []
+    counts: list[bytes | None] = connection.hmget(keys.CIRCUITS_FAILURES, [host for host, _ in opened])  # type: ignore[assignment]
+    return [(host.decode(), score / 1000, int(count or 0)) for (host, score), count in zip(opened, counts, strict=True)]
 
 
 def close_circuits(hosts: Iterable[str]) -> int:
@@ -167,19 +292,15 @@ def close_circuits(hosts: Iterable[str]) -> int:
     if not closing:
         return 0
     connection = get_connection()
-    with connection.pipeline() as pipe:
-        pipe.zrem(OPEN, *closing)
-        pipe.hdel(FAILURES, *closing)
-        pipe.hdel(TRIPS, *closing)
-        pipe.delete(*(PROBE_PREFIX + host for host in closing))
-        pipe.execute()
+    names = sorted(closing)
+    scripts.run(_CLOSE, [*_STATE_KEYS, *map(keys.circuit_probe, names)], names)
     released = [
         postback_id
-        for postback_id, text in connection.hscan_iter(inbox.DUE_TRIES, count=1000)
+        for postback_id, text in connection.hscan_iter(keys.DUE_TRIES, count=1000)
         if host_of(Try.from_fields(json.loads(text)).url) in closing
     ]
     for start in range(0, len(released), 1000):
-        connection.zadd(inbox.DUE, dict.fromkeys(released[start : start + 1000], 0), xx=True)
+        connection.zadd(keys.DUE, dict.fromkeys(released[start : start + 1000], 0), xx=True)
     if released:
         inbox.sweep()
     return len(released)

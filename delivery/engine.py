@@ -80,7 +80,7 @@ class Finished:
 
     work: Work
     response: Response | None
-    deferred_until: float = 0.0  # Unix time, when deferred
+    deferred_until: float = 0.0  # when deferred: Unix seconds on Redis's clock (delivery.clock)
     reason: str = ""
 
 

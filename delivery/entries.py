@@ -16,11 +16,11 @@ from delivery.models import DeliverySettings
 from postbackproject import inbox
 from postbackproject.endpoints import InvalidEndpoint, check_authority, split_url
 from postbackproject.postback import (
-    METHODS,
     METHODS_WITH_BODY,
     DataObject,
     Try,
     dumps_data_object,
+    is_method,
     loads_keeping_numbers,
 )
 from postbackproject.templating import Template, always_fits, compile_template, render_url, rendered_length
@@ -56,7 +56,7 @@ def request_tries(document: object, config: DeliverySettings, payload_bytes: int
     if not isinstance(document, list) or len(document) != 5:
         raise ValueError("a request entry has five fields")
     request_id, start, method, template, objects = document
-    if not isinstance(request_id, str) or not str(start).isdigit() or method not in METHODS:
+    if not isinstance(request_id, str) or not str(start).isdigit() or not is_method(method):
         raise ValueError("a request entry starts with its id, first index and method")
     if not isinstance(template, str) or not isinstance(objects, list):
         raise ValueError("a request entry ends with its URL template and data objects")

@@ -7,7 +7,6 @@ retry" only gets its next try scheduled (again: scheduling is keyed by postback,
 once).
 """
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
@@ -22,7 +21,7 @@ QUERY_CHUNK = 1000
 @dataclass
 class Resumed:
     to_send: list[Try] = field(default_factory=list)
-    follow_ups: list[tuple[Try, float]] = field(default_factory=list)  # (next try, due Unix time)
+    follow_ups: list[tuple[Try, float]] = field(default_factory=list)  # (next try, seconds from now)
     settled: int = 0  # tries whose postback already has a final outcome
 
 
@@ -30,7 +29,6 @@ def resume(tries: list[Try], config: DeliverySettings) -> Resumed:
     """Sort tries into those to send, those already done, and those only to reschedule."""
     recorded = recorded_tries([item.postback_id for item in tries])
     resumed = Resumed()
-    now = time.time()
     for item in tries:
         since = [
             (attempt, outcome) for attempt, outcome in recorded.get(item.postback_id, ()) if attempt >= item.attempt
@@ -42,7 +40,7 @@ def resume(tries: list[Try], config: DeliverySettings) -> Resumed:
         else:
             latest = max(attempt for attempt, _ in since)
             delay = backoff_seconds(latest - item.offset, config)
-            resumed.follow_ups.append((replace(item, attempt=latest + 1), now + delay))
+            resumed.follow_ups.append((replace(item, attempt=latest + 1), delay))
     return resumed
 
 

@@ -7,14 +7,12 @@ history and receivers still deduplicate on X-Postback-Id. Replays are scheduled 
 keyed by postback, so replaying twice queues one try.
 """
 
-import time
 from collections.abc import Iterable
 from datetime import datetime
 
 from delivery.models import DeliveryAttempt, Outcome
 from postbackproject import inbox
 from postbackproject.postback import METHODS_WITH_BODY, Try
-from postbackproject.queue import get_connection
 
 # Postbacks looked up and queued per query and transaction.
 REPLAY_CHUNK = 1000
@@ -75,10 +73,7 @@ def replay(postback_ids: Iterable[str]) -> int:
     for start in range(0, len(ids), REPLAY_CHUNK):
         tries = [replay_try(row) for row in failed_postbacks(ids[start : start + REPLAY_CHUNK])]
         if tries:
-            now = time.time()
-            with get_connection().pipeline(transaction=True) as pipe:
-                inbox.schedule_tries([(item, now) for item in tries], pipe)
-                pipe.execute()
+            inbox.schedule_tries([(item, 0.0) for item in tries])  # due now, by Redis's clock
         queued += len(tries)
     if queued:
         inbox.sweep()  # due now: into the inbox, and a drainer started if none is alive

@@ -31,7 +31,7 @@ from delivery.models import (
     RollupFold,
     Span,
 )
-from postbackproject import inbox
+from postbackproject import keys, scripts
 from postbackproject.queue import get_connection
 
 
@@ -50,11 +50,12 @@ class Recorded(Protocol):
 
 # How often a process folds accepted counts (seconds); any process may, at any time.
 FOLD_EVERY_SECONDS = 10.0
-_STAGING_PREFIX = inbox.ACCEPTED + ":folding:"
+_STAGING_PREFIX = keys.ACCEPTED_FOLDING_PREFIX
 
-# Move the accepted counts of every minute before ARGV[1] into the staging hash KEYS[2].
+# Move the accepted counts of every minute before this one (by Redis's clock, which ingestion
+# counts minutes on) into the staging hash KEYS[2].
 _TAKE = """
-local live, staging, before = KEYS[1], KEYS[2], tonumber(ARGV[1])
+local live, staging, before = KEYS[1], KEYS[2], math.floor(now_ms() / 60000) * 60
 local counts = redis.call('HGETALL', live)
 for i = 1, #counts, 2 do
   if tonumber(counts[i]) < before then
@@ -201,10 +202,7 @@ def fold_accepted() -> int:
     redis = get_connection()
     folded = sum(_fold_staged(key.decode()) for key in redis.scan_iter(_STAGING_PREFIX + "*", count=100))
     token = uuid.uuid4().hex
-    this_minute = int(time.time() // 60 * 60)
-    staged = redis.register_script(_TAKE)(
-        keys=[inbox.ACCEPTED, _STAGING_PREFIX + token], args=[this_minute], client=redis
-    )
+    staged = scripts.run(_TAKE, [keys.ACCEPTED, _STAGING_PREFIX + token], [], client=redis)
     if staged:
         folded += _fold_staged(_STAGING_PREFIX + token)
     return folded

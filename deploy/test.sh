@@ -17,6 +17,8 @@ cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 command -v redis-server >/dev/null || apt_install redis-server
 # promtool checks and unit-tests the alert rules (deploy/prometheus).
 command -v promtool >/dev/null || apt_install prometheus
+# The clock-skew tests run a worker whose wall clock is off, with Debian's libfaketime.
+command -v faketime >/dev/null || apt_install faketime
 # The browser test drives Debian's Chromium through Playwright (no browser download).
 [[ -x /usr/bin/chromium ]] || apt_install chromium
 ensure_venv requirements-dev.txt

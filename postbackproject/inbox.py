@@ -17,7 +17,9 @@ Tries that must wait (retries after backoff, postbacks deferred by an open circu
 sorted set keyed by postback id, so scheduling the same try twice is one try; `sweep()` moves
 the due ones into the stream.
 
-Every key is named here, with the scripts that change them together.
+The keys are named in `postbackproject.keys`; the scripts that change them together are
+here (drainers' leases: `delivery.lease`), each starting with the shared prelude
+(`postbackproject.scripts`). Every time kept in Redis is on Redis's clock.
 """
 
 import json
@@ -26,29 +28,17 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from django.conf import settings
 from redis import Redis
-from redis.client import Pipeline
-from redis.commands.core import Script
 from redis.exceptions import RedisError, ResponseError
-from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
+from postbackproject import keys, scripts
 from postbackproject.postback import DRAIN, Try
 from postbackproject.queue import get_connection, get_queue
 
 logger = logging.getLogger(__name__)
-
-INBOX = "postback:inbox"  # stream of entries: field "r" (a request's postbacks) or "t" (tries)
-GROUP = "delivery"  # the consumer group every drainer reads in
-LEASES = "postback:drainers"  # sorted set: drainer id -> lease expiry (ms since the epoch)
-DUE = "postback:due"  # sorted set: postback id -> when its next try is due (ms)
-DUE_TRIES = "postback:due:tries"  # hash: postback id -> the try (JSON), beside DUE
-ACCEPTED = "postback:accepted"  # hash: minute (Unix seconds) -> postbacks accepted in it
-RATE_PER_KEY = "postback:rate:key:%d"  # a sender key's rate limit: when its allowance is whole (ms)
-RATE_PER_ADDRESS = "postback:rate:address:%s"  # the same for a client address without a key
 
 # A drainer renews its lease every second; one that stops renewing is taken for dead after
 # this long, and its pending entries go to the next drainer that looks.
@@ -58,59 +48,6 @@ LEASE_MS = 15_000
 DRAIN_JOB_TIMEOUT = 3600
 # Tries moved from the due set into one stream entry.
 TRIES_PER_ENTRY = 100
-
-_PRELUDE = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
-local function live_drainers(leases, now)
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-  return redis.call('ZCARD', leases)
-end
-
--- The consumer group, created reading from the first entry (an error if it exists: ignored).
-local function ensure_group(inbox, group)
-  redis.pcall('XGROUP', 'CREATE', inbox, group, '0', 'MKSTREAM')
-end
-
-local function field(reply, name)
-  for i = 1, #reply, 2 do
-    if reply[i] == name then return reply[i + 1] end
-  end
-end
-
--- Whether an entry was added that no drainer has read yet.
-local function has_unread(inbox, group)
-  if redis.call('EXISTS', inbox) == 0 then return false end
-  local last_added = field(redis.call('XINFO', 'STREAM', inbox), 'last-generated-id')
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', inbox)) do
-    if field(g, 'name') == group then return field(g, 'last-delivered-id') ~= last_added end
-  end
-  return true
-end
-
--- Consumers with pending entries whose drainer's lease has run out (it died, or left).
-local function orphaned_consumers(inbox, group, leases, now, me)
-  local found = {}
-  if redis.call('EXISTS', inbox) == 0 then return found end
-  local summary = redis.call('XPENDING', inbox, group)
-  if tonumber(summary[1]) == 0 or not summary[4] then return found end
-  for _, consumer in ipairs(summary[4]) do
-    local name = consumer[1]
-    local lease = redis.call('ZSCORE', leases, name)
-    if name ~= me and (not lease or tonumber(lease) < now) then
-      found[#found + 1] = {name, tonumber(consumer[2])}
-    end
-  end
-  return found
-end
-
-local function has_pending(inbox, group, consumer)
-  return #redis.call('XPENDING', inbox, group, '-', '+', 1, consumer) > 0
-end
-"""
 
 # Append a request's entries; start a drainer when none is alive. The hot path of ingestion:
 # few arguments, no cleanup (the sweep does that), the new drainer named after the entry, and
@@ -179,68 +116,27 @@ redis.call('ZADD', leases, now + tonumber(ARGV[2]), ARGV[3])
 return {moved, 1}
 """
 
-# A drainer that found a full read asks for a colleague, up to one per worker of the queue.
-# KEYS: leases, the queue's worker set. ARGV: lease ms, new drainer id. Returns 1 to start it.
-_RECRUIT = """
+# Schedule tries, each `delay` ms after now by Redis's clock (a postback has one try waiting at
+# most: the member is its id), and acknowledge and delete entries, in one step: an entry is
+# never acknowledged without the tries that follow from it.
+# KEYS: inbox, due, due tries. ARGV: group, number of tries, per try its postback id, delay ms
+# and JSON; then the ids of entries to acknowledge. Returns Redis's time (ms).
+_SCHEDULE = """
+local inbox, due, tries, group = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
 local now = now_ms()
-if live_drainers(KEYS[1], now) >= math.max(1, redis.call('SCARD', KEYS[2])) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
-return 1
-"""
-
-# Take over the pending entries of one consumer whose drainer is gone.
-# KEYS: inbox, leases. ARGV: group, this drainer, most entries.
-# Returns {the entries claimed, {entry id, times read by drainers}...}.
-_RECLAIM = """
-local inbox, leases, group, me = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-for _, orphan in ipairs(orphaned_consumers(inbox, group, leases, now_ms(), me)) do
-  local ids, deliveries = {}, {}
-  for _, p in ipairs(redis.call('XPENDING', inbox, group, '-', '+', tonumber(ARGV[3]), orphan[1])) do
-    ids[#ids + 1] = p[1]
-    deliveries[#deliveries + 1] = {p[1], p[4] + 1}
-  end
-  local claimed = redis.call('XCLAIM', inbox, group, me, 0, unpack(ids))
-  if #ids >= orphan[2] then redis.call('XGROUP', 'DELCONSUMER', inbox, group, orphan[1]) end
-  return {claimed, deliveries}
+local last = 2 + 3 * tonumber(ARGV[2])
+for i = 3, last, 3 do
+  redis.call('ZADD', due, now + tonumber(ARGV[i + 1]), ARGV[i])
+  redis.call('HSET', tries, ARGV[i], ARGV[i + 2])
 end
-return {{}, {}}
+local ids = {}
+for i = last + 1, #ARGV do ids[#ids + 1] = ARGV[i] end
+in_slices(ids, function(...) redis.call('XACK', inbox, group, ...) end)
+in_slices(ids, function(...) redis.call('XDEL', inbox, ...) end)
+return now
 """
 
-# Leave: when idle, only if nothing is unread or orphaned (else keep draining, return 0);
-# when handing over (time box, shutdown), start a successor if work remains and nobody is
-# alive to do it. KEYS: inbox, leases. ARGV: group, this drainer, successor id or '', lease ms.
-# Returns 1 when the caller must start the successor, 0 when it need not, -1 (stay).
-_LEAVE = """
-local inbox, leases, group, me, successor = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]
-local now = now_ms()
-local unread = has_unread(inbox, group)
-if successor == '' and (unread or #orphaned_consumers(inbox, group, leases, now, me) > 0) then return -1 end
-redis.call('ZREM', leases, me)
-local mine = has_pending(inbox, group, me)
-if not mine then redis.call('XGROUP', 'DELCONSUMER', inbox, group, me) end
-if successor == '' or not (unread or mine) or live_drainers(leases, now) > 0 then return 0 end
-redis.call('ZADD', leases, now + tonumber(ARGV[4]), successor)
-return 1
-"""
-
-
-_SOURCES = {
-    "append": _APPEND.replace("__LEASE_MS__", str(LEASE_MS)),
-    "sweep": _SWEEP,
-    "recruit": _RECRUIT,
-    "reclaim": _RECLAIM,
-    "leave": _LEAVE,
-}
-
-
-@cache
-def _script(name: str) -> Script:
-    return get_connection().register_script(_PRELUDE + _SOURCES[name])
-
-
-def run_script(name: str, keys: list[str], args: list[Any]) -> Any:
-    """EVALSHA on the process's client (the script is loaded again if Redis lost it)."""
-    return _script(name)(keys=keys, args=args, client=get_connection())
+_APPEND_SOURCE = _APPEND.replace("__LEASE_MS__", str(LEASE_MS))
 
 
 def new_drainer_id() -> str:
@@ -295,12 +191,6 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def redis_now_ms() -> int:
-    """Redis's clock, which every lease and due time is measured against."""
-    seconds, microseconds = get_connection().time()
-    return int(seconds) * 1000 + int(microseconds) // 1000
-
-
 # --- producers ---------------------------------------------------------------------------
 
 
@@ -319,11 +209,11 @@ class RateLimit:
 
     @classmethod
     def per_sender_key(cls, key_id: int, per_second: float) -> "RateLimit":
-        return cls(RATE_PER_KEY % key_id, per_second, "sender key")
+        return cls(keys.rate_per_sender_key(key_id), per_second, "sender key")
 
     @classmethod
     def per_address(cls, address: str, per_second: float) -> "RateLimit":
-        return cls(RATE_PER_ADDRESS % address, per_second, "address")
+        return cls(keys.rate_per_address(address), per_second, "address")
 
     def script_args(self) -> tuple[float, float]:
         """GCRA's emission interval and tolerance, in ms."""
@@ -369,15 +259,15 @@ def append_request(entries: list[str], postbacks: int, limits: Sequence[RateLimi
 
 def _append(entries: list[str], postbacks: int, limits: Sequence[RateLimit]) -> Any:
     """The append script, and with REDIS_WAIT_FOR_REPLICAS, WAIT in the same round trip."""
-    keys = [INBOX, LEASES, ACCEPTED, *(limit.key for limit in limits)]
+    names = [keys.INBOX, keys.LEASES, keys.ACCEPTED, *(limit.key for limit in limits)]
     args: list[str | int | float] = [settings.INGEST_MAX_QUEUED_JOBS, postbacks, len(limits)]
     args += [number for limit in limits for number in limit.script_args()]
     args += entries
     wanted = settings.REDIS_WAIT_FOR_REPLICAS
     if not wanted:
-        return run_script("append", keys, args)
+        return scripts.run(_APPEND_SOURCE, names, args)
     with get_connection().pipeline(transaction=False) as pipe:
-        _script("append")(keys=keys, args=args, client=pipe)
+        scripts.run(_APPEND_SOURCE, names, args, client=pipe)
         pipe.wait(wanted, settings.REDIS_WAIT_TIMEOUT_MS)
         started, replicas = pipe.execute()
     if started != -1 and not isinstance(started, list) and replicas < wanted:
@@ -403,34 +293,36 @@ def start_drainer(drainer: str) -> None:
 def sweep() -> int:
     """Move due tries into the stream and start a drainer if work is orphaned; returns tries moved."""
     drainer = new_drainer_id()
-    moved, start = run_script("sweep", [INBOX, LEASES, DUE, DUE_TRIES], [GROUP, LEASE_MS, drainer, TRIES_PER_ENTRY])
+    names = [keys.INBOX, keys.LEASES, keys.DUE, keys.DUE_TRIES]
+    moved, start = scripts.run(_SWEEP, names, [keys.GROUP, LEASE_MS, drainer, TRIES_PER_ENTRY])
     if start:
         start_drainer(drainer)
     return int(moved)
 
 
-def schedule_tries(tries: list[tuple[Try, float]], pipe: Pipeline | Redis) -> None:
-    """Make each try due at its time (Unix seconds); a postback has at most one try waiting."""
-    if not tries:
-        return
-    pipe.zadd(DUE, {item.postback_id: round(due * 1000) for item, due in tries})
-    pipe.hset(DUE_TRIES, mapping={item.postback_id: item.to_json() for item, _ in tries})
+def schedule_tries(
+    tries: Sequence[tuple[Try, float]], acknowledge: Sequence[str] = (), client: Redis | None = None
+) -> int:
+    """Make each try due that many seconds from now by Redis's clock, whatever this machine's
+    clock says (a postback has at most one try waiting: scheduled twice, the later stands), and
+    acknowledge and delete the inbox entries named, in one script call. Returns Redis's time (ms)."""
+    args: list[str | int] = [keys.GROUP, len(tries)]
+    for item, delay in tries:
+        args += [item.postback_id, max(0, round(delay * 1000)), item.to_json()]
+    args += acknowledge
+    return int(scripts.run(_SCHEDULE, [keys.INBOX, keys.DUE, keys.DUE_TRIES], args, client=client))
 
 
 def waiting_counts() -> dict[str, int]:
     """Entries in the stream, entries read and not yet done, tries waiting for their time."""
     connection = get_connection()
     with connection.pipeline(transaction=False) as pipe:
-        pipe.xlen(INBOX)
-        pipe.zcard(DUE)
-        pipe.exists(INBOX)
+        pipe.xlen(keys.INBOX)
+        pipe.zcard(keys.DUE)
+        pipe.exists(keys.INBOX)
         length, due, exists = pipe.execute()
     try:
-        pending = int(connection.xpending(INBOX, GROUP)["pending"]) if exists else 0
+        pending = int(connection.xpending(keys.INBOX, keys.GROUP)["pending"]) if exists else 0
     except ResponseError:  # no drainer has created the group yet: nothing is pending
         pending = 0
     return {"entries": int(length), "pending": pending, "due": int(due)}
-
-
-def recruit_key() -> str:
-    return WORKERS_BY_QUEUE_KEY % settings.POSTBACK_QUEUE

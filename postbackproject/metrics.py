@@ -15,9 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
-from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from postbackproject import inbox
+from postbackproject import keys
 from postbackproject.queue import get_connection
 
 INGESTED = Counter("postback_ingested", "Postbacks accepted by ingestion (answered 202).")
@@ -47,10 +46,10 @@ class SharedStateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             with get_connection().pipeline(transaction=False) as pipe:
-                pipe.xlen(inbox.INBOX)
-                pipe.zcard(inbox.DUE)
-                pipe.scard(WORKERS_BY_QUEUE_KEY % self.queue_name)
-                pipe.zcard("postback:circuits:open")
+                pipe.xlen(keys.INBOX)
+                pipe.zcard(keys.DUE)
+                pipe.scard(keys.queue_workers(self.queue_name))
+                pipe.zcard(keys.CIRCUITS_OPEN)
                 pipe.info("memory")
                 depth, due, workers, circuits, memory = pipe.execute()
         except RedisError:

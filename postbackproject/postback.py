@@ -27,6 +27,11 @@ Scalar = str | bool | None  # JsonNumber is a str
 DataObject = dict[str, Scalar]
 
 
+def is_method(value: object) -> bool:
+    """One of METHODS (a list or object from Redis is not, and is not hashable either)."""
+    return isinstance(value, str) and value in METHODS
+
+
 @dataclass(frozen=True)
 class Try:
     """One request to make for one postback: a first try, a retry, a deferral or a replay.
@@ -59,7 +64,7 @@ class Try:
         numbers = (attempt, offset)
         if not all(isinstance(n, (int, str)) and str(n).isdigit() for n in numbers) or int(offset) >= int(attempt):
             raise ValueError(f"a try's attempt and offset are whole numbers, offset below attempt: {fields!r:.100}")
-        if not isinstance(postback_id, str) or not isinstance(url, str) or method not in METHODS:
+        if not isinstance(postback_id, str) or not isinstance(url, str) or not is_method(method):
             raise ValueError(f"a try has a postback id, a method and a URL: {fields!r:.100}")
         if body is not None and not isinstance(body, str):
             raise ValueError(f"a try's body is JSON text or null: {fields!r:.100}")

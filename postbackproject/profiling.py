@@ -20,10 +20,8 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from pyinstrument import Profiler
 
+from postbackproject.keys import PROFILE_NEXT_JOB
 from postbackproject.queue import get_connection
-
-# Set by `manage.py profilejob`; the next drain job takes it (GETDEL) and is profiled.
-PROFILE_NEXT_JOB = "postback:profile-next-job"
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from django.views.decorators.http import require_safe
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.exceptions import RedisError
 
-from postbackproject import inbox
+from postbackproject import keys
 from postbackproject.metrics import SharedStateCollector, exposition
 from postbackproject.queue import REDIS_MEMORY_HIGH_WATER, get_connection
 
@@ -60,7 +60,7 @@ def _redis_check() -> str:
     try:
         redis = get_connection()
         with redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(inbox.INBOX)
+            pipe.xlen(keys.INBOX)
             pipe.info("memory")
             waiting, memory = pipe.execute()
     except RedisError as exc:

@@ -23,10 +23,10 @@ from django.conf import settings
 from django.db import connection
 from redis import Redis
 
-from delivery import drain, hosts, transport
+from delivery import circuit, drain, hosts, transport
 from delivery.models import DeliveryAttempt, Outcome
 from delivery.worker import DeliveryWorker
-from postbackproject import inbox
+from postbackproject import inbox, keys
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection, get_queue
 from postbackproject.settings import BASE_DIR
@@ -98,7 +98,7 @@ def use_redis(url: str) -> None:
     settings.RQ_QUEUES = {settings.POSTBACK_QUEUE: {**settings.RQ_QUEUES[settings.POSTBACK_QUEUE], "URL": url}}
     get_connection.cache_clear()
     get_queue.cache_clear()
-    inbox._script.cache_clear()
+    circuit.process_circuits.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +116,7 @@ def clean_redis(redis_server: RedisServer) -> Iterator[Redis]:
     get_connection().flushall()
     transport.process_transport.cache_clear()  # picks up DELIVERY_ALLOW_NETWORKS afresh
     hosts.process_limits().clear()  # no host earned anything yet
+    circuit.process_circuits.cache_clear()  # a fresh view of the circuits, for the fresh Redis
     drain._stop.clear()
     yield get_connection()
 
@@ -142,6 +143,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     client_port: int  # tells connections apart: a kept-alive connection keeps its port
+    received_at: float = 0.0  # Unix time the request was read (this machine's clock, Redis's too)
     tls_session_reused: bool | None = None  # HTTPS: whether the handshake resumed a session
 
 
@@ -179,6 +181,7 @@ class Receiver:
                         dict(self.headers),
                         body,
                         self.client_address[1],
+                        time.time(),
                         getattr(self.connection, "session_reused", None),
                     )
                     receiver.requests.append(received)
@@ -268,17 +271,17 @@ def run_worker() -> None:
 def scheduled_retries() -> list[tuple[Try, float]]:
     """Tries waiting for their time (retries, deferrals, replays), with the Unix time each is due."""
     connection = get_connection()
-    due: list[tuple[bytes, float]] = connection.zrange(inbox.DUE, 0, -1, withscores=True)  # type: ignore[assignment]
-    tries: dict[bytes, bytes] = connection.hgetall(inbox.DUE_TRIES)  # type: ignore[assignment]
+    due: list[tuple[bytes, float]] = connection.zrange(keys.DUE, 0, -1, withscores=True)  # type: ignore[assignment]
+    tries: dict[bytes, bytes] = connection.hgetall(keys.DUE_TRIES)  # type: ignore[assignment]
     return [(Try.from_fields(json.loads(tries[pid])), score / 1000) for pid, score in due]
 
 
 def release_scheduled() -> int:
     """Make every waiting try due now, as time passing would."""
     connection = get_connection()
-    waiting: list[bytes] = connection.zrange(inbox.DUE, 0, -1)  # type: ignore[assignment]
+    waiting: list[bytes] = connection.zrange(keys.DUE, 0, -1)  # type: ignore[assignment]
     if waiting:
-        connection.zadd(inbox.DUE, dict.fromkeys(waiting, 0))
+        connection.zadd(keys.DUE, dict.fromkeys(waiting, 0))
     return len(waiting)
 
 

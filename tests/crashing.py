@@ -21,7 +21,7 @@ django.setup()
 from django.core.management import call_command  # noqa: E402
 from django.test import Client  # noqa: E402
 
-from delivery import drain, engine  # noqa: E402
+from delivery import engine, settling  # noqa: E402
 from postbackproject import inbox  # noqa: E402
 
 
@@ -42,8 +42,8 @@ def die_after(owner: Any, name: str, when: Callable[[Any], bool] = lambda result
 WORKER_STEPS: dict[str, Callable[[], None]] = {
     "read": lambda: die_after(engine.Engine, "add"),
     "send": lambda: die_after(engine.Engine, "step", when=bool),  # replies came back, nothing recorded
-    "record": lambda: die_after(drain, "save_attempts"),
-    "commit": lambda: die_after(drain.Drainer, "_commit_to_redis"),
+    "record": lambda: die_after(settling, "save_attempts"),
+    "commit": lambda: die_after(settling.Settler, "_commit"),
 }
 
 

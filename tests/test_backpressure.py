@@ -4,7 +4,7 @@ once workers have drained the backlog."""
 
 import pytest
 
-from postbackproject import inbox
+from postbackproject import keys
 from postbackproject.queue import get_connection
 from tests.conftest import ingest_json, start_redis, success_ids, use_redis, wait_until
 
@@ -33,7 +33,7 @@ def test_a_flood_is_refused_before_redis_fills_up_and_taken_again_once_drained(c
         assert int(response["Retry-After"]) > 0
         assert response.json()["error"] == "queue storage is nearly full"
         assert int(redis.info("memory")["used_memory"]) < MAXMEMORY  # refused before Redis would
-        assert redis.xlen(inbox.INBOX) * 20 == len(accepted)  # everything answered 202 is in the inbox
+        assert redis.xlen(keys.INBOX) * 20 == len(accepted)  # everything answered 202 is in the inbox
 
         processes.worker(REDIS_URL=server.url)
         wait_until(

@@ -13,7 +13,7 @@ import pytest
 from django.db import connection
 
 from delivery.models import DeliveryAttempt, DeliverySettings
-from postbackproject import inbox
+from postbackproject import keys
 from postbackproject.queue import get_connection
 from tests.conftest import (
     Receiver,
@@ -88,7 +88,7 @@ def test_a_web_process_dying_after_the_inbox_took_the_request_loses_nothing(proc
     document = json.dumps(postbacks(receiver, 3))
     dying = processes.run(["tests/crashing.py", "ingest", document])
     assert dying.wait(timeout=30) == 9, processes.output()
-    assert get_connection().xlen(inbox.INBOX) == 1  # accepted, and no drainer was started
+    assert get_connection().xlen(keys.INBOX) == 1  # accepted, and no drainer was started
 
     processes.worker()
 
@@ -105,7 +105,7 @@ def test_redis_killed_and_restarted_keeps_queued_postbacks_and_scheduled_retries
         receiver.answer(*[Reply(503)] * 5)
         retried = ingest_json(client, postbacks(receiver, 5, "/retried?n={n}")).json()["postbacks"]
         worker = processes.worker(REDIS_URL=server.url)
-        wait_until(lambda: get_connection().zcard(inbox.DUE) == 5, timeout=30, what="five retries scheduled")
+        wait_until(lambda: get_connection().zcard(keys.DUE) == 5, timeout=30, what="five retries scheduled")
         worker.kill()
         worker.wait()
         queued = ingest_json(client, postbacks(receiver, 5, "/queued?n={n}")).json()["postbacks"]

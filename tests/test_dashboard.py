@@ -9,9 +9,8 @@ import pytest
 from django.contrib.auth.models import User
 
 from dashboard import ranges
-from delivery import circuit
 from delivery.recording import Record, save_attempts
-from postbackproject import inbox
+from postbackproject import keys
 from postbackproject.queue import get_connection
 
 pytestmark = pytest.mark.django_db
@@ -224,8 +223,9 @@ def test_the_host_table_sums_whole_hours_and_the_minutes_around_them(analyst):
 def test_the_host_table_shows_open_circuits(analyst):
     save_attempts([attempt(datetime.now(UTC) - timedelta(minutes=5), host="down.example", code=None, ms=5.0)])
     redis = get_connection()
-    redis.zadd(circuit.OPEN, {"down.example": (time.time() + 60) * 1000, "quiet.example": (time.time() + 60) * 1000})
-    redis.hset(circuit.FAILURES, "down.example", 7)
+    until = (time.time() + 60) * 1000
+    redis.zadd(keys.CIRCUITS_OPEN, {"down.example": until, "quiet.example": until})
+    redis.hset(keys.CIRCUITS_FAILURES, "down.example", 7)
 
     rows = {row["host"]: row for row in get(analyst, "hosts", range="1h")["hosts"]}
     assert rows["down.example"]["circuit"]["state"] == "open"
@@ -264,7 +264,7 @@ def test_failures_say_why_newest_first(analyst):
 
 def test_accepted_postbacks_include_the_minutes_not_yet_folded(analyst):
     this_minute = int(time.time() // 60 * 60)
-    get_connection().hset(inbox.ACCEPTED, mapping={this_minute: 5, this_minute - 120: 2})
+    get_connection().hset(keys.ACCEPTED, mapping={this_minute: 5, this_minute - 120: 2})
 
     body = get(analyst, "volume", range="1h")
     assert body["totals"]["accepted"] == 7

@@ -19,8 +19,7 @@ from django.conf import settings
 from redis import Redis
 from redis.exceptions import RedisError
 
-from delivery import transport
-from postbackproject import inbox
+from delivery import circuit, transport
 from postbackproject.queue import get_connection, get_queue
 from tests.conftest import free_port, ingest_json, success_ids, wait_until
 
@@ -118,8 +117,8 @@ def through_sentinels(cluster: Cluster) -> Iterator[Cluster]:
 def forget_clients() -> None:
     get_connection.cache_clear()
     get_queue.cache_clear()
-    inbox._script.cache_clear()
     transport.process_transport.cache_clear()
+    circuit.process_circuits.cache_clear()
 
 
 def test_the_service_carries_on_through_a_failover_and_delivers_every_202(

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from delivery.drain import REJECTED, Drainer, request_stop
+from delivery.drain import Drainer, request_stop
 from delivery.models import DeliveryAttempt, DeliverySettings
-from postbackproject import inbox
+from postbackproject import inbox, keys
+from postbackproject.keys import REJECTED
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection, get_queue
 from tests.conftest import Reply, deliver_everything, ingest_json, run_worker, scheduled_retries, success_ids
@@ -23,7 +24,7 @@ def document(receiver, count: int) -> dict[str, object]:
 
 
 def the_entry() -> bytes:
-    entries: Any = get_connection().xrange(inbox.INBOX)
+    entries: Any = get_connection().xrange(keys.INBOX)
     [(_, fields)] = entries
     return bytes(fields[b"r"])
 
@@ -32,9 +33,9 @@ def pending_with_a_dead_drainer(entry: bytes) -> None:
     """The entry back in the inbox, claimed by a drainer whose lease is gone: what a worker
     killed after recording, before acknowledging, leaves behind."""
     connection = get_connection()
-    connection.delete(inbox.LEASES)
-    connection.xadd(inbox.INBOX, {"r": entry})
-    connection.xreadgroup(inbox.GROUP, "drain-dead", {inbox.INBOX: ">"}, count=10)
+    connection.delete(keys.LEASES)
+    connection.xadd(keys.INBOX, {"r": entry})
+    connection.xreadgroup(keys.GROUP, "drain-dead", {keys.INBOX: ">"}, count=10)
 
 
 def test_a_dead_drainers_entries_are_taken_over_and_nothing_recorded_is_sent_again(client, receiver):
@@ -46,8 +47,8 @@ def test_a_dead_drainers_entries_are_taken_over_and_nothing_recorded_is_sent_aga
     run_worker()
 
     assert len(receiver.requests) == 4
-    assert get_connection().xlen(inbox.INBOX) == 0
-    assert get_connection().xpending(inbox.INBOX, inbox.GROUP)["pending"] == 0
+    assert get_connection().xlen(keys.INBOX) == 0
+    assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 0
 
 
 def test_a_try_recorded_as_will_retry_is_only_rescheduled_when_taken_over(client, receiver):
@@ -55,7 +56,7 @@ def test_a_try_recorded_as_will_retry_is_only_rescheduled_when_taken_over(client
     [pid] = ingest_json(client, document(receiver, 1)).json()["postbacks"]
     entry = the_entry()
     run_worker()
-    get_connection().delete(inbox.DUE, inbox.DUE_TRIES)  # died before its retry was scheduled
+    get_connection().delete(keys.DUE, keys.DUE_TRIES)  # died before its retry was scheduled
     pending_with_a_dead_drainer(entry)
 
     run_worker()
@@ -72,10 +73,8 @@ def test_a_try_recorded_as_will_retry_is_only_rescheduled_when_taken_over(client
 
 def test_scheduling_a_try_twice_keeps_one():
     item = Try("p-0", 2, 0, "GET", "http://h/", None)
-    for due in (time.time() + 60, time.time() + 90):
-        with get_connection().pipeline() as pipe:
-            inbox.schedule_tries([(item, due)], pipe)
-            pipe.execute()
+    for delay in (60, 90):
+        inbox.schedule_tries([(item, delay)])
 
     [(waiting, due)] = scheduled_retries()
     assert waiting == item
@@ -83,13 +82,13 @@ def test_scheduling_a_try_twice_keeps_one():
 
 
 def test_the_sweep_starts_a_drainer_for_orphaned_work_only_when_no_drainer_is_alive(client, receiver):
-    get_connection().xadd(inbox.INBOX, {"r": json.dumps(["abc", 0, "GET", receiver.url("/o"), [{}]])})
-    get_connection().zadd(inbox.LEASES, {"drain-alive": time.time() * 1000 + 60_000})
+    get_connection().xadd(keys.INBOX, {"r": json.dumps(["abc", 0, "GET", receiver.url("/o"), [{}]])})
+    get_connection().zadd(keys.LEASES, {"drain-alive": time.time() * 1000 + 60_000})
 
     inbox.sweep()
     assert get_queue().count == 0
 
-    get_connection().delete(inbox.LEASES)  # its lease ran out
+    get_connection().delete(keys.LEASES)  # its lease ran out
     inbox.sweep()
     assert get_queue().count == 1
     run_worker()
@@ -98,26 +97,24 @@ def test_the_sweep_starts_a_drainer_for_orphaned_work_only_when_no_drainer_is_al
 
 def test_due_tries_are_moved_into_the_inbox_and_later_ones_wait(client):
     soon, later = Try("a-0", 2, 0, "GET", "http://h/a", None), Try("b-0", 2, 0, "GET", "http://h/b", None)
-    with get_connection().pipeline() as pipe:
-        inbox.schedule_tries([(soon, time.time() - 1), (later, time.time() + 60)], pipe)
-        pipe.execute()
+    inbox.schedule_tries([(soon, -1), (later, 60)])
 
     assert inbox.sweep() == 1
 
-    entries: Any = get_connection().xrange(inbox.INBOX)
+    entries: Any = get_connection().xrange(keys.INBOX)
     [(_, fields)] = entries
     assert json.loads(fields[b"t"]) == [json.loads(soon.to_json())]
     assert [item for item, _ in scheduled_retries()] == [later]
 
 
 def test_a_drain_job_whose_lease_ran_out_while_queued_stands_down_when_enough_are_alive():
-    get_connection().zadd(inbox.LEASES, {"drain-other": time.time() * 1000 + 60_000})
+    get_connection().zadd(keys.LEASES, {"drain-other": time.time() * 1000 + 60_000})
 
-    assert Drainer("drain-late").run() == {"not needed": 1}
+    assert Drainer.in_this_process("drain-late").run() == {"not needed": 1}
 
 
 def test_an_entry_that_is_not_ours_is_set_aside_and_the_rest_delivered(client, receiver):
-    get_connection().xadd(inbox.INBOX, {"r": b"not json at all"})
+    get_connection().xadd(keys.INBOX, {"r": b"not json at all"})
     ingest_json(client, document(receiver, 1))
 
     run_worker()
@@ -125,7 +122,7 @@ def test_an_entry_that_is_not_ours_is_set_aside_and_the_rest_delivered(client, r
     assert len(receiver.requests) == 1
     [kept] = get_connection().lrange(REJECTED, 0, -1)
     assert json.loads(kept)["payload"] == "not json at all"
-    assert get_connection().xlen(inbox.INBOX) == 0
+    assert get_connection().xlen(keys.INBOX) == 0
 
 
 def test_a_drainer_asked_to_stop_hands_its_unsent_postbacks_to_a_successor(client, receiver):
@@ -134,7 +131,7 @@ def test_a_drainer_asked_to_stop_hands_its_unsent_postbacks_to_a_successor(clien
     ids = ingest_json(client, document(receiver, 3)).json()["postbacks"]
     [job] = get_queue().jobs
     job.delete()
-    drainer = Drainer(job.id)
+    drainer = Drainer.in_this_process(job.id)
     original_step = drainer.engine.step
 
     def stop_once_sending(*args, **kwargs):
@@ -168,7 +165,7 @@ def test_a_drainer_asked_to_stop_hands_its_unsent_postbacks_to_a_successor(clien
     ],
 )
 def test_entries_not_shaped_as_ours_are_set_aside_without_failing_the_drainer(client, receiver, kind, payload):
-    get_connection().xadd(inbox.INBOX, {kind: payload})
+    get_connection().xadd(keys.INBOX, {kind: payload})
     ingest_json(client, document(receiver, 1))
 
     run_worker()
@@ -179,11 +176,11 @@ def test_entries_not_shaped_as_ours_are_set_aside_without_failing_the_drainer(cl
 
 def test_an_entry_whose_drainers_keep_dying_is_set_aside(receiver):
     connection = get_connection()
-    connection.xgroup_create(inbox.INBOX, inbox.GROUP, id="0", mkstream=True)
-    entry_id = connection.xadd(inbox.INBOX, {"r": json.dumps(["abc", 0, "GET", receiver.url("/x"), [{}]])})
-    connection.xreadgroup(inbox.GROUP, "drain-dead", {inbox.INBOX: ">"})
+    connection.xgroup_create(keys.INBOX, keys.GROUP, id="0", mkstream=True)
+    entry_id = connection.xadd(keys.INBOX, {"r": json.dumps(["abc", 0, "GET", receiver.url("/x"), [{}]])})
+    connection.xreadgroup(keys.GROUP, "drain-dead", {keys.INBOX: ">"})
     for n in range(5):  # five more drainers took it and died
-        connection.xclaim(inbox.INBOX, inbox.GROUP, f"drain-dead-{n}", 0, [entry_id])
+        connection.xclaim(keys.INBOX, keys.GROUP, f"drain-dead-{n}", 0, [entry_id])
 
     run_worker()
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from redis.connection import Connection
 
 from delivery.models import DeliverySettings
-from postbackproject import inbox
+from postbackproject import keys
 from postbackproject.queue import get_connection, get_queue
 from tests.conftest import ingest_json, start_redis, use_redis
 
@@ -24,13 +24,13 @@ pytestmark = pytest.mark.django_db
 
 def inbox_entries() -> list[list[Any]]:
     """The request entries in the inbox: [request id, first index, method, URL, [objects]]."""
-    entries: Any = get_connection().xrange(inbox.INBOX)
+    entries: Any = get_connection().xrange(keys.INBOX)
     assert all(fields.keys() == {b"r"} for _, fields in entries)
     return [json.loads(fields[b"r"]) for _, fields in entries]
 
 
 def raw_entries() -> list[bytes]:
-    entries: Any = get_connection().xrange(inbox.INBOX)
+    entries: Any = get_connection().xrange(keys.INBOX)
     return [fields[b"r"] for _, fields in entries]
 
 
@@ -55,7 +55,7 @@ def test_the_first_request_starts_a_drainer_and_the_next_ones_do_not(client):
     [job] = get_queue().jobs
     assert job.func_name == "delivery.jobs.drain"
     assert job.result_ttl == 0
-    assert get_connection().zscore(inbox.LEASES, job.id) is not None
+    assert get_connection().zscore(keys.LEASES, job.id) is not None
 
 
 def test_the_sample_costs_one_round_trip_to_redis(client, monkeypatch, settings):
@@ -144,7 +144,7 @@ def test_bad_input_gets_a_400_naming_the_field(client, body, field, words):
     assert words in response.json()["error"]
     assert response.json()["field"] == field
     assert get_queue().count == 0
-    assert not get_connection().exists(inbox.INBOX)
+    assert not get_connection().exists(keys.INBOX)
 
 
 def test_the_error_names_the_field_as_the_contract_shows(client):
@@ -166,7 +166,7 @@ def test_too_large_bodies_get_413(client, settings):
     response = ingest_json(client, {**SAMPLE, "pad": "x" * 200})
     assert response.status_code == 413
     assert "error" in response.json()
-    assert not get_connection().exists(inbox.INBOX)
+    assert not get_connection().exists(keys.INBOX)
 
 
 def test_too_many_data_objects_get_400(client, settings):

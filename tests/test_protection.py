@@ -8,6 +8,7 @@ from django.contrib.auth.models import Permission, User
 
 from delivery import circuit
 from delivery.models import DeliveryAttempt, DeliverySettings
+from postbackproject import keys
 from postbackproject.queue import get_connection
 from tests.conftest import (
     Receiver,
@@ -147,8 +148,11 @@ def test_retries_that_come_due_while_the_circuit_is_open_are_deferred_again_with
 def end_open_period() -> None:
     """As if circuit_open_seconds had passed: the next look at the host sends a probe."""
     connection = get_connection()
-    hosts: list[bytes] = connection.zrange(circuit.OPEN, 0, -1)  # type: ignore[assignment]
-    connection.zadd(circuit.OPEN, dict.fromkeys(hosts, 0))
+    hosts: list[bytes] = connection.zrange(keys.CIRCUITS_OPEN, 0, -1)  # type: ignore[assignment]
+    seconds, microseconds = connection.time()
+    now_ms = seconds * 1000 + microseconds // 1000
+    connection.zadd(keys.CIRCUITS_OPEN, dict.fromkeys(hosts, now_ms))
+    connection.zadd(keys.CIRCUITS_CHANGES, dict.fromkeys(hosts, now_ms))  # for workers' copies to see
     release_scheduled()
 
 

@@ -20,7 +20,7 @@ from delivery.models import (
     Span,
 )
 from delivery.recording import Record, save_attempts
-from postbackproject import inbox
+from postbackproject import keys
 from postbackproject.queue import get_connection
 from tests.conftest import Reply, deliver_everything, ingest_json
 
@@ -147,7 +147,7 @@ def test_latencies_land_in_their_histogram_bucket(latency, bucket):
 
 
 def accepted_in_redis() -> dict[int, int]:
-    return {int(k): int(v) for k, v in get_connection().hgetall(inbox.ACCEPTED).items()}
+    return {int(k): int(v) for k, v in get_connection().hgetall(keys.ACCEPTED).items()}
 
 
 def test_ingestion_counts_accepted_postbacks_per_minute_in_redis(client):
@@ -161,7 +161,7 @@ def test_ingestion_counts_accepted_postbacks_per_minute_in_redis(client):
 
 def test_past_minutes_are_folded_into_the_database_once():
     last_minute = int(time.time() // 60 * 60) - 60
-    get_connection().hset(inbox.ACCEPTED, mapping={last_minute: 7, last_minute - 60: 3, last_minute + 60: 5})
+    get_connection().hset(keys.ACCEPTED, mapping={last_minute: 7, last_minute - 60: 3, last_minute + 60: 5})
 
     assert rollups.fold_accepted() == 10
     assert rollups.fold_accepted() == 0

@@ -15,7 +15,7 @@ from django.db import connection
 
 from ingestion.checks import check_ingestion_limits
 from ingestion.models import SenderKey
-from postbackproject import inbox
+from postbackproject import keys
 from postbackproject.queue import get_connection
 from tests.conftest import wait_until
 from tests.test_metrics import scrape
@@ -43,7 +43,7 @@ def post(client, key: str | None = None, header: str = "bearer", path: str = "/i
 
 
 def queued_entries() -> int:
-    return int(get_connection().xlen(inbox.INBOX))
+    return int(get_connection().xlen(keys.INBOX))
 
 
 @pytest.fixture
@@ -209,7 +209,7 @@ def test_a_key_over_its_limit_gets_429_with_retry_after_and_nothing_is_queued(cl
     assert 1 <= int(refused["Retry-After"]) <= 10
     assert "rate limit of this sender key (0.1 requests per second)" in refused.json()["error"]
     assert queued_entries() == 1
-    assert get_connection().hvals(inbox.ACCEPTED) == [b"1"]
+    assert get_connection().hvals(keys.ACCEPTED) == [b"1"]
 
 
 @pytest.mark.django_db

@@ -10,7 +10,7 @@ import pytest
 
 from delivery.models import DeliveryAttempt, DeliverySettings
 from delivery.recording import ERROR_MAX_CHARS, TEXT_MAX_CHARS, storable
-from postbackproject import inbox
+from postbackproject import inbox, keys
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection
 from tests.conftest import Receiver, deliver_everything, ingest_json
@@ -65,7 +65,7 @@ def test_a_url_that_can_never_be_sent_gets_400_naming_endpoint_url(client, url, 
     assert response.status_code == 400
     assert response.json()["field"] == "endpoint.url"
     assert why in response.json()["error"]
-    assert not get_connection().exists(inbox.INBOX)
+    assert not get_connection().exists(keys.INBOX)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_one_value_named_thousands_of_times_is_refused_at_the_door(client):
     assert response.status_code == 400
     assert response.json()["field"] == "data[1]"
     assert "would be 2829840021 bytes; at most 16384" in response.json()["error"]
-    assert not get_connection().exists(inbox.INBOX)
+    assert not get_connection().exists(keys.INBOX)
 
 
 @pytest.mark.parametrize("cap", [16384, 300])
@@ -186,9 +186,7 @@ def test_an_entry_written_straight_into_redis_is_bounded_too(client, receiver: R
 
 def test_a_try_written_straight_into_redis_with_a_huge_url_is_not_sent(receiver: Receiver):
     huge = receiver.url("/t?" + "q" * 20_000)
-    with get_connection().pipeline(transaction=True) as pipe:
-        inbox.schedule_tries([(Try("cafe-0", 2, 1, "GET", huge, None), 0.0)], pipe)
-        pipe.execute()
+    inbox.schedule_tries([(Try("cafe-0", 2, 1, "GET", huge, None), 0.0)])
     inbox.sweep()
 
     deliver_everything()

@@ -1,0 +1,87 @@
+"""Lua scripts on Redis: one prelude shared by every script, and how a script is run.
+
+Every script starts with PRELUDE, so that helpers (Redis's clock above all) are written once.
+Scripts are loaded by hash (EVALSHA) and loaded again when Redis has lost them (a restart, a
+failover), on whichever client or pipeline runs them.
+"""
+
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.commands.core import Script
+
+from postbackproject.queue import get_connection
+
+PRELUDE = """
+-- Redis's clock, in ms since the epoch: the one clock every time kept in Redis is on.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function live_drainers(leases, now)
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  return redis.call('ZCARD', leases)
+end
+
+-- The consumer group, created reading from the first entry (an error if it exists: ignored).
+local function ensure_group(inbox, group)
+  redis.pcall('XGROUP', 'CREATE', inbox, group, '0', 'MKSTREAM')
+end
+
+local function field(reply, name)
+  for i = 1, #reply, 2 do
+    if reply[i] == name then return reply[i + 1] end
+  end
+end
+
+-- Whether an entry was added that no drainer has read yet.
+local function has_unread(inbox, group)
+  if redis.call('EXISTS', inbox) == 0 then return false end
+  local last_added = field(redis.call('XINFO', 'STREAM', inbox), 'last-generated-id')
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', inbox)) do
+    if field(g, 'name') == group then return field(g, 'last-delivered-id') ~= last_added end
+  end
+  return true
+end
+
+-- Consumers with pending entries whose drainer's lease has run out (it died, or left).
+local function orphaned_consumers(inbox, group, leases, now, me)
+  local found = {}
+  if redis.call('EXISTS', inbox) == 0 then return found end
+  local summary = redis.call('XPENDING', inbox, group)
+  if tonumber(summary[1]) == 0 or not summary[4] then return found end
+  for _, consumer in ipairs(summary[4]) do
+    local name = consumer[1]
+    local lease = redis.call('ZSCORE', leases, name)
+    if name ~= me and (not lease or tonumber(lease) < now) then
+      found[#found + 1] = {name, tonumber(consumer[2])}
+    end
+  end
+  return found
+end
+
+local function has_pending(inbox, group, consumer)
+  return #redis.call('XPENDING', inbox, group, '-', '+', 1, consumer) > 0
+end
+
+-- Calls `call` with the items as arguments, a slice at a time (Lua's unpack has a stack limit).
+local function in_slices(items, call)
+  for start = 1, #items, 1000 do
+    call(unpack(items, start, math.min(start + 999, #items)))
+  end
+end
+"""
+
+
+@cache
+def _loaded(source: str) -> Script:
+    return get_connection().register_script(PRELUDE + source)
+
+
+def run(source: str, keys: Sequence[str], args: Sequence[Any], client: Redis | Pipeline | None = None) -> Any:
+    """EVALSHA the script (PRELUDE + source), on the process's client unless given one."""
+    return _loaded(source)(keys=keys, args=args, client=client if client is not None else get_connection())

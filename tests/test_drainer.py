@@ -1,0 +1,176 @@
+"""The drainer's loop and settling, driven with a fake transport and a fake clock: no HTTP, no
+waiting on wall-clock time. Redis, the database and the engine are real."""
+
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+
+from delivery import drain
+from delivery.circuit import Circuits
+from delivery.clock import RedisClock
+from delivery.drain import Drainer
+from delivery.engine import Engine
+from delivery.models import DeliveryAttempt, DeliverySettings
+from delivery.transport import Request
+from postbackproject import inbox, keys
+from postbackproject.queue import get_connection, get_queue
+from tests.fakes import Answer, FakeClock, FakeTransport
+
+pytestmark = pytest.mark.django_db
+
+
+class SpyEngine(Engine):
+    """The engine, noting which hosts it was told to give another turn."""
+
+    told: list[set[str] | None]
+
+    def reconsider(self, hosts: Iterable[str] | None = None) -> None:
+        self.told.append(None if hosts is None else set(hosts))
+        super().reconsider(hosts)
+
+
+def a_drainer(transport: FakeTransport, clock: FakeClock, drainer_id: str = "drain-test") -> Drainer:
+    connection = get_connection()
+    circuits = Circuits("test-worker", connection, clock, RedisClock(connection, clock))
+    engine = SpyEngine(transport, circuits, concurrency=8)
+    engine.told = []
+    return Drainer(drainer_id, connection, engine, circuits, clock)
+
+
+def add_request(urls: list[str]) -> list[str]:
+    """Each URL as a request of one GET postback, straight into the inbox (no drain job is
+    started for it); returns the postback ids."""
+    ids = []
+    for url in urls:
+        request_id = uuid.uuid4().hex
+        [entry] = inbox.request_entries(request_id, "GET", url, ["{}"], 100)
+        get_connection().xadd(keys.INBOX, {"r": entry})
+        ids.append(inbox.postback_id(request_id, 0))
+    return ids
+
+
+def redis_ms() -> int:
+    seconds, microseconds = get_connection().time()
+    return int(seconds) * 1000 + int(microseconds) // 1000
+
+
+def by_path(answers: dict[str, Answer]) -> Callable[[Request], Answer]:
+    return lambda request: answers[request.url.rsplit("/", 1)[1]]
+
+
+def test_the_loop_sends_each_postback_records_it_and_acknowledges_its_entry():
+    clock = FakeClock()
+    transport = FakeTransport(clock)
+    ids = add_request(["http://a.example/one", "http://b.example/two"])
+
+    counts = a_drainer(transport, clock).run()
+
+    assert counts == {"success": 2}
+    assert sorted(request.url for request in transport.sent) == ["http://a.example/one", "http://b.example/two"]
+    assert set(DeliveryAttempt.objects.values_list("postback_id", flat=True)) == set(ids)
+    assert get_connection().xlen(keys.INBOX) == 0
+    assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 0
+
+
+def test_a_retry_is_due_its_backoff_after_the_attempt_by_redis_clock():
+    DeliverySettings(backoff_base_seconds=10, backoff_factor=4).save()
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(503, after=2.0))
+    [pid] = add_request(["http://a.example/r"])
+    before = redis_ms()
+
+    a_drainer(transport, clock).run()
+
+    waiting: Any = get_connection().zrange(keys.DUE, 0, -1, withscores=True)
+    [(member, due)] = waiting
+    assert member.decode() == pid
+    assert before + 5_000 <= due <= redis_ms() + 10_000  # 10 s with equal jitter: 5 to 10 s
+    next_try: Any = get_connection().hget(keys.DUE_TRIES, pid)
+    assert json.loads(next_try)[1] == 2  # the second attempt
+
+
+def test_an_idle_drainer_waits_its_idle_time_on_its_own_clock_and_leaves(settings):
+    settings.DELIVERY_DRAINER_IDLE_SECONDS = 30
+    clock = FakeClock()
+    started = clock.now
+
+    assert a_drainer(FakeTransport(clock), clock).run() == {}
+
+    assert clock.now - started >= 30
+    assert get_connection().zscore(keys.LEASES, "drain-test") is None  # it left
+
+
+def test_a_drainer_hands_over_after_its_time_box_without_starting_what_waits(settings):
+    settings.DELIVERY_DRAINER_MAX_SECONDS = 6
+    DeliverySettings(max_in_flight_per_host=1).save()
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(200, after=2.5))
+    add_request([f"http://slow.example/{n}" for n in range(5)])
+
+    counts = a_drainer(transport, clock).run()
+
+    assert counts["success"] == 3  # 0-2.5 s, 2.5-5 s, 5-7.5 s: the third was out at 6 s
+    assert counts["handed over"] == 2
+    [successor] = get_queue().jobs
+    assert successor.id != "drain-test"
+    assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 2  # left for the successor
+
+
+def test_a_warm_shutdown_cuts_off_what_is_still_out_after_the_grace(settings):
+    settings.DELIVERY_STOP_GRACE_SECONDS = 2
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(200, after=10.0))
+    add_request(["http://stuck.example/x"])
+    drainer = a_drainer(transport, clock)
+    step = drainer.engine.step
+
+    def stop_once_sending(*args, **kwargs):
+        if drainer.engine.in_flight:
+            drain.request_stop()
+        return step(*args, **kwargs)
+
+    drainer.engine.step = stop_once_sending  # type: ignore[method-assign]
+    started = clock.now
+
+    drainer.run()
+
+    assert 2 <= clock.now - started < 10
+    assert transport.abandoned == 1
+    assert not DeliveryAttempt.objects.exists()  # cut off: sent again by the successor
+    assert len(get_queue().jobs) == 1
+
+
+def test_when_a_circuit_opens_only_its_host_gets_another_turn():
+    DeliverySettings(circuit_failure_threshold=2, max_in_flight_per_host=1, backoff_base_seconds=0).save()
+    clock = FakeClock()
+    transport = FakeTransport(clock, by_path({"down": Answer(503), "up": Answer(200)}))
+    add_request(["http://down.example/down"] * 4 + ["http://up.example/up"] * 4)
+    drainer = a_drainer(transport, clock)
+
+    drainer.run()
+
+    told = drainer.engine.told  # type: ignore[attr-defined]
+    assert {"down.example"} in told
+    assert None not in told and all("up.example" not in hosts for hosts in told if hosts)
+    assert sum(request.url.endswith("/down") for request in transport.sent) == 2
+
+
+def test_deferred_tries_are_due_when_the_circuit_lets_them_by_redis_clock():
+    DeliverySettings(circuit_failure_threshold=1, circuit_open_seconds=40, max_in_flight_per_host=1).save()
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(503))
+    add_request(["http://down.example/d"] * 3)
+
+    a_drainer(transport, clock).run()
+
+    opened: Any = get_connection().zrange(keys.CIRCUITS_OPEN, 0, -1, withscores=True)
+    [(_, until)] = opened
+    assert redis_ms() < until <= redis_ms() + 40_000
+    deferred = DeliveryAttempt.objects.filter(outcome="deferred").values_list("postback_id", flat=True)
+    assert len(deferred) == 2  # never sent: the circuit opened after the first failure
+    for pid in deferred:
+        due: Any = get_connection().zscore(keys.DUE, pid)
+        assert due is not None and until - 1_000 <= due <= until + 10_000 + 1_000  # spread up to 10 s
