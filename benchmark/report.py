@@ -264,7 +264,8 @@ def draw_throughput(axis: Any, run: Figures) -> None:
 
 def draw_backlog(axis: Any, run: Figures) -> None:
     series = run["series"]
-    axis.plot(series["second"], series["backlog"], label="backlog (accepted - final)")
+    ends = [second + series["step_seconds"] for second in series["second"]]  # each value is at its step's end
+    axis.plot(ends, series["backlog"], label="backlog (accepted - final)")
     samples = series["samples"]
     if samples:
         start = series["started"]
