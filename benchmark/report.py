@@ -65,6 +65,8 @@ ROWS: list[tuple[str, Cell]] = [
     ("status", _status),
 ]
 LABEL_WIDTH = max(len(label) for label, _ in ROWS)
+# Receivers answering this late beyond the latency they meant to add were short of CPU.
+RECEIVER_LAG_WARNING_MS = 100.0
 
 
 def _cells(runs: list[Figures]) -> dict[str, list[str]]:
@@ -186,6 +188,12 @@ def wild_details(run: Figures) -> list[str]:
         f"{connections:,} connections for {requests:,} requests ({world['receiver_processes']} processes, "
         f"CPU {_cpu_share(run)})"
     )
+    lag = delivery["receiver_lag_ms"]["p99"]
+    if lag is not None and lag > RECEIVER_LAG_WARNING_MS:
+        lines.append(
+            f"  [yellow]the receivers answered {lag:,.0f} ms late (p99) beyond their latency: they were short "
+            "of CPU, and the service's figures understate it[/]"
+        )
     baselines = run["baselines"]
     if "wild_receivers_requests_per_second" in baselines:
         lines.append(
