@@ -13,14 +13,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
 import requests
 from redis import Redis
 from rq import Queue
 
 from benchmark.loadgen import Generator, LoadPlan, LoadResult
-from benchmark.receiver import Behaviour, Receiver
+from benchmark.metrics import cpu_seconds
+from benchmark.receiver import Listener, Receiver
 from benchmark.service import BASE_DIR, free_port
 
 NOOP_QUEUE = "benchmark-noop"
@@ -105,26 +108,45 @@ def _wait_first_taken(queue: Queue, jobs: int) -> tuple[float, int]:
     raise RuntimeError("no stock RQ worker took a job within 60 s")
 
 
-def receiver_ceiling(processes: int, clients: int = 64, seconds: float = 3.0) -> dict[str, float]:
-    """Requests/s one receiver answers to a pycurl closed loop, and the generator's CPU a request."""
-    receiver = Receiver("ceiling", Behaviour(), free_port(), processes)
+def receiver_ceiling(
+    listeners: Sequence[Listener] | None = None,
+    processes: int = 1,
+    clients: int = 64,
+    seconds: float = 3.0,
+    ca_bundle: str | None = None,
+    new_connections: bool = False,
+) -> dict[str, float]:
+    """Requests/s a receiver answers to a pycurl closed loop of keep-alive clients (or with a
+    new connection each), the receiver's and the generator's CPU a request. By default one
+    listener on 127.0.0.1; given listeners (e.g. the `wild` hosts), each request goes to the
+    next of them."""
+    listeners = list(listeners or [Listener(port=free_port())])
+    receiver = Receiver("ceiling", listeners, processes)
     receiver.start()
+    serving = [psutil.Process(pid) for pid in receiver.pids]
     try:
+        targets = tuple(receiver.url("/data?key=k&value=v&foo=", index) for index in range(len(listeners)))
         plan = LoadPlan(
-            url=receiver.url("/data?key=k&value=v&foo="),
+            url=targets[0],
+            targets=targets if len(targets) > 1 else (),
             bodies=[b""],
             clients=clients,
             duration=seconds,
             parse_ids=False,
+            ca_bundle=ca_bundle,
+            new_connections=new_connections,
         )
         context = multiprocessing.get_context("spawn")
+        before = sum(cpu_seconds(process) for process in serving)
         with context.Pool(1) as pool:
             result: LoadResult = pool.apply(_run_generator, (plan,))
+        receiver_cpu = sum(cpu_seconds(process) for process in serving) - before
     finally:
         receiver.stop()
     answered = sum(1 for _, _, status, _ in result.records if status == 200)
     return {
         "receiver_ceiling_requests_per_second": answered / (result.ended - result.started),
+        "receiver_cpu_us_per_request": 1e6 * receiver_cpu / max(1, len(result.records)),
         "load_generator_cpu_us_per_request": 1e6 * result.cpu_seconds / max(1, len(result.records)),
         "receiver_processes": processes,
         "ceiling_clients": clients,

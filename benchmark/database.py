@@ -86,6 +86,23 @@ class AttemptLog:
     def rows(self) -> Any:
         return DeliveryAttempt.objects.using(self.alias)
 
+    def final_times(self) -> dict[str, float]:
+        """When each postback's final try ended (Unix time), from the rows themselves: the start
+        of the try plus its response time. A postback delivered after a failure counts as
+        delivered. One query, at the end of a run (dates cost to convert, rows by the 100,000)."""
+        query = (
+            self.rows()
+            .filter(id__gt=self.start_id, outcome__in=FINAL_OUTCOMES)
+            .values_list("postback_id", "outcome", "delivered_at", "response_time_ms")
+        )
+        times: dict[str, float] = {}
+        outcomes: dict[str, str] = {}
+        for postback_id, outcome, delivered_at, response_ms in query.iterator(chunk_size=5000):
+            ended = delivered_at.timestamp() + (response_ms or 0.0) / 1000
+            if postback_id not in times or (outcome == "success" and outcomes[postback_id] != "success"):
+                times[postback_id], outcomes[postback_id] = ended, outcome
+        return times
+
     def poll(self) -> list[AttemptRow]:
         """Rows not returned before."""
         since = max(self.start_id, self.last_id - POLL_OVERLAP_IDS)

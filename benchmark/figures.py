@@ -4,8 +4,9 @@ receivers' receipts, the attempt rows, Redis's counters and the samples taken ea
 Pure functions of the raw data, so the report's arithmetic is tested without processes.
 """
 
+import itertools
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from benchmark.database import FINAL_OUTCOMES, AttemptRow
 from benchmark.loadgen import LoadResult
 from benchmark.metrics import per_second_counts, per_second_percentiles, percentiles, ratio, rss_summary
-from benchmark.receiver import ARRIVAL, COMPLETED, POSTBACK_ID, STATUS, Receipt
+from benchmark.receiver import ANSWERED, ARRIVAL, COMPLETED, LATENCY_MS, POSTBACK_ID, STATUS, Receipt
 
 
 @dataclass
@@ -33,6 +34,9 @@ class RawRun:
     redis_after: dict[str, int]
     rss: dict[str, list[tuple[float, float]]]  # process -> (time, bytes)
     samples: list[dict[str, float]]  # one a second: time, accepted, delivered, backlog, queues
+    final_at: dict[str, float] = field(default_factory=dict)  # postback id -> its final try's end (the rows)
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds over the run
+    service_processes: list[str] = field(default_factory=list)  # the processes of `cpu` that are the service
     kill_at: float | None = None
     exited: dict[str, float] = field(default_factory=dict)  # process -> when it was found gone
     extra: dict[str, Any] = field(default_factory=dict)
@@ -73,10 +77,11 @@ def ingest_figures(loads: list[LoadResult]) -> dict[str, Any]:
     }
 
 
-def first_receipts(receipts: Iterable[Receipt], ids: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    """Per accepted postback: the first arrival of any kind, and the first answered 2xx in full."""
+def first_receipts(receipts: Iterable[Receipt], ids: dict[str, float]) -> tuple[dict[str, float], dict[str, Receipt]]:
+    """Per accepted postback: the first arrival of any kind, and the first request answered 2xx
+    in full (the one that delivered it)."""
     first_any: dict[str, float] = {}
-    first_ok: dict[str, float] = {}
+    first_ok: dict[str, Receipt] = {}
     for receipt in receipts:
         pid = str(receipt[POSTBACK_ID])
         if pid not in ids:
@@ -84,7 +89,9 @@ def first_receipts(receipts: Iterable[Receipt], ids: dict[str, float]) -> tuple[
         arrival = float(receipt[ARRIVAL])
         first_any[pid] = min(arrival, first_any.get(pid, math.inf))
         if 200 <= int(receipt[STATUS]) < 300 and receipt[COMPLETED]:
-            first_ok[pid] = min(arrival, first_ok.get(pid, math.inf))
+            earlier = first_ok.get(pid)
+            if earlier is None or arrival < float(earlier[ARRIVAL]):
+                first_ok[pid] = receipt
     return first_any, first_ok
 
 
@@ -120,8 +127,9 @@ def outcome_figures(attempts: list[AttemptRow], ids: dict[str, float]) -> dict[s
 def delivery_figures(run: RawRun, accepted: Accepted) -> dict[str, Any]:
     receipts = [receipt for batch in run.receipts.values() for receipt in batch]
     first_any, first_ok = first_receipts(receipts, accepted.at)
-    window = (max(first_ok.values()) - run.started) if first_ok else 0.0
-    in_window = sum(1 for arrival in first_ok.values() if arrival <= run.load_ended)
+    arrivals = [float(receipt[ARRIVAL]) for receipt in first_ok.values()]
+    window = (max(arrivals) - run.started) if arrivals else 0.0
+    in_window = sum(1 for arrival in arrivals if arrival <= run.load_ended)
     return {
         "accepted": len(accepted.at),
         "delivered": len(first_ok),
@@ -130,8 +138,29 @@ def delivery_figures(run: RawRun, accepted: Accepted) -> dict[str, Any]:
         "delivered_while_sending": in_window,
         "delivered_while_sending_ratio": ratio(in_window, len(accepted.at)),
         "end_to_end_ms": _ms(percentiles(first_any[pid] - accepted.at[pid] for pid in first_any)),
+        **answer_figures(first_ok, accepted),
         "duplicates": duplicates(receipts, accepted.at),
         **outcome_figures(run.attempts, accepted.at),
+    }
+
+
+def answer_figures(first_ok: dict[str, Receipt], accepted: Accepted) -> dict[str, Any]:
+    """Beside the receivers' own latency: how long after its 202 each postback's delivering
+    request was answered (end-to-end including the receiver's time), the latency the receiver
+    added to that request (what it applied, from its own records), and how late the receiver
+    answered beyond that (its event loop's lag: near zero unless the receiver is overloaded)."""
+    delivering = list(first_ok.items())
+    return {
+        "end_to_end_answered_ms": _ms(
+            percentiles(float(receipt[ANSWERED]) - accepted.at[pid] for pid, receipt in delivering)
+        ),
+        "receiver_latency_ms": _ms(percentiles(float(receipt[LATENCY_MS]) / 1000 for _, receipt in delivering)),
+        "receiver_lag_ms": _ms(
+            percentiles(
+                float(receipt[ANSWERED]) - float(receipt[ARRIVAL]) - float(receipt[LATENCY_MS]) / 1000
+                for _, receipt in delivering
+            )
+        ),
     }
 
 
@@ -159,10 +188,20 @@ def series(run: RawRun, accepted: Accepted) -> dict[str, Any]:
     accepted_counts = per_second_counts(
         (r[1] for r in records), run.started, count, (len(r[3]) for r in records), step=step
     )
-    delivered_counts = per_second_counts(first_ok.values(), run.started, count, step=step)
+    delivered_counts = per_second_counts(
+        (float(receipt[ARRIVAL]) for receipt in first_ok.values()), run.started, count, step=step
+    )
+    finals = [run.final_at[pid] for pid in accepted.at if pid in run.final_at]
+    final_counts = per_second_counts(finals, run.started, count, step=step)
     ingest = per_second_percentiles(((r[1], r[1] - r[0]) for r in records), run.started, count, step=step)
     end_to_end = per_second_percentiles(
         ((accepted.at[pid], first_any[pid] - accepted.at[pid]) for pid in first_any), run.started, count, step=step
+    )
+    answered = per_second_percentiles(
+        ((accepted.at[pid], float(receipt[ANSWERED]) - accepted.at[pid]) for pid, receipt in first_ok.items()),
+        run.started,
+        count,
+        step=step,
     )
     return {
         "started": run.started,
@@ -170,8 +209,11 @@ def series(run: RawRun, accepted: Accepted) -> dict[str, Any]:
         "second": [round(index * step, 3) for index in range(count)],  # start of each step
         "accepted_per_second": [n / step for n in accepted_counts],
         "delivered_per_second": [n / step for n in delivered_counts],
+        # Accepted minus final at the end of each step, from the recorded times of both.
+        "backlog": list(itertools.accumulate(a - f for a, f in zip(accepted_counts, final_counts, strict=True))),
         "ingest_latency_ms": [_ms(p) for p in ingest],
         "end_to_end_ms": [_ms(p) for p in end_to_end],
+        "end_to_end_answered_ms": [_ms(p) for p in answered],
         "samples": run.samples,
     }
 
@@ -180,16 +222,35 @@ def process_figures(run: RawRun) -> dict[str, Any]:
     return {name: rss_summary(samples, run.started, run.load_ended) for name, samples in sorted(run.rss.items())}
 
 
+def cpu_figures(run: RawRun, delivered: int) -> dict[str, Any]:
+    """CPU seconds of the service's processes (web and its workers, RQ workers, Redis) from the
+    first sample before the load to the last after the wait, and per postback delivered; the
+    other processes watched (receivers, DNS server) beside, as seconds."""
+    service = {name: run.cpu[name] for name in run.service_processes if name in run.cpu}
+    by_role: defaultdict[str, float] = defaultdict(float)
+    for name, seconds in service.items():
+        by_role["web" if name.startswith("web") else "workers" if name.startswith("worker") else name] += seconds
+    total = sum(service.values())
+    return {
+        "service_seconds": total,
+        "by_role": dict(sorted(by_role.items())),
+        "us_per_postback": ratio(1e6 * total, delivered),
+        "others_seconds": {name: seconds for name, seconds in sorted(run.cpu.items()) if name not in service},
+    }
+
+
 def summarize(run: RawRun) -> dict[str, Any]:
     accepted = Accepted.from_loads(run.loads)
+    delivery = delivery_figures(run, accepted)
     figures: dict[str, Any] = {
         "scenario": run.name,
         "seconds": run.ended - run.started,
         "wait_timed_out": run.wait_timed_out,
         "ingest": ingest_figures(run.loads),
-        "delivery": delivery_figures(run, accepted),
+        "delivery": delivery,
         "redis": redis_figures(run.redis_before, run.redis_after, len(accepted.at)),
         "processes": process_figures(run),
+        "cpu": cpu_figures(run, delivery["delivered"]),
         # Service processes that exited during the run without the tool stopping them (something
         # else on the machine killed them, or they crashed): the scenario's figures are not valid.
         "processes_exited": {name: at - run.started for name, at in sorted(run.exited.items())},
@@ -217,14 +278,17 @@ def _ms(values: dict[str, float | None]) -> dict[str, float | None]:
     return {key: None if value is None else round(value * 1000, 2) for key, value in values.items()}
 
 
-def phase_figures(run: RawRun, index: int) -> dict[str, Any]:
-    """End-to-end figures of the postbacks one load phase sent (e.g. the healthy receiver's)."""
+def group_figures(run: RawRun, index: int) -> dict[str, Any]:
+    """The figures of the postbacks one load phase sent (e.g. the healthy receiver's)."""
     accepted = Accepted.from_loads([run.loads[index]])
     receipts = [receipt for batch in run.receipts.values() for receipt in batch]
     first_any, first_ok = first_receipts(receipts, accepted.at)
+    outcomes = outcome_figures(run.attempts, accepted.at)
     return {
         "accepted": len(accepted.at),
         "delivered": len(first_ok),
         "end_to_end_ms": _ms(percentiles(first_any[pid] - accepted.at[pid] for pid in first_any)),
+        "succeeded": outcomes["succeeded"],
+        "failed": outcomes["failed"],
         "without_final_outcome": sum(1 for pid in accepted.at if pid not in run.final_seen_at),
     }

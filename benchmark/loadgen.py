@@ -4,9 +4,12 @@ libcurl keeps every request's state in C; Python only starts requests and reads 
 about 13 µs of CPU a request here, against about 1 ms for `requests`. So one process drives
 thousands of requests a second from one core and leaves the other to the service.
 
-Two shapes: open loop (`rate` requests a second, started on schedule whatever the answers) and
+Three shapes: open loop (`rate` requests a second, started on time whatever the answers), a
+schedule (open loop too: one send at each offset given, e.g. waves of requests every 10 s) and
 closed loop (`clients` requests in flight, each started when the one before it ends). A run
-lasts `duration` seconds or `requests` requests (first sends; retries do not count).
+lasts `duration` seconds or `requests` requests (first sends; retries do not count), or as long
+as its schedule. Each send takes the next body, cycling; with `targets`, it also goes to the
+next URL of that list (the same index), e.g. to measure receivers spread over many hosts.
 
 503 (backpressure): counted, and the same body is sent again after its Retry-After (capped at
 RETRY_AFTER_CAP seconds), at most MAX_503_RETRIES times. A closed-loop client waits for its
@@ -46,12 +49,26 @@ class LoadPlan:
     url: str
     bodies: list[bytes]  # cycled; an empty body (b"") is sent as GET
     rate: float | None = None  # open loop when set
+    schedule: tuple[float, ...] | None = None  # open loop: seconds after the start of each send
     clients: int = 1  # closed loop: requests in flight
     duration: float | None = None
     requests: int | None = None
     max_in_flight: int = 1024  # open loop: beyond this the generator itself is saturated
     parse_ids: bool = True
     default_retry_after: float = 1.0  # after a 503 without Retry-After
+    targets: tuple[str, ...] = ()  # URLs cycled with the bodies, instead of `url`
+    ca_bundle: str | None = None  # for HTTPS targets behind a CA of the run's own
+    new_connections: bool = False  # a new connection (and TLS handshake) for every request
+
+    @property
+    def open_loop(self) -> bool:
+        return bool(self.rate) or self.schedule is not None
+
+    def send_offset(self, index: int) -> float | None:
+        """Seconds after the start at which open-loop send `index` is due; None: no more."""
+        if self.schedule is not None:
+            return self.schedule[index] if index < len(self.schedule) else None
+        return index / self.rate if self.rate else None
 
 
 @dataclass
@@ -73,6 +90,7 @@ class Slot:
     """One reusable easy handle and the request it carries."""
 
     handle: pycurl.Curl
+    url: str = ""
     body: bytes = b""
     tries: int = 1
     sent: float = 0.0
@@ -88,10 +106,15 @@ class Slot:
                 self.retry_after = None
 
 
-def new_slot(url: str) -> Slot:
+def new_slot(url: str, plan: LoadPlan) -> Slot:
     handle = pycurl.Curl()
     slot = Slot(handle)
     handle.setopt(pycurl.URL, url)
+    if plan.ca_bundle:
+        handle.setopt(pycurl.CAINFO, plan.ca_bundle)
+    if plan.new_connections:
+        handle.setopt(pycurl.FRESH_CONNECT, 1)
+        handle.setopt(pycurl.FORBID_REUSE, 1)
     handle.setopt(pycurl.NOSIGNAL, 1)
     handle.setopt(pycurl.TIMEOUT, REQUEST_TIMEOUT)
     # No "Expect: 100-continue" for bodies over 1 KiB: it would cost a round trip or a wait.
@@ -126,21 +149,30 @@ class Generator:
         self.plan = plan
         self.counters = counters
         self.multi = pycurl.CurlMulti()
+        # Keep a connection to every target alive between its turns (libcurl keeps few by default).
+        self.multi.setopt(pycurl.M_MAXCONNECTS, max(64, len(plan.targets) + plan.clients))
         self.idle: list[Slot] = []
         self.busy: dict[int, Slot] = {}
-        self.retries: list[tuple[float, int, bytes, int]] = []  # heap of (due, seq, body, tries so far)
+        self.retries: list[tuple[float, int, tuple[bytes, str], int]] = []  # heap: due, seq, (body, URL), tries
         self.result = LoadResult()
         self.sent_first = 0
-        self.next_send = 0.0
         self.body_index = 0
         self.seq = 0
 
     # --- what to send ---------------------------------------------------------------------
 
-    def next_body(self) -> bytes:
-        body = self.plan.bodies[self.body_index % len(self.plan.bodies)]
+    def next_body(self) -> tuple[bytes, str]:
+        """The next body, and the URL it goes to."""
+        index = self.body_index
         self.body_index += 1
-        return body
+        targets = self.plan.targets
+        url = targets[index % len(targets)] if targets else self.plan.url
+        return self.plan.bodies[index % len(self.plan.bodies)], url
+
+    def next_send(self) -> float | None:
+        """Unix time of the next open-loop send; None when the plan has no more."""
+        offset = self.plan.send_offset(self.sent_first)
+        return None if offset is None else self.result.started + offset
 
     def in_time(self, now: float) -> bool:
         return self.plan.duration is None or now < self.result.started + self.plan.duration
@@ -150,10 +182,15 @@ class Generator:
         plan = self.plan
         if plan.requests is not None and self.sent_first >= plan.requests:
             return False
+        if plan.schedule is not None:
+            return self.sent_first < len(plan.schedule)
         return self.in_time(now)
 
-    def start(self, body: bytes, now: float, tries: int = 1) -> None:
-        slot = self.idle.pop() if self.idle else new_slot(self.plan.url)
+    def start(self, sending: tuple[bytes, str], now: float, tries: int = 1) -> None:
+        body, url = sending
+        slot = self.idle.pop() if self.idle else new_slot(url, self.plan)
+        slot.url = url
+        slot.handle.setopt(pycurl.URL, url)
         load_slot(slot, body, tries)
         slot.sent = now
         self.busy[id(slot.handle)] = slot
@@ -163,7 +200,7 @@ class Generator:
 
     def run(self) -> LoadResult:
         cpu = time.process_time()
-        self.result.started = self.next_send = time.time()
+        self.result.started = time.time()
         while True:
             now = time.time()
             self.start_due_retries(now)
@@ -184,14 +221,13 @@ class Generator:
 
     def start_new(self, now: float) -> None:
         """Open loop: every send whose time has come. Closed loop: one per idle client."""
-        if self.plan.rate:
-            while self.sending_open(now) and self.next_send <= now:
+        if self.plan.open_loop:
+            while self.sending_open(now) and (due := self.next_send()) is not None and due <= now:
                 if len(self.busy) >= self.plan.max_in_flight:
                     self.result.late += 1
                     return
                 self.start(self.next_body(), now)
                 self.sent_first += 1
-                self.next_send += 1.0 / self.plan.rate
         else:
             while self.has_room(now):
                 self.start(self.next_body(), now)
@@ -200,13 +236,13 @@ class Generator:
     def has_room(self, now: float) -> bool:
         """Closed loop: a client is free to send a new body."""
         clients_busy = len(self.busy) + len(self.retries)
-        return not self.plan.rate and clients_busy < self.plan.clients and self.sending_open(now)
+        return not self.plan.open_loop and clients_busy < self.plan.clients and self.sending_open(now)
 
     def wait(self, now: float) -> None:
         """Until a socket is ready, the next open-loop send, or the next retry (50 ms at most)."""
         wait = 0.05
-        if self.plan.rate and self.sending_open(now):
-            wait = min(wait, max(0.0, self.next_send - now))
+        if self.plan.open_loop and self.sending_open(now) and (due := self.next_send()) is not None:
+            wait = min(wait, max(0.0, due - now))
         if self.retries:
             wait = min(wait, max(0.0, self.retries[0][0] - now))
         if self.busy:
@@ -217,10 +253,10 @@ class Generator:
     def start_due_retries(self, now: float) -> None:
         in_time = self.in_time(now)
         while self.retries and (self.retries[0][0] <= now or not in_time):
-            _, _, body, tries = heapq.heappop(self.retries)
+            _, _, sending, tries = heapq.heappop(self.retries)
             if in_time:
                 self.result.retried += 1
-                self.start(body, now, tries + 1)
+                self.start(sending, now, tries + 1)
             else:
                 self.result.dropped += 1
 
@@ -266,7 +302,7 @@ class Generator:
             slot.retry_after if slot.retry_after is not None else self.plan.default_retry_after, RETRY_AFTER_CAP
         )
         self.seq += 1
-        heapq.heappush(self.retries, (now + delay, self.seq, slot.body, slot.tries))
+        heapq.heappush(self.retries, (now + delay, self.seq, (slot.body, slot.url), slot.tries))
 
 
 def run_in_process(plan: LoadPlan, counters: SharedCounters, results: Connection) -> None:

@@ -1,8 +1,11 @@
-"""Generic statistics for the report: percentiles, per-second series, RSS over a run."""
+"""Generic statistics for the report: percentiles, per-second series, RSS over a run, and
+a process's CPU time. Nothing here imports Django: processes the tool spawns import it too."""
 
 import math
 import statistics
 from collections.abc import Iterable, Sequence
+
+import psutil
 
 Percentiles = dict[str, float | None]
 
@@ -87,3 +90,9 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """CPU time the process has used so far, user and system."""
+    times = process.cpu_times()
+    return float(times.user + times.system)

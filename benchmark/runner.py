@@ -1,4 +1,4 @@
-"""Runs one scenario: service, settings, receivers, baselines, load, the wait for every
+"""Runs one scenario: receivers, service, settings, baselines, load, the wait for every
 postback's final outcome, and the figures."""
 
 import contextlib
@@ -6,7 +6,8 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from django.conf import settings
@@ -21,12 +22,12 @@ from benchmark.database import (
     open_database,
     restore_settings,
 )
-from benchmark.figures import RawRun, phase_figures, summarize
+from benchmark.destinations import Destinations, StartContext
+from benchmark.figures import RawRun, group_figures, summarize
 from benchmark.loadgen import LoadPlan, LoadProcess, LoadResult, new_counters
 from benchmark.monitor import Monitor, redis_stats
-from benchmark.receiver import Receiver
 from benchmark.scenarios import Phase, Scenario
-from benchmark.service import WORKERS_KEY, Service, free_port
+from benchmark.service import WORKERS_KEY, Service, ServiceExtras
 
 TICK_SECONDS = 0.1
 RQ_NOOP_JOBS = 2000
@@ -35,32 +36,38 @@ RQ_NOOP_JOBS = 2000
 class ServiceProvider(Protocol):
     """Gives each scenario a service: a fresh one of the tool's own, or the running one."""
 
-    def start(self, name: str) -> Service: ...
+    starts_service: bool
+
+    def start(self, name: str, extras: ServiceExtras | None = None) -> Service: ...
 
     def stop(self, service: Service) -> None: ...
 
 
 @dataclass
 class RunSettings:
-    max_wait: float
+    max_wait: float | None  # None: the scenario's own (DEFAULT_WAIT_SECONDS unless it says)
     workers: int
     concurrency: int
-    receiver_processes: int = 1
+    receiver_processes: int | None = None  # None: each scenario's own (1; `wild`: 2)
     ingest_path: str = "/ingest.php"
     baseline_seconds: float = 10.0  # longest a timed baseline runs (/healthz, plain client)
+    workdir: Path = Path("/tmp")  # scratch space for the scenarios' receivers
+    skip_ceiling: bool = False  # leave out the receivers' ceilings (wild's too)
 
 
-def plan_for(phase: Phase, service: Service, receiver: Receiver, ingest_path: str) -> LoadPlan:
-    base = receiver.url("")
-    body = (
+def plan_for(phase: Phase, service: Service, destinations: Destinations, ingest_path: str) -> LoadPlan:
+    """The phase's load: one body per URL base of its destination, cycled."""
+    bodies = [
         payloads.sample(base)
         if phase.objects is None
         else payloads.body(base + payloads.SAMPLE_PATH, payloads.objects(phase.objects))
-    )
+        for base in destinations.bases(phase.receiver)
+    ]
     return LoadPlan(
         url=service.url + ingest_path,
-        bodies=[body],
+        bodies=bodies,
         rate=phase.rate,
+        schedule=phase.schedule,
         clients=phase.clients,
         duration=phase.duration,
         requests=phase.requests,
@@ -68,17 +75,12 @@ def plan_for(phase: Phase, service: Service, receiver: Receiver, ingest_path: st
 
 
 @contextlib.contextmanager
-def receivers_for(scenario: Scenario, processes: int) -> Iterator[dict[str, Receiver]]:
-    started: dict[str, Receiver] = {}
+def started(scenario: Scenario, context: StartContext) -> Iterator[Destinations]:
+    destinations = scenario.destinations.start(context)
     try:
-        for name, behaviour in scenario.receivers.items():
-            receiver = Receiver(name, behaviour, free_port(), processes)
-            receiver.start()
-            started[name] = receiver
-        yield started
+        yield destinations
     finally:
-        for receiver in started.values():
-            receiver.stop()
+        destinations.stop()  # a second stop (after the figures took the receipts) is a no-op
 
 
 class ScenarioRun:
@@ -88,28 +90,36 @@ class ScenarioRun:
         self.settings = options
         self.progress = progress
         self.task = progress.add_task(scenario.name, total=None, accepted=0, delivered=0, backlog=0)
+        self.started = 0.0  # the first send (Unix time)
+        self.kill_at: float | None = None
+        self.described: dict[str, Any] = {}  # the destinations, as they were at the end of the load
 
     def run(self) -> dict[str, Any]:
-        service = self.provider.start(self.scenario.name)
-        alias = open_database(service.database_url)
-        previous = current_settings(alias)
-        try:
-            applied = apply_settings(alias, self.scenario.settings)
-            time.sleep(service.settings_cache_seconds + 0.2)  # every process now reads the new row
-            with receivers_for(self.scenario, self.settings.receiver_processes) as receivers:
-                measured = self.baselines(service, receivers)
-                raw = self.drive(service, alias, receivers)
-            if self.scenario.name == "stall":
-                raw.extra = {"stalled_receiver": phase_figures(raw, 0), "healthy_receiver": phase_figures(raw, 1)}
-            figures = summarize(raw)
-        finally:
-            restore_settings(alias, previous)
-            close_database(alias)
-            self.provider.stop(service)
+        self.say("starting")
+        context = StartContext(
+            workdir=self.settings.workdir / self.scenario.name,
+            receiver_processes=self.settings.receiver_processes,
+            local_service=self.provider.starts_service,
+        )
+        with started(self.scenario, context) as destinations:
+            service = self.provider.start(self.scenario.name, destinations.service_extras())
+            alias = open_database(service.database_url)
+            previous = current_settings(alias)
+            try:
+                applied = apply_settings(alias, self.scenario.settings)
+                time.sleep(service.settings_cache_seconds + 0.2)  # every process now reads the new row
+                measured = self.baselines(service, destinations)
+                raw = self.drive(service, alias, destinations)
+                raw.extra = {name: group_figures(raw, index) for name, index in self.scenario.groups.items()}
+                figures = summarize(raw)
+            finally:
+                restore_settings(alias, previous)
+                close_database(alias)
+                self.provider.stop(service)
         figures.update(
             title=self.scenario.title,
             load=[phase.describe() for phase in self.scenario.phases],
-            receivers={name: asdict(behaviour) for name, behaviour in self.scenario.receivers.items()},
+            receivers=self.described,
             settings=applied,
             baselines=measured,
             workers=self.settings.workers,
@@ -119,58 +129,59 @@ class ScenarioRun:
 
     # --- baselines ---------------------------------------------------------------------------
 
-    def baselines(self, service: Service, receivers: dict[str, Receiver]) -> dict[str, float]:
+    def baselines(self, service: Service, destinations: Destinations) -> dict[str, float]:
         measured: dict[str, float] = {}
         phase = self.scenario.phases[0]
         wanted = self.scenario.baselines
         if "healthz" in wanted:
-            self.say("baseline: GET /healthz")
+            self.say("baseline /healthz")
             seconds = min(phase.duration or self.settings.baseline_seconds, self.settings.baseline_seconds)
             measured["healthz_requests_per_second"] = baselines.healthz_requests_per_second(
                 service.url, phase.clients, seconds
             )
         if "plain" in wanted:
-            self.say("baseline: plain requests.Session loop")
-            url = receivers[phase.receiver].url("/data?key=k&value=v&foo=")
+            self.say("baseline plain client")
+            url = destinations.bases(phase.receiver)[0] + "/data?key=k&value=v&foo="
             measured["plain_client_requests_per_second"] = baselines.plain_client_requests_per_second(
                 url, self.settings.concurrency, self.settings.baseline_seconds / 2
             )
         if "rq" in wanted:
-            self.say("baseline: RQ no-op jobs")
+            self.say("baseline RQ no-op")
             measured["rq_noop_jobs_per_second"] = baselines.rq_noop_jobs_per_second(
                 service.redis_url, self.settings.workers, RQ_NOOP_JOBS
             )
+        if "receivers" in wanted and not self.settings.skip_ceiling:
+            self.say("receivers' ceiling")
+            measured.update(destinations.ceiling(min(3.0, self.settings.baseline_seconds)))
         return measured
 
     # --- the load and the wait -----------------------------------------------------------------
 
-    def drive(self, service: Service, alias: str, receivers: dict[str, Receiver]) -> RawRun:
+    def drive(self, service: Service, alias: str, destinations: Destinations) -> RawRun:
         redis = service.redis()
-        counters = new_counters()
-        monitor = Monitor(redis, AttemptLog(alias), counters, {**service.processes(), **self.receiver_pids(receivers)})
+        counters = [new_counters() for _ in self.scenario.phases]
+        processes = {**service.processes(), **destinations.pids()}
+        monitor = Monitor(redis, AttemptLog(alias), counters, processes, set(service.processes()))
+        monitor.in_flight = destinations.in_flight
         before = redis_stats(redis)
-        loads: list[LoadResult] = []
-        kill_at: float | None = None
-        started = time.time()
-        for phase in self.scenario.phases:
-            self.say(f"load: {phase.mode} loop → receiver {phase.receiver}")
-            generator = LoadProcess(
-                plan_for(phase, service, receivers[phase.receiver], self.settings.ingest_path), counters
-            )
-            while not generator.done():
-                monitor.tick()
-                kill_at = kill_at or self.maybe_kill(service, monitor, started)
-                self.show(monitor)
-                time.sleep(TICK_SECONDS)
-            loads.append(generator.result())
+        self.started = time.time()
+        plans = [plan_for(phase, service, destinations, self.settings.ingest_path) for phase in self.scenario.phases]
+        if self.scenario.together:
+            self.say("load")
+            loads = self.run_loads([LoadProcess(plan, counters[i]) for i, plan in enumerate(plans)], service, monitor)
+        else:
+            loads = []
+            for index, plan in enumerate(plans):
+                self.say(f"load {index + 1}/{len(plans)}" if len(plans) > 1 else "load")
+                loads += self.run_loads([LoadProcess(plan, counters[index])], service, monitor)
         started = min(load.started for load in loads)
         load_ended = max(load.ended for load in loads)
         ids = [pid for load in loads for _, _, _, batch in load.records for pid in batch]
         timed_out = self.wait_for_outcomes(monitor, ids)
-        monitor.poll_attempts()
+        monitor.finish()
+        self.described = destinations.describe()
         after = redis_stats(redis)
         ended = time.time()
-        receipts = {name: receiver.stop() for name, receiver in receivers.items()}
         return RawRun(
             name=self.scenario.name,
             started=started,
@@ -178,22 +189,43 @@ class ScenarioRun:
             ended=ended,
             wait_timed_out=timed_out,
             loads=loads,
-            receipts=receipts,
+            receipts=destinations.stop(),
             attempts=monitor.rows,
             final_seen_at=monitor.final_seen_at,
+            final_at=monitor.attempts.final_times(),
             redis_before=before,
             redis_after=after,
             rss=dict(monitor.rss),
+            cpu=monitor.cpu_seconds(),
+            service_processes=monitor.service_names(),
             samples=monitor.samples,
-            kill_at=kill_at,
+            kill_at=self.kill_at,
             exited=monitor.exited,
         )
 
+    def run_loads(self, generators: list[LoadProcess], service: Service, monitor: Monitor) -> list[LoadResult]:
+        """Watch the generators until every one has finished; their results in the same order."""
+        results: dict[int, LoadResult] = {}
+        try:
+            while len(results) < len(generators):
+                for index, generator in enumerate(generators):
+                    if index not in results and generator.done():
+                        results[index] = generator.result()
+                monitor.tick()
+                self.kill_at = self.kill_at or self.maybe_kill(service, monitor, self.started)
+                self.show(monitor)
+                time.sleep(TICK_SECONDS)
+        finally:
+            for generator in generators:
+                generator.kill()
+        return [results[index] for index in range(len(generators))]
+
     def wait_for_outcomes(self, monitor: Monitor, ids: list[str]) -> bool:
         """Poll until every accepted postback has a final outcome; True if max_wait ran out."""
-        self.say("waiting for every postback's final outcome")
+        self.say("waiting")
         self.progress.update(self.task, total=len(ids))
-        deadline = time.monotonic() + self.settings.max_wait
+        wait = self.settings.max_wait if self.settings.max_wait is not None else self.scenario.max_wait
+        deadline = time.monotonic() + wait
         while not monitor.all_final(ids):
             if time.monotonic() > deadline:
                 return True
@@ -213,16 +245,8 @@ class ScenarioRun:
             return None  # try again at the next tick, until one is mid-job
         os.kill(victims[0], signal.SIGKILL)
         monitor.forget(workers[victims[0]].name)
-        self.say(f"SIGKILL sent to {workers[victims[0]].name} (pid {victims[0]})")
+        self.say(f"killed {workers[victims[0]].name}")
         return time.time()
-
-    @staticmethod
-    def receiver_pids(receivers: dict[str, Receiver]) -> dict[str, int]:
-        return {
-            f"receiver-{name}/{index}": pid
-            for name, receiver in receivers.items()
-            for index, pid in enumerate(receiver.pids)
-        }
 
     # --- progress ----------------------------------------------------------------------------
 
@@ -232,7 +256,8 @@ class ScenarioRun:
         self.progress.update(self.task, completed=final, accepted=accepted, delivered=delivered, backlog=backlog)
 
     def say(self, message: str) -> None:
-        self.progress.update(self.task, description=f"{self.scenario.name}: {message}")
+        """A short word on what the scenario is doing (the progress line has little room)."""
+        self.progress.update(self.task, description=f"{self.scenario.name} {message}")
 
 
 def busy_worker_pids(service: Service) -> list[int]:

@@ -2,15 +2,19 @@
 apply, and which baselines are measured beside them. `all` is the list in `ALL_ORDER`.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from benchmark.destinations import DestinationSpec, Receivers, StallHosts
 from benchmark.receiver import Behaviour
+from benchmark.wild import WildHosts, WildOptions
 
-SCENARIOS = ("load", "loop", "flood", "fanout", "slow", "flaky", "stall", "kill")
+SCENARIOS = ("load", "loop", "flood", "fanout", "slow", "flaky", "stall", "kill", "wild", "stallmany")
 # `all`: `load` twice (closed loop for the ingest ratio, open loop at 100/s for end-to-end
 # latency); `kill` last, as it leaves a worker dead when the service is not the tool's own.
+# `wild` and `stallmany` are left out: each takes minutes (docs/benchmark.md).
 ALL_ORDER = ("load", "load-open", "loop", "flood", "fanout", "slow", "flaky", "stall", "kill")
 
 
@@ -24,9 +28,12 @@ class Phase:
     clients: int = 1
     duration: float | None = None
     requests: int | None = None
+    schedule: tuple[float, ...] | None = None  # open loop: seconds after the start of each send
 
     @property
     def mode(self) -> str:
+        if self.schedule is not None:
+            return "schedule"
         return "open" if self.rate else "closed"
 
     def describe(self) -> dict[str, Any]:
@@ -36,9 +43,9 @@ class Phase:
             "shape": "sample" if self.objects is None else f"{self.objects} objects",
             "mode": self.mode,
             "rate": self.rate,
-            "clients": None if self.rate else self.clients,
+            "clients": None if self.mode != "closed" else self.clients,
             "duration": self.duration,
-            "requests": self.requests,
+            "requests": len(self.schedule) if self.schedule is not None else self.requests,
         }
 
 
@@ -46,10 +53,14 @@ class Phase:
 class Scenario:
     name: str
     phases: tuple[Phase, ...]
-    receivers: dict[str, Behaviour] = field(default_factory=lambda: {"main": Behaviour()})
+    destinations: DestinationSpec = field(default_factory=Receivers)
+    together: bool = False  # phases run at once (else one after another)
+    # Figures for the postbacks of one phase alone: name -> phase index (e.g. the healthy receiver's).
+    groups: Mapping[str, int] = field(default_factory=dict)
     settings: Mapping[str, object] = field(default_factory=dict)
     kill_at: float | None = None  # seconds after the first send
-    baselines: tuple[str, ...] = ()  # "healthz", "plain", "rq"
+    baselines: tuple[str, ...] = ()  # "healthz", "plain", "rq", "receivers"
+    max_wait: float = 120.0  # seconds to wait after the load for every final outcome (--max-wait)
     title: str = ""
 
 
@@ -67,6 +78,11 @@ class Options:
     stall_for: float | None = None
     workers: int = 2
     concurrency: int = 16
+    wild: WildOptions = field(default_factory=WildOptions)
+    stall_hosts: int = 180
+    wave_hosts: int = 15
+    wave_seconds: float = 10.0
+    stall_objects: int = 12
 
 
 def pick(value: Any, default: Any) -> Any:
@@ -130,7 +146,7 @@ def slow(options: Options) -> Scenario:
     return Scenario(
         "slow",
         (phase,),
-        receivers={"main": Behaviour(latency_ms=latency)},
+        destinations=Receivers({"main": Behaviour(latency_ms=latency)}),
         settings={"max_in_flight_per_host": options.concurrency},
         title=f"receiver answers after {latency:g} ms",
     )
@@ -149,7 +165,7 @@ def flaky(options: Options) -> Scenario:
     return Scenario(
         "flaky",
         (phase,),
-        receivers={"main": Behaviour(error_rate=error_rate)},
+        destinations=Receivers({"main": Behaviour(error_rate=error_rate)}),
         settings=retries,
         title=f"receiver answers 503 to {error_rate:.0%} of requests",
     )
@@ -160,7 +176,7 @@ def stall(options: Options) -> Scenario:
     stall_for = pick(options.stall_for, 30.0)
     stalled = Phase(receiver="stalled", objects=100, clients=1, requests=3)
     healthy = Phase(receiver="healthy", rate=pick(options.rate, 20.0), duration=pick(options.duration, 15.0))
-    receivers = {"stalled": Behaviour(stall=True, stall_for=stall_for), "healthy": Behaviour()}
+    receivers = Receivers({"stalled": Behaviour(stall=True, stall_for=stall_for), "healthy": Behaviour()})
     # The issue's setting: short timeouts, retries soon enough to end the run after the stall.
     timeouts = {
         "connect_timeout_seconds": 1,
@@ -174,7 +190,8 @@ def stall(options: Options) -> Scenario:
     return Scenario(
         "stall",
         (stalled, healthy),
-        receivers=receivers,
+        destinations=receivers,
+        groups={"stalled_receiver": 0, "healthy_receiver": 1},
         settings=timeouts,
         title=f"300 postbacks to a receiver stalled for {stall_for:g} s, then a healthy one",
     )
@@ -185,9 +202,91 @@ def kill(options: Options) -> Scenario:
     return Scenario(
         "kill",
         (phase,),
-        receivers={"main": Behaviour(latency_ms=pick(options.latency_ms, 100.0))},
+        destinations=Receivers({"main": Behaviour(latency_ms=pick(options.latency_ms, 100.0))}),
         kill_at=5.0,
         title="SIGKILL to a busy worker 5 s in, no replacement",
+    )
+
+
+# `wild`: every postback must reach a final outcome within the wait, those for dead hosts too.
+# Retries come soon (the 1 % of 503s); a loopback connection takes microseconds, so 2 s covers a
+# TLS handshake under load; reads wait 5 s, above the slowest host's latency (capped at 4 s).
+# A dead host's circuit opens after 10 failures and its last tries go out one probe at a time,
+# after 1 s, then 2 s (admin's shortest wait): so dead hosts get one request each, not a stream.
+WILD_SETTINGS = {
+    "max_attempts": 3,
+    "backoff_base_seconds": 0.2,
+    "backoff_factor": 2,
+    "backoff_max_seconds": 1,
+    "connect_timeout_seconds": 2,
+    "read_timeout_seconds": 5,
+    "total_timeout_seconds": 8,
+    "circuit_open_seconds": 1,
+}
+WILD_OBJECTS = 10  # data objects a request (each request goes to one host)
+DEAD_HOST_OBJECTS = 4  # x 3 attempts = 12 tries: its circuit opens at the 10th
+
+
+def wild(options: Options) -> Scenario:
+    """Postbacks spread over many hosts, as in the world (benchmark/wild.py)."""
+    postbacks_per_second = pick(options.rate, 4000.0)
+    objects = pick(options.objects, WILD_OBJECTS)
+    live = Phase(
+        receiver="live",
+        objects=objects,
+        rate=postbacks_per_second / objects,
+        duration=pick(options.duration, 30.0),
+        requests=options.requests,
+    )
+    world = options.wild
+    phases = [live]
+    dead = world.refusing_hosts + world.silent_hosts
+    if dead:
+        phases.append(Phase(receiver="dead", objects=DEAD_HOST_OBJECTS, requests=dead))
+    return Scenario(
+        "wild",
+        tuple(phases),
+        destinations=WildHosts(world),
+        together=True,
+        groups={"dead_hosts": 1} if len(phases) > 1 else {},
+        settings=WILD_SETTINGS,
+        baselines=("receivers",),
+        title=f"{postbacks_per_second:,.0f} postbacks/s over {world.hosts:,} hosts, as in the world",
+    )
+
+
+def waves(hosts: int, per_wave: int, every: float) -> tuple[float, ...]:
+    """Send offsets: `per_wave` sends at 0 s, as many `every` seconds later, ... `hosts` in all."""
+    return tuple(every * (index // per_wave) for index in range(hosts))
+
+
+# `stallmany`: the product's default timeouts (a stalled request holds its connection for the
+# 10 s read timeout, as it would in production), one try per postback, and circuits that wait
+# admin's shortest second: a stalled host's 12 postbacks are final within about a minute.
+STALLMANY_SETTINGS = {"max_attempts": 1, "circuit_open_seconds": 1}
+
+
+def stallmany(options: Options) -> Scenario:
+    """Waves of requests to hosts that never answer, beside a steady healthy stream."""
+    schedule = waves(options.stall_hosts, options.wave_hosts, options.wave_seconds)
+    seconds = options.wave_seconds * math.ceil(options.stall_hosts / max(1, options.wave_hosts))
+    stalled = Phase(receiver="stalled", objects=options.stall_objects, schedule=schedule)
+    rate, duration = pick(options.rate, 2.0), pick(options.duration, seconds)
+    healthy = Phase(receiver="healthy", objects=1, rate=rate, duration=duration)
+    return Scenario(
+        "stallmany",
+        (stalled, healthy),
+        destinations=StallHosts(options.stall_hosts),
+        together=True,
+        groups={"stalled_hosts": 0, "healthy_receiver": 1},
+        settings=STALLMANY_SETTINGS,
+        # A stalled host's 12 tries hold a connection 10 s each; an engine with 128 connections
+        # in all (2 workers x 64) needs about 170 s for 180 hosts' worth, beyond the 2 minutes of waves.
+        max_wait=300.0,
+        title=(
+            f"{options.stall_hosts} hosts that never answer, {options.wave_hosts} more every "
+            f"{options.wave_seconds:g} s, beside a healthy receiver"
+        ),
     )
 
 
@@ -202,6 +301,8 @@ def build(name: str, options: Options) -> list[Scenario]:
         "flaky": lambda: flaky(options),
         "stall": lambda: stall(options),
         "kill": lambda: kill(options),
+        "wild": lambda: wild(options),
+        "stallmany": lambda: stallmany(options),
     }
     if name == "all":
         # Each scenario keeps its own load shape in `all`: one --duration would not suit them all.

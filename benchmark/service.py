@@ -8,6 +8,7 @@ settings read from the database at most a second stale.
 """
 
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -30,6 +31,15 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 STOP_GRACE_SECONDS = 10.0
 ReadyCheck = Callable[[], bool]
 WORKERS_KEY = "rq:workers:{queue}"  # RQ's set of the workers listening on a queue
+
+
+def raise_open_files_limit() -> None:
+    """As many open files as the machine allows, for this process and those it starts: the
+    receivers of `wild` hold a listening socket per host and a connection per request in flight,
+    and the workers thousands of connections (1,024, a common default, is far too few)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def free_port() -> int:
@@ -94,6 +104,16 @@ def stop_all(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> None:
         except subprocess.TimeoutExpired:
             child.popen.kill()
             child.popen.wait()
+
+
+@dataclass(frozen=True)
+class ServiceExtras:
+    """What a scenario's receivers need of the service: environment variables for every process
+    (e.g. DELIVERY_CA_BUNDLE) and a prefix for the workers' command (a private mount namespace
+    with the run's own resolv.conf)."""
+
+    environment: dict[str, str] = field(default_factory=dict)
+    worker_prefix: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -212,8 +232,11 @@ class LocalService:
             env["DELIVERY_CONCURRENCY"] = str(self.options.concurrency)
         return env
 
-    def start(self, name: str) -> Service:
+    starts_service = True
+
+    def start(self, name: str, extras: ServiceExtras | None = None) -> Service:
         """A fresh Redis, a fresh copy of the database, gunicorn and the workers."""
+        extras = extras or ServiceExtras()
         scratch = self.workdir / name
         logs = scratch / "logs"
         logs.mkdir(parents=True)
@@ -222,7 +245,7 @@ class LocalService:
             redis_url, redis_child = self.start_redis(scratch, logs)
             children.append(redis_child)
             database_url = self.scenario_database(scratch)
-            env = self.base_env(database_url, redis_url)
+            env = {**self.base_env(database_url, redis_url), **extras.environment}
             web_port = free_port()
             web_env = {
                 **env,
@@ -239,7 +262,8 @@ class LocalService:
             ]
             children.append(spawn("web", gunicorn, web_env, logs))
             for number in range(1, self.options.workers + 1):
-                worker = [sys.executable, "manage.py", "rqworker", settings.POSTBACK_QUEUE, "--with-scheduler"]
+                rqworker = [sys.executable, "manage.py", "rqworker", settings.POSTBACK_QUEUE, "--with-scheduler"]
+                worker = [*extras.worker_prefix, *rqworker]
                 children.append(spawn(f"worker{number}", worker, env, logs))
             service = Service(
                 url=f"http://127.0.0.1:{web_port}",

@@ -1,4 +1,5 @@
-"""The issue's targets, judged from the figures of the scenarios that ran."""
+"""The performance targets, judged from the figures of the scenarios that ran (where each comes
+from: docs/benchmark.md, "Targets")."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,6 +142,62 @@ def kill_target(figures: Figures) -> Verdict:
     )
 
 
+def _offered(figures: Figures) -> str:
+    """The `wild` load as offered, in postbacks/s."""
+    live = figures["load"][0]
+    return f"{(live['rate'] or 0) * live['objects_per_request']:,.0f}/s offered"
+
+
+def wild_delivered_target(figures: Figures) -> Verdict:
+    share = figures["delivery"]["delivered_while_sending_ratio"]
+    return Verdict(
+        "wild",
+        f"delivered while sending >= 0.95 x accepted, at {_offered(figures)}",
+        f"{_fmt(share)} x accepted",
+        None if share is None else share >= 0.95,
+    )
+
+
+def wild_latency_target(figures: Figures) -> Verdict:
+    """End-to-end to the answer, against the latency the receivers themselves added."""
+    ours = figures["delivery"]["end_to_end_answered_ms"]["p99"]
+    theirs = figures["delivery"]["receiver_latency_ms"]["p99"]
+    met = None if ours is None or theirs is None else ours <= theirs + 1000
+    return Verdict(
+        "wild",
+        "end-to-end p99 (202 to answer) <= receivers' own p99 + 1 s",
+        f"{_fmt(ours, 0)} ms; receivers {_fmt(theirs, 0)} ms",
+        met,
+    )
+
+
+def lost_target(figures: Figures) -> Verdict:
+    lost = figures["delivery"]["lost"]
+    return Verdict(figures["scenario"], "lost = 0 (every postback final)", f"{lost} lost", lost == 0)
+
+
+def stallmany_healthy_target(figures: Figures) -> Verdict:
+    e2e = figures["healthy_receiver"]["end_to_end_ms"]
+    return Verdict(
+        "stallmany",
+        "healthy receiver's end-to-end p99 < 1 s",
+        f"p99 {_fmt(e2e['p99'], 0)} ms, max {_fmt(e2e['max'], 0)} ms",
+        None if e2e["p99"] is None else e2e["p99"] < 1000,
+    )
+
+
+def stallmany_final_target(figures: Figures) -> Verdict:
+    stalled, healthy = figures["stalled_hosts"], figures["healthy_receiver"]
+    unfinished = stalled["without_final_outcome"] + healthy["without_final_outcome"]
+    return Verdict(
+        "stallmany",
+        "every postback final, the stalled hosts' too",
+        f"{stalled['accepted'] - stalled['without_final_outcome']:,} of {stalled['accepted']:,} stalled, "
+        f"{healthy['accepted'] - healthy['without_final_outcome']:,} of {healthy['accepted']:,} healthy",
+        unfinished == 0 and stalled["accepted"] > 0,
+    )
+
+
 def _closed_sample_load(figures: Figures) -> bool:
     return bool(figures["scenario"] == "load")
 
@@ -160,6 +217,11 @@ CHECKS: list[tuple[Callable[[Figures], bool], Callable[[Figures], Verdict]]] = [
     (lambda f: f["scenario"] == "fanout", redis_fanout_target),
     (lambda f: f["scenario"] == "stall", stall_target),
     (lambda f: f["scenario"] == "kill", kill_target),
+    (lambda f: f["scenario"] == "wild", wild_delivered_target),
+    (lambda f: f["scenario"] == "wild", wild_latency_target),
+    (lambda f: f["scenario"] == "wild", lost_target),
+    (lambda f: f["scenario"] == "stallmany", stallmany_healthy_target),
+    (lambda f: f["scenario"] == "stallmany", stallmany_final_target),
 ]
 
 

@@ -3,6 +3,7 @@
 #
 #   deploy/benchmark.sh all --json var/benchmark.json --plot var/benchmark.png
 #   deploy/benchmark.sh loop --duration 30
+#   deploy/benchmark.sh wild --json var/wild.json --plot var/wild.png
 #
 # The tool starts its own Redis, gunicorn, RQ workers and receivers on free loopback ports
 # and stops them at the end: the local run (deploy/run-local.sh) need not be running, and is
@@ -16,7 +17,10 @@ cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 . deploy/lib.sh
 
 command -v redis-server >/dev/null || apt_install redis-server
-ensure_venv requirements.txt
+# `wild` starts the workers in a mount namespace of their own, with the run's resolv.conf over
+# /etc/resolv.conf (as root; without root it runs every host by address and says so).
+command -v unshare >/dev/null || apt_install util-linux
+ensure_venv requirements.txt   # trustme and dnslib for `wild` come with it
 
 # The tool's own process loads the settings, which want a SECRET_KEY; it signs nothing. The
 # services it starts get random keys of their own.
