@@ -269,8 +269,9 @@ class Drainer:
 
     def _hold_limit(self, config: DeliverySettings) -> int:
         """Postbacks read ahead of sending: enough to keep every connection busy and hosts
-        that stall from blocking others, bounded so memory is."""
-        return max(16 * self.engine.concurrency, 4 * config.batch_size)
+        that stall from blocking others, bounded so memory is, and no more than this drainer
+        can start soon: what it leaves in the stream, other drainers read."""
+        return max(4 * self.engine.concurrency, 4 * config.batch_size)
 
     def _read(self, config: DeliverySettings) -> int:
         room = self._hold_limit(config) - self.engine.waiting - self.engine.in_flight
@@ -311,7 +312,15 @@ class Drainer:
         self.intake.retry_unchecked(config)
         if self._has_room(config):
             self.intake.take_over_orphans(config)
+        if self._saturated():
+            self.lease.recruit()
         self.settler.tell_circuits(config, {})
+
+    def _saturated(self) -> bool:
+        """Every connection busy and work waiting to start: another worker's drainer would
+        deliver some of it now (the lease allows one drainer per worker at most). Full reads
+        recruit too, but slow receivers fill the connections long before reads come back full."""
+        return self.engine.in_flight >= self.engine.concurrency and self.engine.waiting > 0
 
     def _give_back_unsent(self) -> None:
         """Stop sending: tries not yet started stay pending in their entries for a successor."""

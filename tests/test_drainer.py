@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 from delivery import drain
 from delivery.circuit import Circuits
@@ -174,3 +175,19 @@ def test_deferred_tries_are_due_when_the_circuit_lets_them_by_redis_clock():
     for pid in deferred:
         due: Any = get_connection().zscore(keys.DUE, pid)
         assert due is not None and until - 1_000 <= due <= until + 10_000 + 1_000  # spread up to 10 s
+
+
+def test_a_drainer_with_every_connection_busy_and_work_waiting_recruits_a_colleague():
+    """Slow receivers fill the connections long before reads come back full: a drainer whose
+    slots are all taken, with postbacks waiting to start, asks for another worker's help."""
+    get_connection().sadd(keys.queue_workers(settings.POSTBACK_QUEUE), "worker-1", "worker-2")  # two listen
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(200, after=5.0))
+    add_request([f"http://slow.example/{n}" for n in range(20)])
+    drainer = a_drainer(transport, clock)  # 8 connections
+
+    drainer.run()
+
+    [colleague] = get_queue().jobs
+    assert colleague.id != "drain-test"
+    assert get_connection().zscore(keys.LEASES, colleague.id) is not None
