@@ -2,8 +2,9 @@
 
 - ingest: GET /healthz on the same gunicorn with the scenario's load shape (the fastest a
   Django response can be on these processes);
-- delivery: a plain `requests.Session` loop, DELIVERY_CONCURRENCY threads, one process,
-  against the same receiver (what a simple client gets out of the same machine);
+- delivery: a plain `requests.Session` loop, PLAIN_CLIENT_THREADS threads (or fewer, with a
+  lower DELIVERY_CONCURRENCY), one process, against the same receiver (what a simple client
+  gets out of the same machine);
 - queue: no-op jobs through as many stock `rq.SimpleWorker` processes as the service has
   workers, on a scratch queue of the same Redis (RQ's fixed cost per job).
 """
@@ -25,6 +26,10 @@ from benchmark.loadgen import Generator, LoadPlan, LoadResult
 from benchmark.metrics import cpu_seconds
 from benchmark.receiver import Listener, Receiver
 from benchmark.service import BASE_DIR, free_port
+
+# Threads of the plain client: past a few dozen they only fight over the GIL (a thousand run
+# slower than 64), and a baseline slowed that way would flatter the ratio.
+PLAIN_CLIENT_THREADS = 64
 
 NOOP_QUEUE = "benchmark-noop"
 NOOP_JOB = "benchmark.noop.noop"

@@ -143,7 +143,7 @@ class ScenarioRun:
             self.say("baseline plain client")
             url = destinations.bases(phase.receiver)[0] + "/data?key=k&value=v&foo="
             measured["plain_client_requests_per_second"] = baselines.plain_client_requests_per_second(
-                url, self.settings.concurrency, self.settings.baseline_seconds / 2
+                url, min(self.settings.concurrency, baselines.PLAIN_CLIENT_THREADS), self.settings.baseline_seconds / 2
             )
         if "rq" in wanted:
             self.say("baseline RQ no-op")

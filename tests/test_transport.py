@@ -253,8 +253,17 @@ class HoldingServer:
         self.loop.call_soon_threadsafe(self.released.set)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop)
         self.thread.join(10)
+        self.loop.close()
+
+    async def _stop(self) -> None:
+        """Cancel the requests still held (their clients are gone), then stop the loop."""
+        held = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        self.loop.stop()
 
 
 def test_more_requests_than_select_could_watch_are_in_flight_at_once():
