@@ -22,6 +22,7 @@ not even a TCP SYN, to any other address.
 
 import codecs
 import ipaddress
+import math
 import os
 import select
 import socket
@@ -46,6 +47,9 @@ DRAIN_MAX_BYTES = 64 * 1024
 # Idle connections kept open for reuse, per worker process, beyond those in use: libcurl's
 # connection cache counts both, and closes the oldest idle one when it is full.
 IDLE_CONNECTIONS = 512
+# Requests per libcurl multi handle (`_Shard`): each has its own connection cache, which
+# libcurl searches one connection at a time.
+CONNECTIONS_PER_SHARD = 128
 # How long a resolved name is used before it is looked up again.
 DNS_CACHE_SECONDS = 60
 
@@ -184,14 +188,18 @@ class _Slot:
         "received",
         "request",
         "seen",
+        "shard",
         "started",
         "timeouts",
         "token",
         "too_long",
     )
 
-    def __init__(self, allowed: tuple[IPNetwork, ...], ca_bundle: str) -> None:
+    def __init__(
+        self, allowed: tuple[IPNetwork, ...], ca_bundle: str, share: pycurl.CurlShare, shard: "_Shard"
+    ) -> None:
         self.allowed = allowed
+        self.shard = shard  # the multi handle it is added to, for good
         self.generation = 0
         self.live = False  # True while a request is in flight on it
         self.custom_method: str | None = None  # the CUSTOMREQUEST the handle is set to
@@ -199,10 +207,11 @@ class _Slot:
         self.header_lines: list[bytes] = []  # cleared per request, never replaced: bound below
         self.body: list[bytes] = []
         self.handle = pycurl.Curl()
-        self._set_fixed_options(ca_bundle)
+        self._set_fixed_options(ca_bundle, share)
 
-    def _set_fixed_options(self, ca_bundle: str) -> None:
+    def _set_fixed_options(self, ca_bundle: str, share: pycurl.CurlShare) -> None:
         handle = self.handle
+        handle.setopt(pycurl.SHARE, share)
         handle.setopt(pycurl.PATH_AS_IS, 1)  # send the path as given: no dot-segment squashing
         handle.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         handle.setopt(pycurl.PROXY, "")  # no proxy from the environment
@@ -357,28 +366,66 @@ def is_live(deadline: _Deadline) -> bool:
     return slot.live and slot.generation == generation
 
 
-class Transport:
-    """Requests in flight on a libcurl multi handle, driven by `poll()` from one thread."""
+class _Shard:
+    """One libcurl multi handle, with its own connection cache.
 
-    def __init__(
-        self,
-        allowed_networks: tuple[IPNetwork, ...],
-        ca_bundle: str = "",
-        connections: int = 64 + IDLE_CONNECTIONS,
-    ) -> None:
+    To find an idle connection for a request, libcurl looks through the connections it has to
+    that host one by one: with 2,000 connections to one slow receiver that search cost more
+    than the rest of a request. The transport therefore spreads its handles over several
+    multi handles of at most CONNECTIONS_PER_SHARD requests each; a host's connections spread
+    with them, and each search covers one shard's share.
+    """
+
+    def __init__(self, transport: "Transport", connections: int) -> None:
+        self.transport = transport
+        self.due: float | None = None  # when libcurl's next timer for this shard falls
+        self.moved = False  # libcurl ran on this shard since its finished requests were read
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_MAXCONNECTS, connections)
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self.watch_socket)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self.set_timer)
+
+    def watch_socket(self, what: int, fd: int, multi: object, socket_data: object) -> None:
+        """libcurl's socket callback: start, change or stop watching one socket."""
+        self.transport.watch_socket(self, what, fd)
+
+    def set_timer(self, timeout_ms: int) -> None:
+        """libcurl's timer callback: when to call socket_action(SOCKET_TIMEOUT) (-1: never)."""
+        self.due = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+
+    def act(self, fd: int, flags: int) -> None:
+        self.moved = True
+        self.multi.socket_action(fd, flags)
+
+    def run_timer(self, now: float) -> None:
+        if self.due is not None and now >= self.due:
+            self.due = None  # libcurl sets its next one from inside socket_action
+            self.act(pycurl.SOCKET_TIMEOUT, 0)
+
+
+def shard_count(concurrency: int) -> int:
+    return max(1, math.ceil(concurrency / CONNECTIONS_PER_SHARD))
+
+
+class Transport:
+    """Requests in flight on libcurl multi handles (`_Shard`), driven by `poll()` from one
+    thread; `concurrency` is how many the caller keeps in flight at most."""
+
+    def __init__(self, allowed_networks: tuple[IPNetwork, ...], ca_bundle: str = "", concurrency: int = 64) -> None:
         self._allowed = allowed_networks
         self._ca_bundle = ca_bundle or certifi.where()
         self._epoll = select.epoll()
-        self._watched: dict[int, int] = {}  # descriptor -> epoll events wanted
-        self._curl_due: float | None = None  # when libcurl's own next timer falls (monotonic)
+        self._watched: dict[int, tuple[_Shard, int]] = {}  # descriptor -> its shard, epoll events
         self._read_deadlines: Deadlines[_Deadline] = Deadlines()
-        self._multi = pycurl.CurlMulti()
-        self._multi.setopt(pycurl.M_MAXCONNECTS, connections)
-        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._watch_socket)
-        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._set_curl_timer)
-        # The multi handle's DNS cache and TLS session cache serve all its handles: a new
-        # connection to a host resumes an earlier connection's session (an abbreviated
-        # handshake; tests/test_transport.py checks it at the receiver).
+        count = shard_count(concurrency)
+        self._shards = [_Shard(self, math.ceil(connection_cache_size(concurrency) / count)) for _ in range(count)]
+        # DNS answers and TLS sessions shared by every handle of every shard: a new connection
+        # to a host resumes an earlier connection's session (an abbreviated handshake;
+        # tests/test_transport.py checks it at the receiver), and a name is looked up once.
+        self._share = pycurl.CurlShare()
+        self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_DNS)
+        self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_SSL_SESSION)
+        self._slots = 0  # made so far: the next one goes to shard (slots % shards)
         self._idle: list[_Slot] = []
         self._active: dict[pycurl.Curl, _Slot] = {}
         self._timed_out: list[_Slot] = []
@@ -389,21 +436,24 @@ class Transport:
 
     def start(self, request: Request, limits: Limits, token: object) -> None:
         """Begin sending; the outcome comes back from poll() with the token."""
-        slot = self._idle.pop() if self._idle else _Slot(self._allowed, self._ca_bundle)
+        slot = self._idle.pop() if self._idle else self._new_slot()
         slot.load(request, limits, token)
         self._active[slot.handle] = slot
         self._read_deadlines.add(slot.started + limits.read_timeout, (slot, slot.generation))
-        self._multi.add_handle(slot.handle)  # libcurl asks, through its timer, to be run at once
+        slot.shard.multi.add_handle(slot.handle)  # libcurl asks, through its timer, to run at once
 
     def poll(self, timeout: float) -> list[tuple[object, Response]]:
         """Wait up to timeout for a socket or a timer, move on what is ready; return the
         requests that finished."""
         if not self._active:
             return []
+        watched = self._watched
         for fd, events in self._epoll.poll(self._wait_seconds(timeout)):
-            self._multi.socket_action(fd, _CURL_FLAGS[events & 31])
-        self._run_curl_timer()
-        self._expire_silent_requests()
+            watched[fd][0].act(fd, _CURL_FLAGS[events & 31])
+        now = time.monotonic()
+        for shard in self._shards:
+            shard.run_timer(now)
+        self._expire_silent_requests(now)
         return self._collect()
 
     def abandon(self) -> None:
@@ -412,15 +462,22 @@ class Transport:
             self._release(handle)
 
     def close(self) -> None:
-        for handle in list(self._active):
-            self._multi.remove_handle(handle)
+        for slot in self._active.values():
+            slot.shard.multi.remove_handle(slot.handle)
         for slot in [*self._active.values(), *self._idle]:
             slot.handle.close()
         self._active.clear()
         self._idle.clear()
         self._read_deadlines.clear()
-        self._multi.close()
+        for shard in self._shards:
+            shard.multi.close()
+        self._share.close()
         self._epoll.close()
+
+    def _new_slot(self) -> _Slot:
+        slot = _Slot(self._allowed, self._ca_bundle, self._share, self._shards[self._slots % len(self._shards)])
+        self._slots += 1
+        return slot
 
     # --- the event loop ------------------------------------------------------------------
 
@@ -428,13 +485,16 @@ class Transport:
         """Up to timeout, but no later than the next timer (libcurl's or a read deadline)."""
         wait = timeout
         now = time.monotonic()
-        for due in (self._curl_due, self._read_deadlines.next_due()):
-            if due is not None:
-                wait = min(wait, due - now)
+        for shard in self._shards:
+            if shard.due is not None:
+                wait = min(wait, shard.due - now)
+        due = self._read_deadlines.next_due()
+        if due is not None:
+            wait = min(wait, due - now)
         return max(0.0, wait)
 
-    def _watch_socket(self, what: int, fd: int, multi: object, socket_data: object) -> None:
-        """libcurl's socket callback: start, change or stop watching one socket."""
+    def watch_socket(self, shard: _Shard, what: int, fd: int) -> None:
+        """A shard's socket callback: start, change or stop watching one socket."""
         if what == pycurl.POLL_REMOVE:
             if self._watched.pop(fd, None) is not None:
                 self._epoll.unregister(fd)
@@ -447,22 +507,12 @@ class Transport:
                 self._epoll.register(fd, events)
         else:
             self._epoll.register(fd, events)
-        self._watched[fd] = events
+        self._watched[fd] = (shard, events)
 
-    def _set_curl_timer(self, timeout_ms: int) -> None:
-        """libcurl's timer callback: when to call socket_action(SOCKET_TIMEOUT) (-1: never)."""
-        self._curl_due = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
-
-    def _run_curl_timer(self) -> None:
-        if self._curl_due is not None and time.monotonic() >= self._curl_due:
-            self._curl_due = None  # libcurl sets its next one from inside socket_action
-            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-
-    def _expire_silent_requests(self) -> None:
+    def _expire_silent_requests(self, now: float) -> None:
         """Read timeouts: libcurl has a total timeout but no per-read one; a receiver that
         answers nothing, or stops mid-reply, is cut off here. Only the deadlines that fell are
         looked at; one that moved (bytes came) goes back in the heap with its new time."""
-        now = time.monotonic()
         for slot, generation in self._read_deadlines.pop_due(now, is_live):
             due = slot.read_deadline(now)
             if due is None:
@@ -477,8 +527,15 @@ class Transport:
             self._release(slot.handle)
             finished.append((slot.token, failure(slot, "read timeout", transient=True)))
         self._timed_out.clear()
+        for shard in self._shards:
+            if shard.moved:
+                shard.moved = False
+                self._collect_from(shard, finished)
+        return finished
+
+    def _collect_from(self, shard: _Shard, finished: list[tuple[object, Response]]) -> None:
         while True:
-            queued, succeeded, failed = self._multi.info_read()
+            queued, succeeded, failed = shard.multi.info_read()
             for handle in succeeded:
                 slot = self._release(handle)
                 finished.append((slot.token, response_of(slot)))
@@ -486,12 +543,12 @@ class Transport:
                 slot = self._release(handle)
                 finished.append((slot.token, error_response(slot, code, message)))
             if not queued:
-                return finished
+                return
 
     def _release(self, handle: pycurl.Curl) -> _Slot:
         slot = self._active.pop(handle)
         slot.live = False
-        self._multi.remove_handle(handle)
+        slot.shard.multi.remove_handle(handle)
         self._idle.append(slot)
         return slot
 
@@ -533,7 +590,7 @@ def process_transport() -> Transport:
     return Transport(
         parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS),
         settings.DELIVERY_CA_BUNDLE,
-        connection_cache_size(settings.DELIVERY_CONCURRENCY),
+        settings.DELIVERY_CONCURRENCY,
     )
 
 

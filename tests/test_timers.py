@@ -4,7 +4,7 @@ arithmetic, without a receiver."""
 import pycurl
 
 from delivery.timers import Deadlines
-from delivery.transport import Limits, Request, _Slot
+from delivery.transport import Limits, Request, Transport, _Slot
 
 
 def test_the_earliest_deadline_is_known_without_looking_at_the_rest():
@@ -64,7 +64,7 @@ LIMITS = Limits(connect_timeout=5, read_timeout=10, total_timeout=60, body_max_b
 
 
 def slot_started_at(started: float) -> tuple[_Slot, FakeHandle]:
-    slot = _Slot((), "")
+    slot = Transport(())._new_slot()
     slot.load(Request("p", 1, "GET", "http://127.0.0.1/", None), LIMITS, token=None)
     slot.started = slot.looked_at = started
     handle = FakeHandle()

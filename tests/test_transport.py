@@ -19,7 +19,16 @@ from datetime import UTC, datetime
 import pytest
 import trustme
 
-from delivery.transport import Limits, Request, Response, Transport, _Slot, is_allowed_address, parse_retry_after
+from delivery.transport import (
+    CONNECTIONS_PER_SHARD,
+    Limits,
+    Request,
+    Response,
+    Transport,
+    _Slot,
+    is_allowed_address,
+    parse_retry_after,
+)
 from postbackproject.settings import BASE_DIR
 from tests.conftest import Receiver, Reply, wait_until
 
@@ -167,10 +176,10 @@ def test_a_certificate_for_another_name_fails_for_good(ca_bundle, authority):
 
 def test_tls_sessions_are_resumed_on_new_connections(https_receiver, ca_bundle):
     """A receiver that closes each connection makes every request a new one. After one full
-    handshake, later ones resume its session, also on handles that never connected before:
-    two requests at once take two handles."""
+    handshake, later ones resume its session, also on handles that never connected before and
+    belong to another multi handle: two requests at once take two handles, in two shards."""
     https_receiver.default = Reply(headers={"Connection": "close"})
-    transport = Transport(tuple(ALLOW_LOOPBACK), ca_bundle)
+    transport = Transport(tuple(ALLOW_LOOPBACK), ca_bundle, concurrency=2 * CONNECTIONS_PER_SHARD)
     try:
         deliver(transport, [get(https_receiver.url("/first"))])
         deliver(transport, [get(https_receiver.url("/second")), get(https_receiver.url("/third"))])
@@ -275,7 +284,7 @@ def test_more_requests_than_select_could_watch_are_in_flight_at_once():
         pytest.skip(f"needs {3 * count} open files (client and server ends here); the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 3 * count), hard))
     server = HoldingServer()
-    transport = Transport(tuple(ALLOW_LOOPBACK), connections=count)
+    transport = Transport(tuple(ALLOW_LOOPBACK), concurrency=count)
     try:
         for index in range(count):
             transport.start(get(f"http://127.0.0.1:{server.port}/{index}", str(index)), LIMITS, token=index)
