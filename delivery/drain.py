@@ -31,6 +31,7 @@ from django.db import DatabaseError
 from redis import Redis
 from redis.exceptions import ResponseError
 
+from delivery import collector
 from delivery.circuit import Circuits, process_circuits
 from delivery.clock import Clock
 from delivery.engine import Engine, Work, refused_try
@@ -51,6 +52,8 @@ HOUSEKEEPING_SECONDS = 1.0
 IDLE_BLOCK_MS = 200
 # After a read that emptied the stream, the next waits this long while requests are out.
 READ_PAUSE_SECONDS = 0.003
+# A drainer asks for a colleague at most this often.
+RECRUIT_PAUSE_SECONDS = 1.0
 # Longest a turn of the loop waits for replies.
 POLL_SECONDS = 0.005
 # An entry read by this many drainers that all died or failed is set aside, not read again.
@@ -183,6 +186,7 @@ class Drainer:
         self.settler = Settler(connection, engine, circuits, clock, self.counts)
         self.intake = Intake(drainer_id, connection, engine, self.settler, self.lease)
         self.next_read_at = 0.0
+        self.next_recruit_at = 0.0
         self.stop_seen_at = 0.0
 
     @classmethod
@@ -271,7 +275,7 @@ class Drainer:
         """Postbacks read ahead of sending: enough to keep every connection busy and hosts
         that stall from blocking others, bounded so memory is, and no more than this drainer
         can start soon: what it leaves in the stream, other drainers read."""
-        return max(4 * self.engine.concurrency, 4 * config.batch_size)
+        return max(2 * self.engine.concurrency, 4 * config.batch_size)
 
     def _read(self, config: DeliverySettings) -> int:
         room = self._hold_limit(config) - self.engine.waiting - self.engine.in_flight
@@ -282,9 +286,17 @@ class Drainer:
         self.next_read_at = self.clock.monotonic() + (READ_PAUSE_SECONDS if len(entries) < count else 0)
         if entries:
             self.intake.accept(entries, config, reclaimed=False)
-            if len(entries) == count:
-                self.lease.recruit()
+            if len(entries) == count or self._needs_help():
+                self._recruit()
         return len(entries)
+
+    def _recruit(self) -> None:
+        """Ask for a colleague, at most once a RECRUIT_PAUSE_SECONDS (each ask is a script call;
+        the lease refuses once every worker has a drainer)."""
+        now = self.clock.monotonic()
+        if now >= self.next_recruit_at:
+            self.next_recruit_at = now + RECRUIT_PAUSE_SECONDS
+            self.lease.recruit()
 
     def _settle(self, config: DeliverySettings) -> None:
         self.settler.settle(config, wait=lambda seconds: self._wait_for_database(seconds, config))
@@ -303,6 +315,7 @@ class Drainer:
                     self.clock.sleep(max(0.0, end - self.clock.monotonic()))
 
     def _housekeeping(self, config: DeliverySettings) -> None:
+        collector.collect_when_due()
         self.lease.renew()
         inbox.sweep()
         try:
@@ -312,15 +325,18 @@ class Drainer:
         self.intake.retry_unchecked(config)
         if self._has_room(config):
             self.intake.take_over_orphans(config)
-        if self._saturated():
-            self.lease.recruit()
+        if self._needs_help():
+            self._recruit()
         self.settler.tell_circuits(config, {})
 
-    def _saturated(self) -> bool:
-        """Every connection busy and work waiting to start: another worker's drainer would
-        deliver some of it now (the lease allows one drainer per worker at most). Full reads
-        recruit too, but slow receivers fill the connections long before reads come back full."""
-        return self.engine.in_flight >= self.engine.concurrency and self.engine.waiting > 0
+    def _needs_help(self) -> bool:
+        """Every connection busy with work waiting, or a round of connections' worth waiting
+        to start: another worker's drainer would deliver some of it now (the lease allows one
+        drainer per worker at most). Full reads recruit too, but behind slow receivers the
+        connections fill, and work waits, long before reads come back full."""
+        engine = self.engine
+        saturated = engine.in_flight >= engine.concurrency and engine.waiting > 0
+        return saturated or engine.waiting >= engine.concurrency
 
     def _give_back_unsent(self) -> None:
         """Stop sending: tries not yet started stay pending in their entries for a successor."""

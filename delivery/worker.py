@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
+from delivery import collector
 from delivery.drain import request_stop
 from delivery.rollups import fold_accepted_now_and_then
 from delivery.transport import connection_cache_size
@@ -81,6 +82,7 @@ class DeliveryQueue(DjangoRQ):
     def dequeue_any(  # type: ignore[override]  # same arguments, passed on as they came
         cls, queues: Iterable[Queue], timeout: int | None, connection: Redis, **kwargs: Any
     ) -> tuple[Job, Queue] | None:
+        collector.collect_when_due()
         try:
             sweep()
             fold_accepted_now_and_then()
@@ -131,6 +133,7 @@ class DeliveryWorker(SimpleWorker):
         kwargs["queue_class"] = DeliveryQueue
         kwargs["job_class"] = DeliveryJob
         ensure_descriptor_limit(settings.DELIVERY_CONCURRENCY)
+        collector.take_over_from_the_allocation_counter()
         super().__init__(*args, **kwargs)
 
     def _start_scheduler(self, *args: Any, **kwargs: Any) -> None:

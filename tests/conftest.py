@@ -2,6 +2,7 @@
 real RQ worker code (DeliveryWorker, a SimpleWorker, in burst mode)."""
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -264,8 +265,12 @@ def refused_url() -> str:
 
 
 def run_worker() -> None:
-    """One burst of the real worker: every job now in the queue, then stop."""
+    """One burst of the real worker: every job now in the queue, then stop. The worker takes
+    garbage collection over for its process (delivery/collector.py): the suite's process gets
+    Python's own collector back afterwards."""
     DeliveryWorker([settings.POSTBACK_QUEUE], connection=get_connection()).work(burst=True, logging_level="WARNING")
+    gc.unfreeze()
+    gc.enable()
 
 
 def scheduled_retries() -> list[tuple[Try, float]]:
