@@ -449,7 +449,10 @@ class Transport:
             return []
         watched = self._watched
         for fd, events in self._epoll.poll(self._wait_seconds(timeout)):
-            watched[fd][0].act(fd, _CURL_FLAGS[events & 31])
+            # libcurl may have let go of a socket while acting on an earlier one of this batch
+            # (a full connection cache closes its oldest idle connection): skip its events.
+            if (entry := watched.get(fd)) is not None:
+                entry[0].act(fd, _CURL_FLAGS[events & 31])
         now = time.monotonic()
         for shard in self._shards:
             shard.run_timer(now)

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import pycurl
 import pytest
 import trustme
 
@@ -405,3 +406,34 @@ def test_a_name_server_that_never_answers_holds_up_only_the_postbacks_to_its_nam
     assert named[1] is None
     assert named[2].startswith("name not resolved")
     assert named[3] is True  # transient: retried later
+
+
+def test_a_socket_libcurl_let_go_of_while_acting_on_another_is_skipped(monkeypatch):
+    """Events come in batches: acting on one socket can make libcurl close another whose event
+    is further down the same batch (its cache full, it closes the oldest idle connection)."""
+    transport = Transport(tuple(ALLOW_LOOPBACK))
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    shard = transport._shards[0]
+    first_fd, second_fd = first.fileno(), second.fileno()
+    acted: list[int] = []
+
+    def act(fd: int, flags: int) -> None:
+        acted.append(fd)
+        if fd == first_fd:  # libcurl lets go of the second socket meanwhile
+            transport.watch_socket(shard, pycurl.POLL_REMOVE, second_fd)
+
+    try:
+        for ours, peer in ((first, first_peer), (second, second_peer)):
+            transport.watch_socket(shard, pycurl.POLL_IN, ours.fileno())
+            peer.send(b"x")  # both readable: one batch
+        monkeypatch.setattr(shard, "act", act)
+        transport._active[object()] = None  # type: ignore[index, assignment]  # in flight: poll looks
+        transport.poll(0)
+    finally:
+        transport._active.clear()
+        transport.close()
+        for sock in (first, first_peer, second, second_peer):
+            sock.close()
+
+    assert acted in ([first_fd], [second_fd, first_fd])  # the second only if its event came first
