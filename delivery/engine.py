@@ -255,6 +255,7 @@ class Engine:
             url=item.url,
             body=body,
             headers=headers,
+            host=work.host,
         )
         host.in_flight += 1
         if work.unproven:

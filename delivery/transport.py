@@ -27,6 +27,7 @@ import os
 import select
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ import certifi
 import pycurl
 from django.conf import settings
 
+from delivery.hosts import host_of
 from delivery.timers import Deadlines
 
 USER_AGENT = "postback-delivery/1.0"
@@ -80,6 +82,7 @@ class Request:
     url: str  # exactly as it goes on the wire (ASCII)
     body: bytes | None
     headers: tuple[str, ...] = ()  # "Name: value" lines added to the product's own (signatures)
+    host: str = ""  # the URL's host[:port] (hosts.host_of), when the caller knows it already
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class _Slot:
         "generation",
         "handle",
         "header_lines",
+        "host",
         "kept",
         "last_body_at",
         "limits",
@@ -224,11 +228,11 @@ class _Slot:
         handle.setopt(pycurl.HEADERFUNCTION, self.header_lines.append)  # no Python frame per line
         handle.setopt(pycurl.WRITEFUNCTION, self.on_body)
 
-    def load(self, request: Request, limits: Limits, token: object) -> None:
+    def load(self, request: Request, limits: Limits, token: object, host: str) -> None:
         """Take a new request: per-request state afresh, and the options that differ."""
         self.generation += 1
         self.live = True
-        self.request, self.limits, self.token = request, limits, token
+        self.request, self.limits, self.token, self.host = request, limits, token, host
         self.delivered_at = datetime.now(UTC)
         self.started = self.looked_at = time.monotonic()
         self.received = 0  # reply bytes seen at the last read-timeout check (headers and body)
@@ -367,17 +371,19 @@ def is_live(deadline: _Deadline) -> bool:
 
 
 class _Shard:
-    """One libcurl multi handle, with its own connection cache.
+    """One libcurl multi handle, with its own connection cache and its idle handles.
 
     To find an idle connection for a request, libcurl looks through the connections it has to
     that host one by one: with 2,000 connections to one slow receiver that search cost more
-    than the rest of a request. The transport therefore spreads its handles over several
-    multi handles of at most CONNECTIONS_PER_SHARD requests each; a host's connections spread
-    with them, and each search covers one shard's share.
+    than the rest of a request. So a host's requests go to a shard of its own (by the host's
+    hash) for its first CONNECTIONS_PER_SHARD requests in flight, to the next shard for the
+    next ones, and so on: a search covers at most that many, and a host's idle connections
+    stay where its next request looks for them.
     """
 
     def __init__(self, transport: "Transport", connections: int) -> None:
         self.transport = transport
+        self.idle: list[_Slot] = []  # handles free for a request, most recently used last
         self.due: float | None = None  # when libcurl's next timer for this shard falls
         self.moved = False  # libcurl ran on this shard since its finished requests were read
         self.multi = pycurl.CurlMulti()
@@ -425,8 +431,7 @@ class Transport:
         self._share = pycurl.CurlShare()
         self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_DNS)
         self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_SSL_SESSION)
-        self._slots = 0  # made so far: the next one goes to shard (slots % shards)
-        self._idle: list[_Slot] = []
+        self._host_in_flight: Counter[str] = Counter()
         self._active: dict[pycurl.Curl, _Slot] = {}
         self._timed_out: list[_Slot] = []
 
@@ -436,8 +441,11 @@ class Transport:
 
     def start(self, request: Request, limits: Limits, token: object) -> None:
         """Begin sending; the outcome comes back from poll() with the token."""
-        slot = self._idle.pop() if self._idle else self._new_slot()
-        slot.load(request, limits, token)
+        host = request.host or host_of(request.url)
+        shard = self._shard_for(host)
+        slot = shard.idle.pop() if shard.idle else _Slot(self._allowed, self._ca_bundle, self._share, shard)
+        slot.load(request, limits, token, host)
+        self._host_in_flight[host] += 1
         self._active[slot.handle] = slot
         self._read_deadlines.add(slot.started + limits.read_timeout, (slot, slot.generation))
         slot.shard.multi.add_handle(slot.handle)  # libcurl asks, through its timer, to run at once
@@ -467,20 +475,22 @@ class Transport:
     def close(self) -> None:
         for slot in self._active.values():
             slot.shard.multi.remove_handle(slot.handle)
-        for slot in [*self._active.values(), *self._idle]:
+        for slot in [*self._active.values(), *(slot for shard in self._shards for slot in shard.idle)]:
             slot.handle.close()
         self._active.clear()
-        self._idle.clear()
+        for shard in self._shards:
+            shard.idle.clear()
         self._read_deadlines.clear()
         for shard in self._shards:
             shard.multi.close()
         self._share.close()
         self._epoll.close()
 
-    def _new_slot(self) -> _Slot:
-        slot = _Slot(self._allowed, self._ca_bundle, self._share, self._shards[self._slots % len(self._shards)])
-        self._slots += 1
-        return slot
+    def _shard_for(self, host: str) -> _Shard:
+        """The host's own shard for its first CONNECTIONS_PER_SHARD requests in flight, the
+        next one for the next as many, and so on."""
+        spill = self._host_in_flight[host] // CONNECTIONS_PER_SHARD
+        return self._shards[(hash(host) + spill) % len(self._shards)]
 
     # --- the event loop ------------------------------------------------------------------
 
@@ -552,7 +562,13 @@ class Transport:
         slot = self._active.pop(handle)
         slot.live = False
         slot.shard.multi.remove_handle(handle)
-        self._idle.append(slot)
+        self._host_in_flight[slot.host] -= 1
+        if not self._host_in_flight[slot.host]:
+            del self._host_in_flight[slot.host]
+        if len(slot.shard.idle) < CONNECTIONS_PER_SHARD:
+            slot.shard.idle.append(slot)
+        else:
+            slot.handle.close()  # enough handles wait here already; a new one is cheap
         return slot
 
 

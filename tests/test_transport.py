@@ -20,8 +20,8 @@ import pycurl
 import pytest
 import trustme
 
+from delivery import transport as transport_module
 from delivery.transport import (
-    CONNECTIONS_PER_SHARD,
     Limits,
     Request,
     Response,
@@ -175,12 +175,13 @@ def test_a_certificate_for_another_name_fails_for_good(ca_bundle, authority):
     assert not outcome.transient
 
 
-def test_tls_sessions_are_resumed_on_new_connections(https_receiver, ca_bundle):
+def test_tls_sessions_are_resumed_on_new_connections(https_receiver, ca_bundle, monkeypatch):
     """A receiver that closes each connection makes every request a new one. After one full
     handshake, later ones resume its session, also on handles that never connected before and
-    belong to another multi handle: two requests at once take two handles, in two shards."""
+    belong to another multi handle (with one request a shard, two at once use two)."""
+    monkeypatch.setattr(transport_module, "CONNECTIONS_PER_SHARD", 1)
     https_receiver.default = Reply(headers={"Connection": "close"})
-    transport = Transport(tuple(ALLOW_LOOPBACK), ca_bundle, concurrency=2 * CONNECTIONS_PER_SHARD)
+    transport = Transport(tuple(ALLOW_LOOPBACK), ca_bundle, concurrency=2)
     try:
         deliver(transport, [get(https_receiver.url("/first"))])
         deliver(transport, [get(https_receiver.url("/second")), get(https_receiver.url("/third"))])
@@ -437,3 +438,23 @@ def test_a_socket_libcurl_let_go_of_while_acting_on_another_is_skipped(monkeypat
             sock.close()
 
     assert acted in ([first_fd], [second_fd, first_fd])  # the second only if its event came first
+
+
+def test_a_host_keeps_to_its_own_shard_until_it_has_a_shards_worth_in_flight(monkeypatch):
+    """Its idle connections are then where its next request looks for them, and libcurl's
+    search for one covers at most a shard's worth."""
+    monkeypatch.setattr(transport_module, "CONNECTIONS_PER_SHARD", 2)
+    server = HoldingServer()
+    transport = Transport(tuple(ALLOW_LOOPBACK), concurrency=8)  # four shards
+    try:
+        for index in range(5):
+            transport.start(get(f"http://127.0.0.1:{server.port}/{index}", str(index)), LIMITS, token=index)
+        shards = [transport._shards.index(slot.shard) for slot in transport._active.values()]
+    finally:
+        server.release()
+        transport.close()
+        server.close()
+
+    assert shards[0] == shards[1]
+    assert shards[2] == shards[3] == (shards[0] + 1) % 4
+    assert shards[4] == (shards[0] + 2) % 4
