@@ -470,7 +470,7 @@ class Transport:
     def abandon(self) -> None:
         """Drop every request in flight (their connections close); nothing comes back for them."""
         for handle in list(self._active):
-            self._release(handle)
+            self._park(self._release(handle))
 
     def close(self) -> None:
         for slot in self._active.values():
@@ -539,6 +539,7 @@ class Transport:
         for slot in self._timed_out:
             self._release(slot.handle)
             finished.append((slot.token, failure(slot, "read timeout", transient=True)))
+            self._park(slot)
         self._timed_out.clear()
         for shard in self._shards:
             if shard.moved:
@@ -552,24 +553,32 @@ class Transport:
             for handle in succeeded:
                 slot = self._release(handle)
                 finished.append((slot.token, response_of(slot)))
+                self._park(slot)
             for handle, code, message in failed:
                 slot = self._release(handle)
                 finished.append((slot.token, error_response(slot, code, message)))
+                self._park(slot)
             if not queued:
                 return
 
     def _release(self, handle: pycurl.Curl) -> _Slot:
+        """Take a request's handle out of libcurl (its figures stay readable until parked)."""
         slot = self._active.pop(handle)
         slot.live = False
         slot.shard.multi.remove_handle(handle)
         self._host_in_flight[slot.host] -= 1
         if not self._host_in_flight[slot.host]:
             del self._host_in_flight[slot.host]
+        return slot
+
+    @staticmethod
+    def _park(slot: _Slot) -> None:
+        """A released handle waits in its shard for the next request, or is closed if enough
+        wait there already (a new one is cheap)."""
         if len(slot.shard.idle) < CONNECTIONS_PER_SHARD:
             slot.shard.idle.append(slot)
         else:
-            slot.handle.close()  # enough handles wait here already; a new one is cheap
-        return slot
+            slot.handle.close()
 
 
 def response_of(slot: _Slot) -> Response:

@@ -458,3 +458,16 @@ def test_a_host_keeps_to_its_own_shard_until_it_has_a_shards_worth_in_flight(mon
     assert shards[0] == shards[1]
     assert shards[2] == shards[3] == (shards[0] + 1) % 4
     assert shards[4] == (shards[0] + 2) % 4
+
+
+def test_replies_are_read_before_a_handle_with_no_room_to_wait_is_closed(monkeypatch, refused_url):
+    """With one idle handle a shard at most, the second and third of three failed requests
+    have their handles closed: their errors are read first."""
+    monkeypatch.setattr(transport_module, "CONNECTIONS_PER_SHARD", 1)
+    transport = Transport(tuple(ALLOW_LOOPBACK), concurrency=1)
+    try:
+        outcomes = deliver(transport, [get(refused_url, str(index)) for index in range(3)])
+    finally:
+        transport.close()
+
+    assert {outcome.error for outcome in outcomes.values()} == {"connection error: [Errno 111] Connection refused"}
