@@ -345,6 +345,10 @@ class Drainer:
             self.counts["handed over"] += dropped
 
     def _release_after_failure(self) -> None:
+        """The job is failing: drop what it has in flight (the transport outlives the job, and
+        the next job's engine must not receive its replies; its entries are sent again by the
+        drainer that takes them over), and let its entries go soon."""
+        self.engine.transport.abandon()
         try:
             self.lease.release_after_failure()
         except Exception:  # already failing; the lease runs out by itself

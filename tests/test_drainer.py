@@ -191,3 +191,27 @@ def test_a_drainer_with_every_connection_busy_and_work_waiting_recruits_a_collea
     [colleague] = get_queue().jobs
     assert colleague.id != "drain-test"
     assert get_connection().zscore(keys.LEASES, colleague.id) is not None
+
+
+def test_a_failing_drainer_drops_what_it_has_in_flight_for_the_next_to_send():
+    """The transport outlives the job: replies to a failed job's requests must not reach the
+    next job's engine. Its entries go to the drainer that takes them over."""
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(200, after=30.0))
+    add_request([f"http://slow.example/{n}" for n in range(3)])
+    drainer = a_drainer(transport, clock)
+    step = drainer.engine.step
+
+    def fail_once_sending(*args, **kwargs):
+        if drainer.engine.in_flight:
+            raise RuntimeError("the database went away")
+        return step(*args, **kwargs)
+
+    drainer.engine.step = fail_once_sending  # type: ignore[method-assign]
+
+    with pytest.raises(RuntimeError):
+        drainer.run()
+
+    assert transport.abandoned == 3
+    assert transport.in_flight == 0
+    assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 3  # left for a successor
