@@ -46,9 +46,6 @@ USER_AGENT = "postback-delivery/1.0"
 # Response bytes past the logged part that are still read, to keep the connection reusable;
 # a longer reply closes its connection instead of being read to the end.
 DRAIN_MAX_BYTES = 64 * 1024
-# Idle connections kept open for reuse, per worker process, beyond those in use: libcurl's
-# connection cache counts both, and closes the oldest idle one when it is full.
-IDLE_CONNECTIONS = 512
 # Requests per libcurl multi handle (`_Shard`): each has its own connection cache, which
 # libcurl searches one connection at a time.
 CONNECTIONS_PER_SHARD = 128
@@ -156,11 +153,13 @@ def declared_charset(content_type: str | None) -> str:
         return "utf-8"
 
 
-def connection_cache_size(concurrency: int) -> int:
-    """Connections libcurl may keep open: every request in flight, and IDLE_CONNECTIONS more.
-    Smaller, a connection that finishes while the cache is full is closed at once, and a busy
-    host pays a new connection (and TLS handshake) for every request."""
-    return concurrency + IDLE_CONNECTIONS
+def connection_cache_size(concurrency: int, idle: int) -> int:
+    """Connections libcurl may keep open: every request in flight, and `idle` more
+    (DELIVERY_IDLE_CONNECTIONS). libcurl's cache counts both and closes the oldest idle one
+    when it is full: sized below the concurrency, a connection that finishes while the cache
+    is full is closed at once, and a busy host pays a new connection (and TLS handshake) for
+    every request."""
+    return concurrency + idle
 
 
 class _Slot:
@@ -417,14 +416,16 @@ class Transport:
     """Requests in flight on libcurl multi handles (`_Shard`), driven by `poll()` from one
     thread; `concurrency` is how many the caller keeps in flight at most."""
 
-    def __init__(self, allowed_networks: tuple[IPNetwork, ...], ca_bundle: str = "", concurrency: int = 64) -> None:
+    def __init__(
+        self, allowed_networks: tuple[IPNetwork, ...], ca_bundle: str = "", concurrency: int = 64, idle: int = 512
+    ) -> None:
         self._allowed = allowed_networks
         self._ca_bundle = ca_bundle or certifi.where()
         self._epoll = select.epoll()
         self._watched: dict[int, tuple[_Shard, int]] = {}  # descriptor -> its shard, epoll events
         self._read_deadlines: Deadlines[_Deadline] = Deadlines()
         count = shard_count(concurrency)
-        self._shards = [_Shard(self, math.ceil(connection_cache_size(concurrency) / count)) for _ in range(count)]
+        self._shards = [_Shard(self, math.ceil(connection_cache_size(concurrency, idle) / count)) for _ in range(count)]
         # DNS answers and TLS sessions shared by every handle of every shard: a new connection
         # to a host resumes an earlier connection's session (an abbreviated handshake;
         # tests/test_transport.py checks it at the receiver), and a name is looked up once.
@@ -619,6 +620,7 @@ def process_transport() -> Transport:
         parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS),
         settings.DELIVERY_CA_BUNDLE,
         settings.DELIVERY_CONCURRENCY,
+        settings.DELIVERY_IDLE_CONNECTIONS,
     )
 
 

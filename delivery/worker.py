@@ -93,27 +93,30 @@ class DeliveryQueue(DjangoRQ):
         return super().dequeue_any(queues, timeout, connection=connection, **kwargs)
 
 
-def descriptors_needed(concurrency: int) -> int:
+def descriptors_needed(concurrency: int, idle: int) -> int:
     """Open files a worker may need: every connection libcurl may keep, and the rest."""
-    return connection_cache_size(concurrency) + OTHER_DESCRIPTORS
+    return connection_cache_size(concurrency, idle) + OTHER_DESCRIPTORS
 
 
-def ensure_descriptor_limit(concurrency: int) -> int:
-    """Raise this process's open-file limit to what DELIVERY_CONCURRENCY needs, within the hard
-    limit; refuse to start when the hard limit is lower (past it, every new connection would
-    fail with "Too many open files" under load, long after the start). Returns the limit."""
-    needed = descriptors_needed(concurrency)
+def ensure_descriptor_limit(concurrency: int, idle: int) -> int:
+    """Raise this process's open-file limit to what DELIVERY_CONCURRENCY and
+    DELIVERY_IDLE_CONNECTIONS need, within the hard limit; refuse to start when the hard limit
+    is lower (past it, every new connection would fail with "Too many open files" under load,
+    long after the start). Returns the limit."""
+    needed = descriptors_needed(concurrency, idle)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= needed:
         return soft
     if hard != resource.RLIM_INFINITY and hard < needed:
         raise ImproperlyConfigured(
-            f"DELIVERY_CONCURRENCY={concurrency} needs up to {needed} open files, but this process may "
-            f"open at most {hard} (ulimit -Hn). Raise the limit (LimitNOFILE= in the systemd unit, "
-            f"ulimit -n in a shell) or lower DELIVERY_CONCURRENCY."
+            f"DELIVERY_CONCURRENCY={concurrency} and DELIVERY_IDLE_CONNECTIONS={idle} need up to {needed} "
+            f"open files, but this process may open at most {hard} (ulimit -Hn). Raise the limit "
+            f"(LimitNOFILE= in the systemd unit, ulimit -n in a shell) or lower those settings."
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    logger.info("open-file limit raised from %d to %d for DELIVERY_CONCURRENCY=%d", soft, needed, concurrency)
+    logger.info(
+        "open-file limit raised from %d to %d for %d connections in flight, %d idle", soft, needed, concurrency, idle
+    )
     return needed
 
 
@@ -132,7 +135,7 @@ class DeliveryWorker(SimpleWorker):
         kwargs["serializer"] = CompactJSONSerializer
         kwargs["queue_class"] = DeliveryQueue
         kwargs["job_class"] = DeliveryJob
-        ensure_descriptor_limit(settings.DELIVERY_CONCURRENCY)
+        ensure_descriptor_limit(settings.DELIVERY_CONCURRENCY, settings.DELIVERY_IDLE_CONNECTIONS)
         collector.take_over_from_the_allocation_counter()
         super().__init__(*args, **kwargs)
 

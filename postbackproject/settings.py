@@ -230,6 +230,11 @@ DELIVERY_CA_BUNDLE: str = env.str("DELIVERY_CA_BUNDLE", default="")
 # Sized for slow receivers: 1,000 postbacks/s to receivers answering in 1 s need 1,000 in
 # flight. Each costs a descriptor and some memory (docs/performance.md, "Memory in flight").
 DELIVERY_CONCURRENCY: int = env.int("DELIVERY_CONCURRENCY", default=1024)
+# Connections a worker keeps open for reuse beyond those in use. Each is a descriptor and some
+# memory (about 8 KB over HTTP, 100 KB over HTTPS); each one missing costs the next request to
+# its host a new connection (about 0.3 ms of CPU over HTTP, 2-3 ms over HTTPS, measured in
+# docs/performance.md). Size it to the hosts that come back within a couple of minutes.
+DELIVERY_IDLE_CONNECTIONS: int = env.int("DELIVERY_IDLE_CONNECTIONS", default=2048)
 # A drain job leaves after this long idle (a lone postback arriving within it goes out at
 # once, without starting a job), and hands over to a fresh job after DRAINER_MAX_SECONDS, so
 # that no RQ job runs unbounded (a warm shutdown does not wait for it: drainers stop at once).

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-from delivery.transport import IDLE_CONNECTIONS
 from delivery.worker import OTHER_DESCRIPTORS, descriptors_needed
 from postbackproject.settings import BASE_DIR
 from tests.conftest import service_env
@@ -16,7 +15,7 @@ django.setup()
 from delivery.worker import ensure_descriptor_limit
 soft, hard = int(sys.argv[1]), int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-print(ensure_descriptor_limit(int(sys.argv[3])), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+print(ensure_descriptor_limit(int(sys.argv[3]), 2048), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 """
 
 
@@ -32,11 +31,11 @@ def check_with_limits(soft: int, hard: int, concurrency: int) -> subprocess.Comp
 
 
 def test_a_worker_needs_a_descriptor_per_connection_it_may_keep():
-    assert descriptors_needed(1024) == 1024 + IDLE_CONNECTIONS + OTHER_DESCRIPTORS
+    assert descriptors_needed(1024, 2048) == 1024 + 2048 + OTHER_DESCRIPTORS
 
 
 def test_a_low_soft_limit_is_raised_to_what_the_concurrency_needs():
-    needed = descriptors_needed(1024)
+    needed = descriptors_needed(1024, 2048)
     done = check_with_limits(soft=256, hard=needed + 100, concurrency=1024)
 
     assert done.returncode == 0, done.stderr
@@ -54,5 +53,5 @@ def test_a_worker_refuses_to_start_when_the_hard_limit_is_too_low_and_says_what_
     )
 
     assert done.returncode != 0
-    assert "DELIVERY_CONCURRENCY=1024 needs up to" in done.stderr
+    assert "DELIVERY_CONCURRENCY=1024 and DELIVERY_IDLE_CONNECTIONS=2048 need up to" in done.stderr
     assert "LimitNOFILE" in done.stderr
