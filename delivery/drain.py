@@ -50,12 +50,15 @@ logger = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 1.0
 # Longest a read waits for new entries when the drainer has nothing else to do.
 IDLE_BLOCK_MS = 200
-# After a read that emptied the stream, the next waits this long while requests are out.
+# After a read that emptied the stream, the next waits this long while requests are out; each
+# read after it that finds nothing doubles the wait, up to READ_PAUSE_MAX_SECONDS (a drainer
+# waiting on slow receivers then asks Redis ten times a second, not three hundred).
 READ_PAUSE_SECONDS = 0.003
+READ_PAUSE_MAX_SECONDS = 0.1
 # A drainer asks for a colleague at most this often.
 RECRUIT_PAUSE_SECONDS = 1.0
-# Longest a turn of the loop waits for replies.
-POLL_SECONDS = 0.005
+# Longest a turn of the loop waits for replies (a ready socket ends the wait at once).
+POLL_SECONDS = 0.1
 # An entry read by this many drainers that all died or failed is set aside, not read again.
 MAX_DELIVERIES = 5
 # Most entries read at once.
@@ -186,6 +189,7 @@ class Drainer:
         self.settler = Settler(connection, engine, circuits, clock, self.counts)
         self.intake = Intake(drainer_id, connection, engine, self.settler, self.lease)
         self.next_read_at = 0.0
+        self.read_pause = 0.0
         self.next_recruit_at = 0.0
         self.stop_seen_at = 0.0
 
@@ -262,11 +266,16 @@ class Drainer:
         return self._has_room(config) and (not self._busy() or self.clock.monotonic() >= self.next_read_at)
 
     def _poll_wait(self, reading: bool) -> float:
-        """How long to wait for replies: POLL_SECONDS, or until the next read when one is due
-        sooner (never zero when no read can follow: that would spin while requests are out)."""
-        if not reading or not self._busy():
-            return POLL_SECONDS
-        return max(0.0, min(POLL_SECONDS, self.next_read_at - self.clock.monotonic()))
+        """How long to wait for replies (a ready socket ends the wait at once): POLL_SECONDS,
+        or less when the next read or the next settle is due sooner."""
+        now = self.clock.monotonic()
+        wait = POLL_SECONDS
+        if reading and self._busy():
+            wait = min(wait, self.next_read_at - now)
+        settle_at = self.settler.due_at()
+        if settle_at is not None:
+            wait = min(wait, settle_at - now)
+        return max(0.0, wait)
 
     def _has_room(self, config: DeliverySettings) -> bool:
         return self.engine.waiting + self.engine.in_flight < self._hold_limit(config)
@@ -283,12 +292,24 @@ class Drainer:
         idle = not self._busy()
         block = min(IDLE_BLOCK_MS, int(settings.DELIVERY_DRAINER_IDLE_SECONDS * 1000)) if idle else 0
         entries = self.intake.read(count, self.clock.read_block_ms(block) if block else 0)
-        self.next_read_at = self.clock.monotonic() + (READ_PAUSE_SECONDS if len(entries) < count else 0)
+        self._pause_reading(found=len(entries), asked=count)
         if entries:
             self.intake.accept(entries, config, reclaimed=False)
             if len(entries) == count or self._needs_help():
                 self._recruit()
         return len(entries)
+
+    def _pause_reading(self, found: int, asked: int) -> None:
+        """When to read next: at once after a full read; after READ_PAUSE_SECONDS after one
+        that found some; after twice the last pause (to READ_PAUSE_MAX_SECONDS) after one that
+        found none."""
+        if found == asked:
+            self.read_pause = 0.0
+        elif found:
+            self.read_pause = READ_PAUSE_SECONDS
+        else:
+            self.read_pause = min(READ_PAUSE_MAX_SECONDS, max(READ_PAUSE_SECONDS, 2 * self.read_pause))
+        self.next_read_at = self.clock.monotonic() + self.read_pause
 
     def _recruit(self) -> None:
         """Ask for a colleague, at most once a RECRUIT_PAUSE_SECONDS (each ask is a script call;

@@ -103,6 +103,12 @@ class Settler:
     def entry_done(self, state: EntryState) -> None:
         self.done_entries.append(state)
 
+    def due_at(self) -> float | None:
+        """When what has finished must be settled at the latest (monotonic); None: nothing."""
+        if not self.finished:
+            return self.clock.monotonic() if self.done_entries else None
+        return self.clock.monotonic() if self.urgent else self.finished_since + SETTLE_WAIT_SECONDS
+
     def is_due(self, idle: bool) -> bool:
         """Settle in batches: when many have finished, the oldest has waited long enough, a
         circuit must hear now, or nothing else is going on (before an idle read blocks)."""
