@@ -52,9 +52,9 @@ HOUSEKEEPING_SECONDS = 1.0
 IDLE_BLOCK_MS = 200
 # After a read that emptied the stream, the next waits this long while requests are out; each
 # read after it that finds nothing doubles the wait, up to READ_PAUSE_MAX_SECONDS (a drainer
-# waiting on slow receivers then asks Redis ten times a second, not three hundred).
+# waiting on slow receivers then asks Redis forty times a second, not three hundred).
 READ_PAUSE_SECONDS = 0.003
-READ_PAUSE_MAX_SECONDS = 0.1
+READ_PAUSE_MAX_SECONDS = 0.025
 # A drainer asks for a colleague at most this often.
 RECRUIT_PAUSE_SECONDS = 1.0
 # Longest a turn of the loop waits for replies (a ready socket ends the wait at once).

@@ -217,7 +217,7 @@ def test_a_failing_drainer_drops_what_it_has_in_flight_for_the_next_to_send():
     assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 3  # left for a successor
 
 
-def test_a_drainer_waiting_on_slow_replies_asks_the_inbox_ten_times_a_second_not_hundreds():
+def test_a_drainer_waiting_on_slow_replies_asks_the_inbox_forty_times_a_second_not_hundreds():
     clock = FakeClock()
     transport = FakeTransport(clock, lambda request: Answer(200, after=10.0))
     add_request(["http://slow.example/one"])
@@ -234,4 +234,4 @@ def test_a_drainer_waiting_on_slow_replies_asks_the_inbox_ten_times_a_second_not
     drainer.run()
 
     while_waiting = [at for at in reads if 1 <= at - reads[0] <= 9]  # the reply is 10 s out
-    assert 8 * 5 <= len(while_waiting) <= 8 * 12  # about ten a second: new entries still come in
+    assert 8 * 30 <= len(while_waiting) <= 8 * 45  # about forty a second: new entries still come in
