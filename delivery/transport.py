@@ -27,7 +27,6 @@ import os
 import select
 import socket
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -193,6 +192,7 @@ class _Slot:
         "seen",
         "shard",
         "started",
+        "step",
         "timeouts",
         "token",
         "too_long",
@@ -227,11 +227,12 @@ class _Slot:
         handle.setopt(pycurl.HEADERFUNCTION, self.header_lines.append)  # no Python frame per line
         handle.setopt(pycurl.WRITEFUNCTION, self.on_body)
 
-    def load(self, request: Request, limits: Limits, token: object, host: str) -> None:
-        """Take a new request: per-request state afresh, and the options that differ."""
+    def load(self, request: Request, limits: Limits, token: object, host: str, step: int) -> None:
+        """Take a new request: per-request state afresh, and the options that differ (`step`:
+        which of the host's shards this is, counted from its own)."""
         self.generation += 1
         self.live = True
-        self.request, self.limits, self.token, self.host = request, limits, token, host
+        self.request, self.limits, self.token, self.host, self.step = request, limits, token, host, step
         self.delivered_at = datetime.now(UTC)
         self.started = self.looked_at = time.monotonic()
         self.received = 0  # reply bytes seen at the last read-timeout check (headers and body)
@@ -432,7 +433,8 @@ class Transport:
         self._share = pycurl.CurlShare()
         self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_DNS)
         self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_SSL_SESSION)
-        self._host_in_flight: Counter[str] = Counter()
+        # Per host with requests out: how many in each shard it uses, from its own shard on.
+        self._host_in_flight: dict[str, list[int]] = {}
         self._active: dict[pycurl.Curl, _Slot] = {}
         self._timed_out: list[_Slot] = []
 
@@ -443,10 +445,10 @@ class Transport:
     def start(self, request: Request, limits: Limits, token: object) -> None:
         """Begin sending; the outcome comes back from poll() with the token."""
         host = request.host or host_of(request.url)
-        shard = self._shard_for(host)
+        step = self._take_a_place(host)
+        shard = self._shards[(hash(host) + step) % len(self._shards)]
         slot = shard.idle.pop() if shard.idle else _Slot(self._allowed, self._ca_bundle, self._share, shard)
-        slot.load(request, limits, token, host)
-        self._host_in_flight[host] += 1
+        slot.load(request, limits, token, host, step)
         self._active[slot.handle] = slot
         self._read_deadlines.add(slot.started + limits.read_timeout, (slot, slot.generation))
         slot.shard.multi.add_handle(slot.handle)  # libcurl asks, through its timer, to run at once
@@ -487,11 +489,25 @@ class Transport:
         self._share.close()
         self._epoll.close()
 
-    def _shard_for(self, host: str) -> _Shard:
-        """The host's own shard for its first CONNECTIONS_PER_SHARD requests in flight, the
-        next one for the next as many, and so on."""
-        spill = self._host_in_flight[host] // CONNECTIONS_PER_SHARD
-        return self._shards[(hash(host) + spill) % len(self._shards)]
+    def _take_a_place(self, host: str) -> int:
+        """Which shard a host's next request goes to, as steps from the host's own: the first
+        with fewer than CONNECTIONS_PER_SHARD of its requests out. A request that lands frees
+        a place where its connection waits idle, and the next request takes that place."""
+        counts = self._host_in_flight.setdefault(host, [])
+        for step, count in enumerate(counts):
+            if count < CONNECTIONS_PER_SHARD:
+                counts[step] += 1
+                return step
+        counts.append(1)
+        return len(counts) - 1
+
+    def _give_back_the_place(self, slot: _Slot) -> None:
+        counts = self._host_in_flight[slot.host]
+        counts[slot.step] -= 1
+        while counts and not counts[-1]:
+            counts.pop()
+        if not counts:
+            del self._host_in_flight[slot.host]
 
     # --- the event loop ------------------------------------------------------------------
 
@@ -567,9 +583,7 @@ class Transport:
         slot = self._active.pop(handle)
         slot.live = False
         slot.shard.multi.remove_handle(handle)
-        self._host_in_flight[slot.host] -= 1
-        if not self._host_in_flight[slot.host]:
-            del self._host_in_flight[slot.host]
+        self._give_back_the_place(slot)
         return slot
 
     @staticmethod

@@ -65,7 +65,7 @@ LIMITS = Limits(connect_timeout=5, read_timeout=10, total_timeout=60, body_max_b
 
 def slot_started_at(started: float) -> tuple[_Slot, FakeHandle]:
     slot = _Slot((), "", pycurl.CurlShare(), Transport(())._shards[0])
-    slot.load(Request("p", 1, "GET", "http://127.0.0.1/", None), LIMITS, token=None, host="127.0.0.1")
+    slot.load(Request("p", 1, "GET", "http://127.0.0.1/", None), LIMITS, token=None, host="127.0.0.1", step=0)
     slot.started = slot.looked_at = started
     handle = FakeHandle()
     slot.handle = handle  # type: ignore[assignment]

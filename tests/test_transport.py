@@ -471,3 +471,26 @@ def test_replies_are_read_before_a_handle_with_no_room_to_wait_is_closed(monkeyp
         transport.close()
 
     assert {outcome.error for outcome in outcomes.values()} == {"connection error: [Errno 111] Connection refused"}
+
+
+class Landed:
+    """What giving a place back needs of a slot."""
+
+    def __init__(self, host: str, step: int) -> None:
+        self.host, self.step = host, step
+
+
+def test_a_request_that_lands_frees_its_place_for_the_next_request_to_its_host(monkeypatch):
+    """The next request goes where the landed one's connection now waits idle, not to a shard
+    picked by how many are out at that moment."""
+    monkeypatch.setattr(transport_module, "CONNECTIONS_PER_SHARD", 2)
+    transport = Transport(tuple(ALLOW_LOOPBACK), concurrency=8)
+    try:
+        assert [transport._take_a_place("h") for _ in range(5)] == [0, 0, 1, 1, 2]
+        transport._give_back_the_place(Landed("h", 0))  # type: ignore[arg-type]
+        assert transport._take_a_place("h") == 0
+        for step in (0, 0, 1, 1, 2):
+            transport._give_back_the_place(Landed("h", step))  # type: ignore[arg-type]
+        assert "h" not in transport._host_in_flight  # nothing kept for a host with nothing out
+    finally:
+        transport.close()
