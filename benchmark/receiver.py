@@ -63,6 +63,7 @@ class Behaviour:
     drip_interval: float = 2.0
     drip_body_bytes: int = 1000
     silent: bool = False  # accept, read, never answer (the connection stays until the client leaves)
+    close_after_answer: bool = False  # every answer closes its connection: each request a new one
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,8 @@ class ReceiverProtocol(asyncio.Protocol):
             del self.buffer[: head.length + head.content_length]
             self.continued = False
             self.busy = True
+            if self.state.behaviour.close_after_answer:
+                head = replace(head, keep_alive=False)
             self.respond(head)
 
     def respond(self, head: Head) -> None:

@@ -338,6 +338,10 @@ class _Slot:
         due = max(waiting_since, self.moved_at) + read_timeout
         return None if due <= now else due
 
+    def request_sent(self) -> bool:
+        """Whether the request has gone out (connected, and sending began)."""
+        return bool(self.handle.getinfo(pycurl.PRETRANSFER_TIME))
+
     def elapsed_ms(self) -> float:
         total = float(self.handle.getinfo(pycurl.TOTAL_TIME))
         return round((total if total > 0 else time.monotonic() - self.started) * 1000, 2)
@@ -441,6 +445,10 @@ class Transport:
     @property
     def in_flight(self) -> int:
         return len(self._active)
+
+    def in_flight_slots(self) -> list[_Slot]:
+        """The requests in flight (for measuring and tests)."""
+        return list(self._active.values())
 
     def start(self, request: Request, limits: Limits, token: object) -> None:
         """Begin sending; the outcome comes back from poll() with the token."""

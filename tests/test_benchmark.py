@@ -52,6 +52,7 @@ from benchmark.receiver import (
 from benchmark.report import print_report, progress_columns
 from benchmark.scenarios import Options, build, waves
 from benchmark.targets import judge
+from benchmark.transport_costs import measure as measure_transport_costs
 from benchmark.wild import WildOptions, WildWorld, host_latencies, plan_hosts
 from tests.conftest import free_port
 
@@ -162,6 +163,13 @@ def test_it_waits_for_the_whole_body_and_says_100_continue_when_asked():
 def test_it_closes_the_connection_when_the_client_asks():
     protocol, transport, _ = connect(Behaviour())
     protocol.data_received(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert b"Connection: close" in transport.written
+    assert transport.closed
+
+
+def test_it_closes_every_connection_after_its_answer_when_told():
+    protocol, transport, _ = connect(Behaviour(close_after_answer=True))
+    protocol.data_received(GET)
     assert b"Connection: close" in transport.written
     assert transport.closed
 
@@ -793,3 +801,11 @@ def test_a_short_wild_run_reaches_a_share_of_its_hosts_by_name_through_its_own_d
         pytest.skip(f"no names in this run: {world['names_off_because']}")
     assert world["by_name"] == 6
     assert world["dns_queries"]["found"] >= 1
+
+
+def test_transport_costs_are_measured_for_both_schemes_and_both_kinds_of_connection():
+    costs = measure_transport_costs(in_flight=20, requests=40)
+
+    assert set(costs.memory_mib_per_1000) == {"http", "https"}
+    assert set(costs.cpu_us_per_request) == {"http new", "http reused", "https new", "https reused"}
+    assert all(micros > 0 for micros in costs.cpu_us_per_request.values())
