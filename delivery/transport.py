@@ -11,7 +11,8 @@ waits on epoll, and each turn hands libcurl only the sockets that are ready. A t
 costs as much as the requests that moved, however many are in flight, and there is no
 descriptor ceiling (select() stops at 1,024). Read timeouts sit in a heap (`timers.Deadlines`);
 total and connect timeouts are libcurl's own timers. Names resolve on libcurl's resolver
-threads, never on the loop.
+threads, never on the loop. Requests are spread over several multi handles (`_Shard`), a
+host's own first, so that libcurl's search for an idle connection to a host stays short.
 
 The service sends requests to URLs that strangers give it. Checking the URL's text is no
 defence (`http://2130706433/` is 127.0.0.1 to the resolver), and a check before resolving can
