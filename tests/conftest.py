@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import requests
 from django.conf import settings
 from django.db import connection
 from redis import Redis
@@ -46,6 +47,15 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def http_answers(url: str, status: int = 200, method: str = "GET") -> bool:
+    """Whether a web process answers url with status within a second; a process still starting
+    (not listening yet, or listening but too busy importing to answer in time) does not."""
+    try:
+        return requests.request(method, url, data=b"", timeout=1).status_code == status
+    except requests.RequestException:
+        return False
 
 
 @dataclass

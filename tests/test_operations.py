@@ -7,7 +7,7 @@ import pytest
 import requests
 from django.core.management import call_command
 
-from tests.conftest import free_port, ingest_json, run_worker, use_redis, wait_until
+from tests.conftest import free_port, http_answers, ingest_json, run_worker, use_redis, wait_until
 
 
 @pytest.mark.django_db
@@ -78,7 +78,7 @@ def test_readyz_says_redis_memory_is_nearly_full(client, clean_redis):
 def test_readyz_says_the_database_is_down_and_healthz_still_answers(processes, tmp_path):
     """A real web process whose database cannot be opened."""
     web = processes.web(WEB_CONCURRENCY="1", DATABASE_URL=f"sqlite:///{tmp_path}/no/such/folder/db.sqlite3")
-    wait_until(lambda: answers(f"{web}/healthz"), timeout=30, what="the web process")
+    wait_until(lambda: http_answers(f"{web}/healthz"), timeout=30, what="the web process")
 
     ready = requests.get(f"{web}/readyz", timeout=10)
 
@@ -86,13 +86,6 @@ def test_readyz_says_the_database_is_down_and_healthz_still_answers(processes, t
     assert ready.json()["checks"]["redis"] == "ok"
     assert ready.json()["checks"]["database"].startswith("unreachable")
     assert requests.get(f"{web}/healthz", timeout=10).status_code == 200
-
-
-def answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from ingestion.checks import check_ingestion_limits
 from ingestion.models import SenderKey
 from postbackproject import keys
 from postbackproject.queue import get_connection
-from tests.conftest import wait_until
+from tests.conftest import http_answers, wait_until
 from tests.test_metrics import scrape
 
 SAMPLE: dict[str, Any] = {
@@ -347,7 +347,7 @@ def test_web_processes_share_the_limits_and_stop_taking_a_revoked_key(processes)
     def send(**headers: str) -> int:
         return requests.post(url, data=BODY, headers=headers, timeout=10).status_code
 
-    wait_until(lambda: answers(url), timeout=30, what="the web process")
+    wait_until(lambda: http_answers(url, 401, "POST"), timeout=30, what="the web process")
     # A fresh connection each time: gunicorn's workers take turns at accepting them.
     statuses = [send(Authorization=f"Bearer {key}") for _ in range(8)]
     assert statuses.count(202) == 1
@@ -369,7 +369,7 @@ def test_a_key_that_cannot_be_checked_gets_503_and_a_request_without_one_is_serv
     """A web process whose database cannot be opened has never read the keys: it cannot tell
     a valid key from a wrong one, so it asks the sender to come back rather than answer 401."""
     url = processes.web(WEB_CONCURRENCY="1", DATABASE_URL=f"sqlite:///{tmp_path}/no/such/folder/db.sqlite3") + "/i"
-    wait_until(lambda: answers(url, 400), timeout=30, what="the web process")
+    wait_until(lambda: http_answers(url, 400, "POST"), timeout=30, what="the web process")
 
     refused = requests.post(url, data=BODY, headers={"X-API-Key": "pbk_whatever"}, timeout=10)
 
@@ -377,10 +377,3 @@ def test_a_key_that_cannot_be_checked_gets_503_and_a_request_without_one_is_serv
     assert refused.headers["Retry-After"] == "5"
     assert refused.json()["error"] == "sender keys cannot be checked now"
     assert requests.post(url, data=BODY, timeout=10).status_code == 202
-
-
-def answers(url: str, status: int = 401) -> bool:
-    try:
-        return requests.post(url, data=b"", timeout=1).status_code == status
-    except requests.RequestException:  # not listening yet, or too busy starting to answer in time
-        return False

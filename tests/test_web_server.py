@@ -15,7 +15,7 @@ import pytest
 import requests
 from django.conf import settings
 
-from tests.conftest import Processes, Receiver, deliver_everything, free_port, wait_until
+from tests.conftest import Processes, Receiver, deliver_everything, free_port, http_answers, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -47,15 +47,8 @@ def web(processes: Processes) -> Web:
         GUNICORN_THREADS=str(WEB_THREADS),
     )
     server = Web(port)
-    wait_until(lambda: healthy(server), timeout=30, what="gunicorn to answer /healthz")
+    wait_until(lambda: http_answers(f"{server.url}/healthz"), timeout=30, what="gunicorn to answer /healthz")
     return server
-
-
-def healthy(web: Web) -> bool:
-    try:
-        return requests.get(f"{web.url}/healthz", timeout=1).status_code == 200
-    except requests.RequestException:  # not listening yet, or still starting up
-        return False
 
 
 def sample(receiver: Receiver) -> bytes:
