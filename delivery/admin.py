@@ -298,8 +298,13 @@ class CircuitBreakerAdmin(admin.ModelAdmin[CircuitBreaker]):
             return self._close(request)
         try:
             circuits = [
-                {"host": host, "until": datetime.fromtimestamp(until, UTC), "failures": failures}
-                for host, until, failures in open_circuits()
+                {
+                    "host": circuit.host,
+                    "until": datetime.fromtimestamp(circuit.until, UTC),
+                    "failures": circuit.failures,
+                    "probe_due": circuit.probe_due,
+                }
+                for circuit in open_circuits()
             ]
         except RedisError as exc:
             circuits = []

@@ -282,7 +282,21 @@ def test_live_figures_come_from_redis(analyst):
         "workers": 0,
         "accepted_this_minute": 0,
         "open_circuits": 0,
+        "probe_due_circuits": 0,
     }
+
+
+def test_circuits_whose_open_time_has_passed_are_probe_due_in_live_figures_and_the_host_table(analyst):
+    redis = get_connection()
+    seconds, micros = redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    redis.zadd(keys.CIRCUITS_OPEN, {"back.example": now_ms - 1000, "down.example": now_ms + 60_000})
+
+    live = get(analyst, "live")
+    assert (live["open_circuits"], live["probe_due_circuits"]) == (1, 1)
+    rows = {row["host"]: row for row in get(analyst, "hosts", range="1h")["hosts"]}
+    assert rows["back.example"]["circuit"]["state"] == "probe_due"
+    assert rows["down.example"]["circuit"]["state"] == "open"
 
 
 @pytest.mark.parametrize(

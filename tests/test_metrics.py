@@ -8,6 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from delivery.models import DeliverySettings
+from postbackproject import keys
+from postbackproject.queue import get_connection
 from postbackproject.settings import BASE_DIR
 from tests.conftest import Reply, ingest_json, run_worker, success_ids, wait_until
 
@@ -68,6 +70,19 @@ def test_metrics_add_up_ingestion_here_and_delivery_in_a_worker_process(client, 
     assert now[("postback_workers", ())] >= 1
     assert now[("postback_ready", ())] == 1
     assert now[("postback_redis_up", ())] == 1
+
+
+def test_circuits_past_their_open_time_are_counted_as_probe_due_not_open(client, token):
+    redis = get_connection()
+    seconds, micros = redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    redis.zadd(keys.CIRCUITS_OPEN, {"back.example": now_ms - 1000, "gone.example": now_ms - 2000})
+    redis.zadd(keys.CIRCUITS_OPEN, {"down.example": now_ms + 60_000})
+
+    figures = scrape(client, token)
+
+    assert figures[("postback_circuits_open", ())] == 1
+    assert figures[("postback_circuits_probe_due", ())] == 2
 
 
 def referenced_series(text: str) -> set[str]:

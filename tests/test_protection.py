@@ -112,7 +112,7 @@ def test_a_circuit_opens_after_failures_in_a_row_and_defers_without_sending(clie
     deferred = DeliveryAttempt.objects.filter(outcome="deferred")
     assert all(f"circuit open for 127.0.0.1:{receiver.port}" in row.error for row in deferred)
     assert sorted(row.attempt for row in deferred) == [1, 1, 1, 2, 2, 2]  # deferring uses up no attempt
-    [(host, until, failures)] = circuit.open_circuits()
+    [(host, until, failures, _)] = circuit.open_circuits()
     assert (host, failures) == (f"127.0.0.1:{receiver.port}", 3)
     assert 25 < until - time.time() <= 30
     waiting = {item.postback_id: (item.attempt, due) for item, due in scheduled_retries()}
@@ -180,7 +180,7 @@ def test_a_failed_probe_opens_the_circuit_for_twice_as_long(client, receiver):
     run_worker()
 
     assert len(receiver.requests) == 4  # three failures, then one probe
-    [(_, until, _)] = circuit.open_circuits()
+    [(_, until, _, _)] = circuit.open_circuits()
     assert 55 < until - time.time() <= 60
 
 
