@@ -77,7 +77,7 @@ def delivered_rate(sums: Sums) -> float | None:
 
 
 def latency(window: Window, host: str | None) -> dict[str, Any]:
-    """Response time percentiles (ms) per bucket, from the rollups' histograms."""
+    """Response time percentiles (ms) per bucket, from the rollups' histograms and maxima."""
     buckets = aggregates.per_bucket(window, host)
     whole = aggregates.total(buckets)
     series = [line(key, name, [bucket.percentile(q) for bucket in buckets]) for key, name, q in PERCENTILES]
