@@ -1,9 +1,10 @@
 """Prometheus metrics: counters from every process, gauges read from Redis at scrape time.
 
 Web and worker processes count in prometheus-client's multiprocess mode: each writes its
-counts to files in PROMETHEUS_MULTIPROC_DIR (the same folder for all of them, emptied at boot),
-and `/metrics`, served by any web process, adds them up. Without that variable (tests of one
-process, a shell), counts stay in the process. What describes the shared state (the backlog,
+counts to files in PROMETHEUS_MULTIPROC_DIR (the same folder for all of them, emptied at boot;
+`postbackproject.metricsdir` gives it a default), and `/metrics`, served by any web process,
+adds them up. Without that variable (a folder that cannot be written), counts stay in the
+process. What describes the shared state (the backlog,
 retries waiting, workers, open circuits, Redis memory, readiness) is read when Prometheus
 scrapes, not counted.
 """
