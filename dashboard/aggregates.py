@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db.models import F, Func, IntegerField, QuerySet, Sum
+from django.db.models import F, Func, IntegerField, Max, QuerySet, Sum
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
@@ -28,7 +28,10 @@ from delivery.models import (
 )
 
 SENT = (Outcome.SUCCESS, Outcome.RETRY, Outcome.FAILED)  # deferred tries were not sent
-_SUMS = {f"sum_{name}": Sum(name) for name in ("attempts", "latency_ms_sum", *LATENCY_BUCKETS)}
+_SUMS = {
+    **{f"sum_{name}": Sum(name) for name in ("attempts", "latency_ms_sum", *LATENCY_BUCKETS)},
+    "max_latency_ms_max": Max("latency_ms_max"),
+}
 
 
 class Slot(Func):
@@ -58,6 +61,7 @@ class Sums:
     classes: Counter[str] = field(default_factory=Counter)  # sent attempts only
     latency_ms_sum: float = 0.0
     histogram: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_ms_max: float = 0.0
 
     def add(self, outcome: str, code_class: str, row: dict[str, Any]) -> None:
         attempts = int(row["sum_attempts"] or 0)
@@ -67,12 +71,14 @@ class Sums:
         self.latency_ms_sum += float(row["sum_latency_ms_sum"] or 0)
         for index, name in enumerate(LATENCY_BUCKETS):
             self.histogram[index] += int(row[f"sum_{name}"] or 0)
+        self.latency_ms_max = max(self.latency_ms_max, float(row["max_latency_ms_max"] or 0))
 
     def merge(self, other: "Sums") -> None:
         self.outcomes.update(other.outcomes)
         self.classes.update(other.classes)
         self.latency_ms_sum += other.latency_ms_sum
         self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
+        self.latency_ms_max = max(self.latency_ms_max, other.latency_ms_max)
 
     @property
     def sent(self) -> int:
@@ -87,13 +93,14 @@ class Sums:
         return round(self.latency_ms_sum / timed, 1) if timed else None
 
     def percentile(self, fraction: float) -> float | None:
-        return percentile(self.histogram, fraction)
+        return percentile(self.histogram, fraction, self.latency_ms_max)
 
 
-def percentile(histogram: list[int], fraction: float) -> float | None:
+def percentile(histogram: list[int], fraction: float, maximum: float) -> float | None:
     """The latency (ms) under which `fraction` of the attempts were answered, interpolated
-    linearly inside its histogram bucket. The last bucket has no upper bound: its lower bound
-    is returned, as a floor."""
+    linearly inside its histogram bucket, and never above `maximum`, the longest latency
+    counted: the bucket that holds it ends there (the last bucket, unbounded, too). The
+    estimate is then off by at most the width of its bucket so cut."""
     total = sum(histogram)
     if not total:
         return None
@@ -101,13 +108,11 @@ def percentile(histogram: list[int], fraction: float) -> float | None:
     seen = 0
     for index, count in enumerate(histogram):
         if count and seen + count >= rank:
-            lower = LATENCY_BOUNDS_MS[index - 1] if index else 0
-            if index == len(LATENCY_BOUNDS_MS):
-                return float(lower)
-            upper = LATENCY_BOUNDS_MS[index]
-            return round(lower + (upper - lower) * (rank - seen) / count, 1)
+            lower = min(LATENCY_BOUNDS_MS[index - 1] if index else 0, maximum)
+            upper = min(LATENCY_BOUNDS_MS[index] if index < len(LATENCY_BOUNDS_MS) else maximum, maximum)
+            return min(round(lower + (upper - lower) * (rank - seen) / count, 1), maximum)
         seen += count
-    return float(LATENCY_BOUNDS_MS[-1])
+    return maximum
 
 
 def per_bucket(window: Window, host: str | None = None) -> list[Sums]:

@@ -1,8 +1,7 @@
 """What each JSON endpoint serves: a chart's labels and series (the table beside it is drawn
 from the same numbers), built from the sums in `dashboard.aggregates`."""
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -10,18 +9,13 @@ from django.utils import timezone
 from dashboard import aggregates
 from dashboard.aggregates import Sums
 from dashboard.ranges import DAY, Window
+from delivery.circuit import OpenCircuit
 from delivery.models import Outcome
 
 CODE_CLASSES = (("2xx", "2xx"), ("3xx", "3xx"), ("4xx", "4xx"), ("5xx", "5xx"), ("none", "no response"))
 PERCENTILES = (("p50", "p50", 0.50), ("p95", "p95", 0.95), ("p99", "p99", 0.99))
 # Hosts listed in the host table, busiest first (hosts with an open circuit come on top of these).
 HOST_ROWS = 100
-
-
-@dataclass(frozen=True)
-class Circuit:
-    open_until: datetime
-    failures: int
 
 
 def chart(window: Window, series: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -83,7 +77,7 @@ def delivered_rate(sums: Sums) -> float | None:
 
 
 def latency(window: Window, host: str | None) -> dict[str, Any]:
-    """Response time percentiles (ms) per bucket, from the rollups' histograms."""
+    """Response time percentiles (ms) per bucket, from the rollups' histograms and maxima."""
     buckets = aggregates.per_bucket(window, host)
     whole = aggregates.total(buckets)
     series = [line(key, name, [bucket.percentile(q) for bucket in buckets]) for key, name, q in PERCENTILES]
@@ -99,7 +93,7 @@ def codes(window: Window, host: str | None) -> dict[str, Any]:
     return chart(window, series, totals={item["key"]: sum(item["data"]) for item in series})
 
 
-def hosts(window: Window, circuits: dict[str, Circuit]) -> dict[str, Any]:
+def hosts(window: Window, circuits: dict[str, OpenCircuit]) -> dict[str, Any]:
     """The destination hosts of the window, busiest first, with their circuit's state."""
     sums = aggregates.per_host(window)
     busiest = sorted(sums, key=lambda host: (-sum(sums[host].outcomes.values()), host))[:HOST_ROWS]
@@ -111,8 +105,7 @@ def hosts(window: Window, circuits: dict[str, Circuit]) -> dict[str, Any]:
     }
 
 
-def host_row(host: str, sums: Sums, circuit: Circuit | None) -> dict[str, Any]:
-    zone = timezone.get_current_timezone()
+def host_row(host: str, sums: Sums, circuit: OpenCircuit | None) -> dict[str, Any]:
     return {
         "host": host,
         "attempts": sums.sent,
@@ -123,9 +116,13 @@ def host_row(host: str, sums: Sums, circuit: Circuit | None) -> dict[str, Any]:
         "success_rate": sums.success_rate(),
         "mean_ms": sums.mean_latency(),
         "p95_ms": sums.percentile(0.95),
-        "circuit": (
-            {"state": "open", "until": circuit.open_until.astimezone(zone).isoformat(), "failures": circuit.failures}
-            if circuit
-            else {"state": "closed"}
-        ),
+        "circuit": circuit_state(circuit),
     }
+
+
+def circuit_state(circuit: OpenCircuit | None) -> dict[str, Any]:
+    """ "closed", "open" until a time, or "probe_due" since that time."""
+    if circuit is None:
+        return {"state": "closed"}
+    until = datetime.fromtimestamp(circuit.until, UTC).astimezone(timezone.get_current_timezone())
+    return {"state": circuit.state, "until": until.isoformat(), "failures": circuit.failures}

@@ -1,14 +1,12 @@
 """Live figures from Redis: the work waiting now, the workers, and the circuits."""
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from rq import Worker
 from rq.registry import FailedJobRegistry
 
-from dashboard.charts import Circuit
-from delivery.circuit import open_circuits
+from delivery.circuit import OpenCircuit, count_circuits, open_circuits
 from postbackproject import inbox, keys
 from postbackproject.queue import get_connection, get_queue
 
@@ -18,6 +16,7 @@ def figures() -> dict[str, Any]:
     queue = get_queue()
     waiting = inbox.waiting_counts()
     this_minute = int(time.time() // 60 * 60)
+    still_open, probe_due = count_circuits(get_connection())
     return {
         "inbox_entries": waiting["entries"],
         "in_delivery": waiting["pending"],
@@ -25,7 +24,9 @@ def figures() -> dict[str, Any]:
         "failed_jobs": FailedJobRegistry(queue=queue).count,
         "workers": Worker.count(queue=queue),
         "accepted_this_minute": unfolded_accepted().get(this_minute, 0),
-        "open_circuits": len(open_circuits()),
+        "open_circuits": still_open,
+        # Open circuits whose time has passed: their next postback goes out as the probe.
+        "probe_due_circuits": probe_due,
     }
 
 
@@ -36,5 +37,5 @@ def unfolded_accepted() -> dict[int, int]:
     return {int(minute): int(count) for minute, count in counts.items()}
 
 
-def circuits() -> dict[str, Circuit]:
-    return {host: Circuit(datetime.fromtimestamp(until, UTC), failures) for host, until, failures in open_circuits()}
+def circuits() -> dict[str, OpenCircuit]:
+    return {circuit.host: circuit for circuit in open_circuits()}

@@ -23,7 +23,7 @@ ChartView = Callable[[HttpRequest, Window, str | None], dict[str, Any]]
 CHARTS = [
     ("volume", "Volume", "Postbacks accepted, and attempts by outcome."),
     ("success", "Success rate", "Sent attempts answered 2xx, and finished postbacks delivered (%)."),
-    ("latency", "Latency", "Response time percentiles (ms), from histogram buckets."),
+    ("latency", "Latency", "Response time percentiles (ms), from histogram buckets; never above the slowest response."),
     ("codes", "Response codes", "Sent attempts by status class; no response: refused or timed out."),
 ]
 

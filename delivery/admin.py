@@ -6,6 +6,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.db import models
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -20,12 +21,14 @@ from delivery.circuit import close_circuits, open_circuits
 from delivery.forms import BulkReplayForm, DeliverySettingsForm, SigningSecretForm
 from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings, QueueMonitor, SigningSecret
 from delivery.replay import failed_between, replay
+from postbackproject.numbers import PlainNumberInput
 from postbackproject.postback import METHODS
 
 
 @admin.register(DeliverySettings)
 class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
     form = DeliverySettingsForm
+    formfield_overrides = {models.FloatField: {"widget": PlainNumberInput}}
     fieldsets = [
         ("Retries", {"fields": ["max_attempts", "backoff_base_seconds", "backoff_factor", "backoff_max_seconds"]}),
         ("URL values", {"fields": ["unmatched_default", "max_url_bytes"]}),
@@ -295,8 +298,13 @@ class CircuitBreakerAdmin(admin.ModelAdmin[CircuitBreaker]):
             return self._close(request)
         try:
             circuits = [
-                {"host": host, "until": datetime.fromtimestamp(until, UTC), "failures": failures}
-                for host, until, failures in open_circuits()
+                {
+                    "host": circuit.host,
+                    "until": datetime.fromtimestamp(circuit.until, UTC),
+                    "failures": circuit.failures,
+                    "probe_due": circuit.probe_due,
+                }
+                for circuit in open_circuits()
             ]
         except RedisError as exc:
             circuits = []

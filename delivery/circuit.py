@@ -25,9 +25,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis import Redis
+from redis.client import Pipeline
 
 from delivery.clock import Clock, RedisClock
 from delivery.hosts import host_of
@@ -272,14 +273,51 @@ def process_circuits() -> Circuits:
     return Circuits(f"{socket.gethostname()}-{os.getpid()}", connection, clock, RedisClock(connection, clock))
 
 
-def open_circuits() -> list[tuple[str, float, int]]:
-    """Hosts whose circuit is open: (host, open until as Unix time, failures in a row)."""
+class OpenCircuit(NamedTuple):
+    """A host's circuit as staff and dashboards see it: open until `until`, then probe due."""
+
+    host: str
+    until: float  # Unix time, on Redis's clock
+    failures: int  # failures in a row
+    # Its open time has passed: the next postback for the host goes out as the probe. It stays
+    # so until that probe is answered (closed) or fails (open again), or is forgotten
+    # FORGET_AFTER_MS after its time if no postback for the host comes.
+    probe_due: bool
+
+    @property
+    def state(self) -> str:
+        return "probe_due" if self.probe_due else "open"
+
+
+def open_circuits() -> list[OpenCircuit]:
+    """Hosts whose circuit is open or waits for its probe, judged by Redis's clock (as workers
+    judge it)."""
     connection = get_connection()
-    opened: list[tuple[bytes, float]] = connection.zrange(keys.CIRCUITS_OPEN, 0, -1, withscores=True)  # type: ignore[assignment]
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.zrange(keys.CIRCUITS_OPEN, 0, -1, withscores=True)
+        pipe.time()
+        opened, (seconds, micros) = pipe.execute()
     if not opened:
         return []
+    now_ms = seconds * 1000 + micros // 1000
     counts: list[bytes | None] = connection.hmget(keys.CIRCUITS_FAILURES, [host for host, _ in opened])  # type: ignore[assignment]
-    return [(host.decode(), score / 1000, int(count or 0)) for (host, score), count in zip(opened, counts, strict=True)]
+    return [
+        OpenCircuit(host.decode(), score / 1000, int(count or 0), probe_due=score <= now_ms)
+        for (host, score), count in zip(opened, counts, strict=True)
+    ]
+
+
+# How many circuits are still open and how many wait for their probe, by Redis's clock: two
+# counts, whatever the number of hosts.
+_COUNT = """
+local now = now_ms()
+return {redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf'), redis.call('ZCOUNT', KEYS[1], '-inf', now)}
+"""
+
+
+def count_circuits(client: Redis | Pipeline) -> Any:
+    """[still open, probe due]; on a pipeline, queued (the counts come with its results)."""
+    return scripts.run(_COUNT, [keys.CIRCUITS_OPEN], [], client=client)
 
 
 def close_circuits(hosts: Iterable[str]) -> int:

@@ -271,6 +271,11 @@ class RollupCounts(models.Model):
 
     attempts = models.PositiveIntegerField(default=0)
     latency_ms_sum = models.FloatField(default=0)
+    latency_ms_max = models.FloatField(
+        default=0,
+        help_text="The longest response time (ms) of these attempts: a percentile read from the "
+        "histogram is interpolated up to it, never beyond.",
+    )
     le_5ms = _bucket("5 ms or less")
     le_10ms = _bucket("5 to 10 ms")
     le_25ms = _bucket("10 to 25 ms")

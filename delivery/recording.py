@@ -1,5 +1,10 @@
 """Recording attempts: one DeliveryAttempt row and one JSON log line per try.
 
+The log has a line for each row written, and for nothing else: a try recorded already (a
+deferred try deferred again keeps its first row; a try written again after a crash) adds no
+row and no line. The one exception is a row the database refuses even without its texts: its
+line is then its only record, and an error line says so.
+
 This is the hot path (thousands of tries a second per worker), so a try is recorded as a
 `Record`, not a model instance, and written with plain SQL: in bulk, one INSERT per batch of
 finished tries, with their per-minute rollups in the same transaction (`delivery.rollups`).
@@ -156,20 +161,21 @@ def _column_values(row: Record) -> tuple[Any, ...]:
     )
 
 
-def save_attempts(rows: Sequence[Record], wait: Callable[[float], None] = time.sleep) -> None:
+def save_attempts(rows: Sequence[Record], wait: Callable[[float], None] = time.sleep) -> list[Record]:
     """Insert rows, retrying while the database is down; one bad row never costs the others.
+    Returns the rows to log: those written (not those recorded before), and any the database
+    refused outright.
 
     `wait(seconds)` passes the time between retries: a drainer renews its lease there (so that
     nobody takes its entries meanwhile) and takes the replies of requests already sent.
     """
     if not rows:
-        return
+        return []
     deadline = time.monotonic() + DATABASE_OUTAGE_SECONDS
     failures = 0
     while True:
         try:
-            _insert(rows)
-            return
+            return _insert(rows)
         except (OperationalError, InterfaceError):
             pause = _RETRY_WAITS[min(failures, len(_RETRY_WAITS) - 1)]
             failures += 1
@@ -180,28 +186,30 @@ def save_attempts(rows: Sequence[Record], wait: Callable[[float], None] = time.s
             wait(pause)
 
 
-def _insert(rows: Sequence[Record]) -> None:
+def _insert(rows: Sequence[Record]) -> list[Record]:
     try:
-        _insert_counted(rows)
+        return _insert_counted(rows)
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError:
         logger.warning("bulk insert of %d attempt rows refused; writing them one by one", len(rows), exc_info=True)
-        for row in rows:
-            _insert_one(row)
+        return [written for row in rows for written in _insert_one(row)]
 
 
-def _insert_counted(rows: Sequence[Record]) -> None:
-    """The rows and their rollups, in one transaction: counted if and only if inserted."""
+def _insert_counted(rows: Sequence[Record]) -> list[Record]:
+    """The rows and their rollups, in one transaction: counted if and only if inserted.
+    Returns the rows inserted."""
     with transaction.atomic():
-        add_to_rollups(insert_new_attempts(rows))
+        inserted = insert_new_attempts(rows)
+        add_to_rollups(inserted)
+    return inserted
 
 
-def _insert_one(row: Record) -> None:
-    """One row alone; if the database still refuses it, the row keeps only what it accepts."""
+def _insert_one(row: Record) -> list[Record]:
+    """One row alone; if the database still refuses it, the row keeps only what it accepts.
+    Returns it if it was inserted, or could not be at all (to be logged: its only record)."""
     try:
-        _insert_counted([row])
-        return
+        return _insert_counted([row])
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError as exc:
@@ -210,11 +218,12 @@ def _insert_one(row: Record) -> None:
     row.request_body = ""
     row.error = storable(f"{row.error} [this row's texts were refused by the database: {refusal}]", ERROR_MAX_CHARS)
     try:
-        _insert_counted([row])
+        return _insert_counted([row])
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError:
         logger.exception("attempt %s try %s could not be recorded; its log line stands", row.postback_id, row.attempt)
+        return [row]
 
 
 def _reconnect() -> None:
@@ -236,7 +245,7 @@ def count_in_metrics(rows: Sequence[Record]) -> None:
 
 
 def log_attempts(rows: Sequence[Record]) -> None:
-    """One JSON line per attempt, with the same facts as the row (one log call per batch)."""
+    """One JSON line per row written, with the same facts as the row (one log call per batch)."""
     if rows:
         attempt_log.info("\n".join(json.dumps(_log_fields(row), ensure_ascii=False) for row in rows))
 

@@ -77,11 +77,12 @@ def minute_of(when: datetime) -> datetime:
 
 @dataclass
 class Tally:
-    """The sums of one rollup row: attempts, latency, and its histogram."""
+    """The sums of one rollup row: attempts, latency, its histogram, and its maximum."""
 
     attempts: int = 0
     latency_ms_sum: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_ms_max: float = 0.0
 
     def add(self, latency_ms: float | None) -> None:
         self.attempts += 1
@@ -89,19 +90,23 @@ class Tally:
             return  # deferred: nothing was sent
         self.latency_ms_sum += latency_ms
         self.buckets[bucket_index(latency_ms)] += 1
+        self.latency_ms_max = max(self.latency_ms_max, latency_ms)
 
     def merge(self, other: "Tally") -> None:
         self.attempts += other.attempts
         self.latency_ms_sum += other.latency_ms_sum
         self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.latency_ms_max = max(self.latency_ms_max, other.latency_ms_max)
 
-    def sums(self) -> list[Any]:
-        return [self.attempts, self.latency_ms_sum, *self.buckets]
+    def columns(self) -> list[Any]:
+        """The values of _SUMS, then of _MAXIMA."""
+        return [self.attempts, self.latency_ms_sum, *self.buckets, self.latency_ms_max]
 
 
 # (minute, host, outcome, code class): the key of a DeliveryRollup row.
 MinuteKey = tuple[datetime, str, str, str]
 _SUMS = ["attempts", "latency_ms_sum", *LATENCY_BUCKETS]
+_MAXIMA = ["latency_ms_max"]
 
 
 def bucket_index(latency_ms: float) -> int:
@@ -138,20 +143,28 @@ def add_to_series(tallies: dict[MinuteKey, Tally]) -> None:
         ):
             series[key].merge(counts)
     adapt = connection.ops.adapt_datetimefield_value
-    values = [[int(span), host, adapt(start), o, c, *t.sums()] for (span, host, start, o, c), t in series.items()]
-    upsert_adding(DeliverySeries._meta.db_table, ["span", "host", "start", "outcome", "code_class"], _SUMS, values)
+    values = [[int(span), host, adapt(start), o, c, *t.columns()] for (span, host, start, o, c), t in series.items()]
+    groups = ["span", "host", "start", "outcome", "code_class"]
+    upsert_adding(DeliverySeries._meta.db_table, groups, _SUMS, values, maxima=_MAXIMA)
 
 
 def add_to_minute_rollups(tallies: dict[MinuteKey, Tally]) -> None:
     adapt = connection.ops.adapt_datetimefield_value
-    values = [[adapt(minute), host, o, c, *t.sums()] for (minute, host, o, c), t in tallies.items()]
-    upsert_adding(DeliveryRollup._meta.db_table, ["minute", "host", "outcome", "code_class"], _SUMS, values)
+    values = [[adapt(minute), host, o, c, *t.columns()] for (minute, host, o, c), t in tallies.items()]
+    groups = ["minute", "host", "outcome", "code_class"]
+    upsert_adding(DeliveryRollup._meta.db_table, groups, _SUMS, values, maxima=_MAXIMA)
 
 
 def upsert_adding(
-    table: str, groups: list[str], sums: list[str], values: Sequence[Sequence[Any]], chunk: int = 1000
+    table: str,
+    groups: list[str],
+    sums: list[str],
+    values: Sequence[Sequence[Any]],
+    chunk: int = 1000,
+    maxima: Sequence[str] = (),
 ) -> None:
-    """INSERT rows; where a row of the same group exists, add the sums to it instead.
+    """INSERT rows (values: groups, sums, then maxima); where a row of the same group exists,
+    add the sums to it instead, and keep the larger of each maximum.
 
     Rows go in sorted by their group: every writer then locks shared rows (the all-hosts
     series above all) in the same order, so concurrent workers wait for each other on
@@ -161,9 +174,13 @@ def upsert_adding(
         return
     ordered = sorted(values, key=lambda row: tuple(row[: len(groups)]))
     quote = connection.ops.quote_name
-    columns = groups + sums
+    columns = [*groups, *sums, *maxima]
     row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    additions = ", ".join(f"{quote(c)} = {quote(table)}.{quote(c)} + excluded.{quote(c)}" for c in sums)
+    greatest = "MAX" if connection.vendor == "sqlite" else "GREATEST"  # SQLite's MAX(a, b) is scalar
+    additions = ", ".join(
+        [f"{quote(c)} = {quote(table)}.{quote(c)} + excluded.{quote(c)}" for c in sums]
+        + [f"{quote(c)} = {greatest}({quote(table)}.{quote(c)}, excluded.{quote(c)})" for c in maxima]
+    )
     with connection.cursor() as cursor:
         for start in range(0, len(ordered), chunk):
             part = ordered[start : start + chunk]

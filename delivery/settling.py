@@ -124,11 +124,11 @@ class Settler:
         self.failing.clear()
         self.urgent = False
         rows, follow_ups = self._records(finished, config)
-        save_attempts(rows, wait=wait)
+        written = save_attempts(rows, wait=wait)
         self._commit(follow_ups)
         self.tell_circuits(config, host_reports(finished))
         count_in_metrics(rows)
-        log_attempts(rows)
+        log_attempts(written)
 
     def tell_circuits(self, config: DeliverySettings, reports: dict[str, HostReport], fresh: bool = False) -> None:
         """Report to the circuits (with nothing to report: refresh this process's view), and

@@ -10,7 +10,13 @@ import multiprocessing
 import os
 from typing import Any
 
-from prometheus_client import multiprocess
+from postbackproject.metricsdir import use_shared_metrics_dir
+
+# Before prometheus-client is imported (it reads the folder then), here in the master and so
+# in every worker it forks: all count where /metrics reads (postbackproject/metricsdir.py).
+use_shared_metrics_dir()
+
+from prometheus_client import multiprocess  # noqa: E402
 
 # Where to listen. Loopback only: nginx is the public face in production (it buffers slow
 # clients, each of which would otherwise hold a thread below), and locally nothing else needs it.

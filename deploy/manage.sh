@@ -35,4 +35,9 @@ set -a
 # shellcheck source=/dev/null
 . "$env_file"
 set +a
+# Commands count their metrics where the services do: the units set this folder
+# (postback-web.service); elsewhere the default, var/metrics, is the local run's.
+if [[ $env_file == /etc/postback/* ]]; then
+    export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-/run/postback/metrics}
+fi
 exec "$root/.venv/bin/python" manage.py "$@"

@@ -1,6 +1,7 @@
 """Admin for sender keys: issued here and shown once, listed by prefix, revoked by unticking."""
 
 from django.contrib import admin, messages
+from django.db import models
 from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest, HttpResponse
@@ -10,15 +11,21 @@ from django.utils.cache import add_never_cache_headers
 
 from ingestion.models import SenderKey
 from ingestion.senders import KeyTable
+from postbackproject.numbers import PlainNumberInput, plain_number
 
 
 @admin.register(SenderKey)
 class SenderKeyAdmin(admin.ModelAdmin[SenderKey]):
-    list_display = ["prefix", "name", "active", "rate_limit", "created_at"]
+    list_display = ["prefix", "name", "active", "rate_limit_shown", "created_at"]
     list_filter = ["active"]
     search_fields = ["name", "prefix"]
     readonly_fields = ["prefix", "created_at"]
     actions = ["revoke"]
+    formfield_overrides = {models.FloatField: {"widget": PlainNumberInput}}
+
+    @admin.display(description="rate limit", ordering="rate_limit", empty_value="default")
+    def rate_limit_shown(self, obj: SenderKey) -> str | None:
+        return None if obj.rate_limit is None else plain_number(obj.rate_limit)
 
     def get_fields(self, request: HttpRequest, obj: SenderKey | None = None) -> tuple[str, ...]:
         if obj is None:

@@ -1,9 +1,10 @@
 """Prometheus metrics: counters from every process, gauges read from Redis at scrape time.
 
 Web and worker processes count in prometheus-client's multiprocess mode: each writes its
-counts to files in PROMETHEUS_MULTIPROC_DIR (the same folder for all of them, emptied at boot),
-and `/metrics`, served by any web process, adds them up. Without that variable (tests of one
-process, a shell), counts stay in the process. What describes the shared state (the backlog,
+counts to files in PROMETHEUS_MULTIPROC_DIR (the same folder for all of them, emptied at boot;
+`postbackproject.metricsdir` gives it a default), and `/metrics`, served by any web process,
+adds them up. Without that variable (a folder that cannot be written), counts stay in the
+process. What describes the shared state (the backlog,
 retries waiting, workers, open circuits, Redis memory, readiness) is read when Prometheus
 scrapes, not counted.
 """
@@ -16,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
+from delivery.circuit import count_circuits
 from postbackproject import keys
 from postbackproject.queue import get_connection
 
@@ -49,9 +51,9 @@ class SharedStateCollector(Collector):
                 pipe.xlen(keys.INBOX)
                 pipe.zcard(keys.DUE)
                 pipe.scard(keys.queue_workers(self.queue_name))
-                pipe.zcard(keys.CIRCUITS_OPEN)
+                count_circuits(pipe)
                 pipe.info("memory")
-                depth, due, workers, circuits, memory = pipe.execute()
+                depth, due, workers, (circuits_open, probes_due), memory = pipe.execute()
         except RedisError:
             yield gauge("postback_redis_up", "1 when Redis answered this scrape.", 0)
             yield gauge("postback_ready", "1 when /readyz would answer 200.", 0)
@@ -60,7 +62,14 @@ class SharedStateCollector(Collector):
         yield gauge("postback_queue_depth", "Inbox entries waiting or being delivered.", depth)
         yield gauge("postback_scheduled_retries", "Postbacks waiting for a later try (retries, deferrals).", due)
         yield gauge("postback_workers", "RQ workers registered for the queue.", workers)
-        yield gauge("postback_circuits_open", "Destination hosts whose circuit is open.", circuits)
+        yield gauge(
+            "postback_circuits_open", "Destination hosts whose circuit is open (their postbacks wait).", circuits_open
+        )
+        yield gauge(
+            "postback_circuits_probe_due",
+            "Destination hosts whose circuit's open time has passed: the next postback for one goes out as its probe.",
+            probes_due,
+        )
         yield gauge("postback_redis_used_memory_bytes", "Memory Redis uses.", int(memory.get("used_memory", 0)))
         yield gauge("postback_redis_maxmemory_bytes", "Redis's memory cap (0: none).", int(memory.get("maxmemory", 0)))
         yield gauge("postback_ready", "1 when /readyz would answer 200.", int(self.ready()))

@@ -1,6 +1,7 @@
 """Operations endpoints that belong to no app: health, readiness and metrics."""
 
 import hmac
+from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, connection
@@ -53,10 +54,14 @@ def metrics(request: HttpRequest) -> HttpResponse:
 
 
 def readiness() -> dict[str, str]:
-    return {"redis": _redis_check(), "database": _database_check()}
+    """Each check's answer, "ok" or what is wrong: Redis (reachable, under its memory mark),
+    the database, and the backlog (the inbox under INGEST_MAX_QUEUED_JOBS entries)."""
+    redis, backlog = _redis_and_backlog_checks()
+    return {"redis": redis, "database": _database_check(), "backlog": backlog}
 
 
-def _redis_check() -> str:
+def _redis_and_backlog_checks() -> tuple[str, str]:
+    """Both read in one round trip; without Redis the backlog cannot be known."""
     try:
         redis = get_connection()
         with redis.pipeline(transaction=False) as pipe:
@@ -64,12 +69,22 @@ def _redis_check() -> str:
             pipe.info("memory")
             waiting, memory = pipe.execute()
     except RedisError as exc:
-        return f"unreachable: {exc}"
-    if waiting >= settings.INGEST_MAX_QUEUED_JOBS:
-        return f"backlog full: {waiting} inbox entries (INGEST_MAX_QUEUED_JOBS is {settings.INGEST_MAX_QUEUED_JOBS})"
+        return f"unreachable: {exc}", "unknown: Redis is unreachable"
+    return _memory_check(memory), _backlog_check(waiting)
+
+
+def _memory_check(memory: dict[str, Any]) -> str:
     maxmemory = int(memory.get("maxmemory", 0))
     if maxmemory and int(memory.get("used_memory", 0)) >= REDIS_MEMORY_HIGH_WATER * maxmemory:
         return f"memory nearly full: {memory.get('used_memory_human')} of {memory.get('maxmemory_human')}"
+    return "ok"
+
+
+def _backlog_check(waiting: int) -> str:
+    """The inbox's length against the limit ingestion refuses new requests at (503)."""
+    limit = settings.INGEST_MAX_QUEUED_JOBS
+    if waiting >= limit:
+        return f"full: {waiting} inbox entries, the limit (INGEST_MAX_QUEUED_JOBS) is {limit}"
     return "ok"
 
 

@@ -325,15 +325,22 @@ def database_url_for_processes() -> str:
     return f"postgres://{params['USER']}{password}@{params['HOST']}:{params['PORT']}/{params['NAME']}"
 
 
-def service_env(**overrides: str) -> dict[str, str]:
-    return {
+def service_env(**overrides: str | None) -> dict[str, str]:
+    """The suite's environment for a process, with overrides; an override of None drops the
+    variable."""
+    env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "DATABASE_URL": database_url_for_processes(),
         "REDIS_URL": settings.REDIS_URL,
         "PYTHONUNBUFFERED": "1",
-        **overrides,
     }
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
 
 
 class Processes:
@@ -343,11 +350,11 @@ class Processes:
         self.logs = logs
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def worker(self, **env: str) -> subprocess.Popen[bytes]:
+    def worker(self, **env: str | None) -> subprocess.Popen[bytes]:
         """The production command: `manage.py rqworker postbacks --with-scheduler`."""
         return self.run([str(BASE_DIR / "manage.py"), "rqworker", "postbacks", "--with-scheduler"], **env)
 
-    def web(self, **env: str) -> str:
+    def web(self, **env: str | None) -> str:
         """gunicorn as production runs it, on a free loopback port: its base URL (it may not
         answer yet)."""
         port = free_port()
@@ -355,7 +362,7 @@ class Processes:
         self.run(argv, GUNICORN_BIND=f"127.0.0.1:{port}", **env)
         return f"http://127.0.0.1:{port}"
 
-    def run(self, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+    def run(self, argv: list[str], **env: str | None) -> subprocess.Popen[bytes]:
         log = (self.logs / f"process-{len(self.started)}.log").open("wb")
         process = subprocess.Popen(
             [sys.executable, *argv],

@@ -2,7 +2,10 @@
 feed of changes that keeps each worker's copy up to date, stale state forgotten, and Redis's
 clock deciding when an open circuit lets a probe through."""
 
+import re
 from typing import Any
+
+import pytest
 
 from delivery import circuit
 from delivery.circuit import FORGET_AFTER_MS, Circuits, HostReport
@@ -119,7 +122,7 @@ def test_closing_by_hand_reaches_every_worker():
 def test_open_circuits_lists_hosts_with_their_time_and_failures():
     report(a_worker(), {"down.example": failures(THRESHOLD + 2)})
 
-    [(host, until, count)] = circuit.open_circuits()
+    [(host, until, count, _)] = circuit.open_circuits()
 
     assert (host, count) == ("down.example", THRESHOLD + 2)
     assert redis_ms() / 1000 < until <= redis_ms() / 1000 + OPEN_SECONDS
@@ -156,7 +159,7 @@ def test_a_circuit_open_for_longer_than_that_is_kept():
 
     report(a_worker(), {})
 
-    assert [host for host, _, _ in circuit.open_circuits()] == ["slow.example"]
+    assert [found.host for found in circuit.open_circuits()] == ["slow.example"]
 
 
 def test_a_refresh_reads_what_changed_not_what_is_open_or_failing(monkeypatch):
@@ -185,3 +188,29 @@ def test_a_refresh_reads_what_changed_not_what_is_open_or_failing(monkeypatch):
     hosts = replies[-1][3][::3]
     assert b"failing-1.example" in hosts and len(hosts) < 10  # what changed since its last read
     assert worker.failures_in_row("failing-1.example") == 3
+
+
+def a_circuit_past_its_time_and_one_still_open() -> None:
+    now = redis_ms()
+    get_connection().zadd(keys.CIRCUITS_OPEN, {"back.example": now - 1000, "down.example": now + 60_000})
+    get_connection().hset(keys.CIRCUITS_FAILURES, mapping={"back.example": 4, "down.example": 9})
+
+
+def test_a_circuit_whose_open_time_has_passed_is_listed_as_probe_due_not_open():
+    a_circuit_past_its_time_and_one_still_open()
+
+    found = {listed.host: listed for listed in circuit.open_circuits()}
+
+    assert (found["back.example"].state, found["back.example"].failures) == ("probe_due", 4)
+    assert (found["down.example"].state, found["down.example"].failures) == ("open", 9)
+    assert circuit.count_circuits(get_connection()) == [1, 1]
+
+
+@pytest.mark.django_db
+def test_admin_lists_a_circuit_whose_open_time_has_passed_as_probe_due(admin_client):
+    a_circuit_past_its_time_and_one_still_open()
+
+    page = admin_client.get("/admin/delivery/circuitbreaker/").content.decode()
+
+    states = dict(re.findall(r'title="[^"]*">([a-z.]+)</a></td>\s*<td class="circuit-state">([a-z ]+)</td>', page))
+    assert states == {"back.example": "probe due", "down.example": "open"}

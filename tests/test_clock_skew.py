@@ -84,7 +84,7 @@ def test_a_worker_with_a_wrong_clock_opens_and_probes_circuits_by_redis_clock(cl
     processes.worker(**skewed_clock(skew))
 
     wait_until(lambda: circuit.open_circuits(), timeout=30, what="the circuit to open")
-    [(_, until, _)] = circuit.open_circuits()
+    [(_, until, _, _)] = circuit.open_circuits()
     assert before + 3 <= until <= redis_now() + 3
 
     wait_until(lambda: success_ids() == set(ids), timeout=30, what="every postback delivered")

@@ -1,5 +1,6 @@
 """The dashboard's JSON endpoints against known attempts: what each chart and table says."""
 
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -9,6 +10,7 @@ import pytest
 from django.contrib.auth.models import User
 
 from dashboard import ranges
+from delivery.models import LATENCY_BOUNDS_MS
 from delivery.recording import Record, save_attempts
 from postbackproject import keys
 from postbackproject.queue import get_connection
@@ -153,6 +155,53 @@ def test_latency_percentiles_come_from_the_histogram_buckets(analyst):
     assert totals["mean"] == pytest.approx((90 * 3 + 10 * 400) / 100)
 
 
+def exact_percentile(latencies: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of the latencies themselves."""
+    ordered = sorted(latencies)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
+def tolerance(exact: float, slowest: float) -> float:
+    """How far a histogram's percentile may be from the exact one: the width of the bucket
+    holding the exact one, cut at the slowest latency."""
+    lower = max((bound for bound in LATENCY_BOUNDS_MS if bound < exact), default=0)
+    upper = min((bound for bound in LATENCY_BOUNDS_MS if bound >= exact), default=slowest)
+    return min(upper, slowest) - lower
+
+
+def assert_true_percentile(reported: float, latencies: list[float], fraction: float) -> None:
+    exact, slowest = exact_percentile(latencies, fraction), max(latencies)
+    assert reported <= slowest
+    assert abs(reported - exact) <= tolerance(exact, slowest), (fraction, reported, exact)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "host"),
+    [
+        ("2026-11-29T10:00Z", "2026-11-29T10:05Z", None),  # the all-hosts series, by the minute
+        ("2026-11-29T10:00Z", "2026-11-29T10:05Z", "a.example"),  # the minute rollups
+        ("2026-11-26T00:00Z", "2026-11-30T00:00Z", "a.example"),  # the hourly series
+    ],
+)
+def test_latency_percentiles_never_exceed_the_slowest_attempt_and_stay_near_the_exact_ones(analyst, start, end, host):
+    when = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
+    # A fast group, and a slow one at the bottom of the wide 1-2.5 s bucket: 1,027 ms at most.
+    latencies = [120.0 + 2.5 * i for i in range(40)] + [1000.5 + 0.4 * i for i in range(59)] + [1027.0]
+    save_attempts(
+        [attempt(when + timedelta(seconds=1.1 * i), ms=ms, postback=f"p{i}") for i, ms in enumerate(latencies)]
+    )
+    params = {"host": host} if host else {}
+
+    body = custom(analyst, "latency", start, end, **params)
+    for key, fraction in [("p50", 0.50), ("p95", 0.95), ("p99", 0.99)]:
+        assert_true_percentile(body["totals"][key], latencies, fraction)
+        if body["window"]["bucket_seconds"] == 60:  # each minute against its own attempts
+            assert_true_percentile(series(body, key)[0], latencies[:55], fraction)  # 0 to 59.4 s
+            assert_true_percentile(series(body, key)[1], latencies[55:], fraction)
+    [row] = custom(analyst, "hosts", start, end)["hosts"]
+    assert_true_percentile(row["p95_ms"], latencies, 0.95)
+
+
 def test_a_range_across_midnight_keeps_each_attempt_in_its_local_bucket(analyst, settings):
     settings.TIME_ZONE = "America/New_York"
     zone = ZoneInfo("America/New_York")
@@ -282,7 +331,21 @@ def test_live_figures_come_from_redis(analyst):
         "workers": 0,
         "accepted_this_minute": 0,
         "open_circuits": 0,
+        "probe_due_circuits": 0,
     }
+
+
+def test_circuits_whose_open_time_has_passed_are_probe_due_in_live_figures_and_the_host_table(analyst):
+    redis = get_connection()
+    seconds, micros = redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    redis.zadd(keys.CIRCUITS_OPEN, {"back.example": now_ms - 1000, "down.example": now_ms + 60_000})
+
+    live = get(analyst, "live")
+    assert (live["open_circuits"], live["probe_due_circuits"]) == (1, 1)
+    rows = {row["host"]: row for row in get(analyst, "hosts", range="1h")["hosts"]}
+    assert rows["back.example"]["circuit"]["state"] == "probe_due"
+    assert rows["down.example"]["circuit"]["state"] == "open"
 
 
 @pytest.mark.parametrize(

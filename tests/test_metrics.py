@@ -1,15 +1,20 @@
 """/metrics: Prometheus's text format, behind a bearer token, adding up every process."""
 
+import json
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from delivery.models import DeliverySettings
+from postbackproject import keys
+from postbackproject.queue import get_connection
 from postbackproject.settings import BASE_DIR
-from tests.conftest import Reply, ingest_json, run_worker, success_ids, wait_until
+from tests.conftest import Reply, http_answers, ingest_json, run_worker, service_env, success_ids, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -68,6 +73,64 @@ def test_metrics_add_up_ingestion_here_and_delivery_in_a_worker_process(client, 
     assert now[("postback_workers", ())] >= 1
     assert now[("postback_ready", ())] == 1
     assert now[("postback_redis_up", ())] == 1
+
+
+def test_circuits_past_their_open_time_are_counted_as_probe_due_not_open(client, token):
+    redis = get_connection()
+    seconds, micros = redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    redis.zadd(keys.CIRCUITS_OPEN, {"back.example": now_ms - 1000, "gone.example": now_ms - 2000})
+    redis.zadd(keys.CIRCUITS_OPEN, {"down.example": now_ms + 60_000})
+
+    figures = scrape(client, token)
+
+    assert figures[("postback_circuits_open", ())] == 1
+    assert figures[("postback_circuits_probe_due", ())] == 2
+
+
+def scraped(base_url: str, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = requests.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert response.status_code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_web_and_worker_started_directly_without_a_metrics_folder_share_the_default_one(receiver, processes):
+    """gunicorn and rqworker as the contract starts them, PROMETHEUS_MULTIPROC_DIR unset."""
+    web = processes.web(WEB_CONCURRENCY="2", METRICS_TOKEN="scrape-me", PROMETHEUS_MULTIPROC_DIR=None)
+    wait_until(lambda: http_answers(f"{web}/healthz"), timeout=30, what="the web process")
+    before = scraped(web, "scrape-me")
+    document = {"endpoint": {"method": "GET", "url": receiver.url("/d?n={n}")}, "data": [{"n": 1}, {"n": 2}]}
+    assert requests.post(f"{web}/ingest.php", data=json.dumps(document), timeout=10).status_code == 202
+
+    processes.worker(PROMETHEUS_MULTIPROC_DIR=None)
+    wait_until(lambda: len(success_ids()) == 2, timeout=30, what="two deliveries by the worker process")
+
+    def counted(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return scraped(web, "scrape-me").get(key, 0) - before.get(key, 0)
+
+    wait_until(lambda: counted("postback_delivery_attempts_total", outcome="success") == 2, what="the worker's counts")
+    assert counted("postback_delivery_duration_seconds_count") == 2
+    assert counted("postback_ingested_total") == 2
+    assert (BASE_DIR / "var" / "metrics").is_dir()
+
+
+def test_a_metrics_folder_that_cannot_be_made_is_a_warning_and_the_process_runs_on(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = service_env(PROMETHEUS_MULTIPROC_DIR=str(blocker / "metrics"))
+
+    checked = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert checked.returncode == 0, checked.stderr
+    assert f"metrics folder {blocker / 'metrics'} unusable: it cannot be created" in checked.stderr
+    assert "/metrics will not show them" in checked.stderr
 
 
 def referenced_series(text: str) -> set[str]:

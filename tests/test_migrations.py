@@ -81,3 +81,34 @@ def test_attempts_recorded_before_rollups_get_their_hosts_and_rollups_as_the_liv
     DeliverySeries.objects.all().delete()
     add_to_rollups(rows)
     assert migrated == (every(DeliveryRollup), every(DeliverySeries))
+
+
+def test_rollups_from_before_maxima_take_their_attempts_maximum_or_else_their_histograms_bound():
+    old = migrate(BEFORE_ROLLUPS)
+    Attempt = old.get_model("delivery", "DeliveryAttempt")
+    first, second = datetime(2026, 11, 27, 10, 1, tzinfo=UTC), datetime(2026, 11, 27, 10, 2, tzinfo=UTC)
+    tries = [(first, 40.0), (first, 70.5), (second, 300.0), (second, 1027.0)]
+    Attempt.objects.bulk_create(
+        Attempt(
+            postback_id=f"p-{n}",
+            attempt=1,
+            method="GET",
+            url="http://r.example/",
+            delivered_at=when,
+            response_code=200,
+            response_time_ms=ms,
+            outcome="success",
+        )
+        for n, (when, ms) in enumerate(tries)
+    )
+    before_maxima = migrate([("delivery", "0010_per_host_cap_off_by_default")])
+    before_maxima.get_model("delivery", "DeliveryAttempt").objects.filter(response_time_ms=1027.0).delete()  # pruned
+
+    migrate(latest())
+
+    minutes = dict(DeliveryRollup.objects.values_list("minute", "latency_ms_max"))
+    assert minutes == {first: 70.5, second: 2500.0}  # whole: exact; pruned in part: its bucket's top
+    all_hosts = dict(DeliverySeries.objects.filter(span=60, host="*").values_list("start", "latency_ms_max"))
+    assert all_hosts == {first: 70.5, second: 2500.0}
+    hours = set(DeliverySeries.objects.filter(span=3600).values_list("host", "latency_ms_max"))
+    assert hours == {("r.example", 2500.0), ("*", 2500.0)}

@@ -37,7 +37,7 @@ def test_readyz_is_ready_when_redis_and_the_database_answer(client):
     response = client.get("/readyz")
 
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "checks": {"redis": "ok", "database": "ok"}}
+    assert response.json() == {"status": "ready", "checks": {"redis": "ok", "database": "ok", "backlog": "ok"}}
 
 
 @pytest.mark.django_db
@@ -49,6 +49,7 @@ def test_readyz_says_redis_is_down(client):
     assert response.status_code == 503
     assert response.json()["checks"]["database"] == "ok"
     assert response.json()["checks"]["redis"].startswith("unreachable")
+    assert response.json()["checks"]["backlog"] == "unknown: Redis is unreachable"
     assert response.json()["error"].startswith("not ready: redis: unreachable")
 
 
@@ -60,7 +61,10 @@ def test_readyz_says_the_backlog_is_full(client, settings):
     response = client.get("/readyz")
 
     assert response.status_code == 503
-    assert response.json()["checks"]["redis"].startswith("backlog full: 1 inbox entries")
+    checks = response.json()["checks"]
+    assert checks["backlog"] == "full: 1 inbox entries, the limit (INGEST_MAX_QUEUED_JOBS) is 1"
+    assert (checks["redis"], checks["database"]) == ("ok", "ok")
+    assert response.json()["error"] == f"not ready: backlog: {checks['backlog']}"
 
 
 @pytest.mark.django_db
@@ -73,6 +77,7 @@ def test_readyz_says_redis_memory_is_nearly_full(client, clean_redis):
 
     assert response.status_code == 503
     assert response.json()["checks"]["redis"].startswith("memory nearly full")
+    assert response.json()["checks"]["backlog"] == "ok"
 
 
 def test_readyz_says_the_database_is_down_and_healthz_still_answers(processes, tmp_path):

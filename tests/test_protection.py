@@ -1,7 +1,9 @@
 """One receiver cannot hurt the others: a deadline per request, in-flight limits per host,
 and circuit breakers shared by every worker."""
 
+import json
 import time
+from collections import Counter
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -112,12 +114,36 @@ def test_a_circuit_opens_after_failures_in_a_row_and_defers_without_sending(clie
     deferred = DeliveryAttempt.objects.filter(outcome="deferred")
     assert all(f"circuit open for 127.0.0.1:{receiver.port}" in row.error for row in deferred)
     assert sorted(row.attempt for row in deferred) == [1, 1, 1, 2, 2, 2]  # deferring uses up no attempt
-    [(host, until, failures)] = circuit.open_circuits()
+    [(host, until, failures, _)] = circuit.open_circuits()
     assert (host, failures) == (f"127.0.0.1:{receiver.port}", 3)
     assert 25 < until - time.time() <= 30
     waiting = {item.postback_id: (item.attempt, due) for item, due in scheduled_retries()}
     assert waiting.keys() == set(ids)
     assert all(due >= until for attempt, due in waiting.values() if attempt == 1)
+
+
+def test_the_attempt_log_has_one_line_per_row_written_by_outcome_however_often_a_try_is_deferred(
+    client, receiver, caplog
+):
+    with caplog.at_level("INFO", logger="delivery.attempts"):
+        open_circuit_on(client, receiver)
+        for _ in range(2):  # their time comes while the circuit is still open: deferred again
+            release_scheduled()
+            run_worker()
+        receiver.default = Reply()
+        circuit.close_circuits([f"127.0.0.1:{receiver.port}"])
+        deliver_everything()
+
+    lines = [
+        json.loads(text)
+        for record in caplog.records
+        if record.name == "delivery.attempts"
+        for text in record.getMessage().splitlines()
+    ]
+    logged = Counter((line["outcome"], line["postback_id"], line["attempt"]) for line in lines)
+    rows = Counter(DeliveryAttempt.objects.values_list("outcome", "postback_id", "attempt"))
+    assert logged == rows
+    assert Counter(outcome for outcome, _, _ in rows.elements()) == {"retry": 3, "deferred": 6, "success": 6}
 
 
 def test_a_flaky_host_failing_six_times_in_a_row_keeps_its_circuit_closed_by_default(client, receiver):
@@ -180,7 +206,7 @@ def test_a_failed_probe_opens_the_circuit_for_twice_as_long(client, receiver):
     run_worker()
 
     assert len(receiver.requests) == 4  # three failures, then one probe
-    [(_, until, _)] = circuit.open_circuits()
+    [(_, until, _, _)] = circuit.open_circuits()
     assert 55 < until - time.time() <= 60
 
 

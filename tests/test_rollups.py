@@ -109,6 +109,17 @@ def test_the_series_sum_all_hosts_per_minute_and_each_host_per_hour():
     assert not DeliverySeries.objects.filter(span=Span.MINUTE).exclude(host=ALL_HOSTS).exists()
 
 
+def test_each_rollup_keeps_the_longest_latency_of_its_attempts_across_writes():
+    when = datetime(2026, 11, 29, 12, 30, 1, tzinfo=UTC)
+    save_attempts([attempt("a", "a.example", when, ms=40.0), attempt("b", "a.example", when, ms=1027.0)])
+    save_attempts([attempt("c", "a.example", when, ms=300.0), attempt("d", "b.example", when, ms=2000.0)])
+
+    assert DeliveryRollup.objects.get(host="a.example").latency_ms_max == 1027.0
+    assert DeliverySeries.objects.get(span=Span.HOUR, host="a.example").latency_ms_max == 1027.0
+    assert DeliverySeries.objects.get(span=Span.MINUTE, host=ALL_HOSTS).latency_ms_max == 2000.0
+    assert DeliverySeries.objects.get(span=Span.HOUR, host=ALL_HOSTS).latency_ms_max == 2000.0
+
+
 def test_a_try_recorded_twice_is_counted_once():
     row = Record(
         postback_id="p-0",

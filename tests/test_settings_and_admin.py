@@ -1,6 +1,7 @@
 """Runtime delivery settings (command line and admin) and the admin's attempt log."""
 
 import io
+import re
 
 import pytest
 from django.contrib.auth.models import User
@@ -10,6 +11,7 @@ from django.utils import timezone
 
 from delivery.admin import CappedPaginator
 from delivery.models import DeliveryAttempt, DeliverySettings
+from ingestion.models import SenderKey
 
 pytestmark = pytest.mark.django_db
 
@@ -34,6 +36,39 @@ def test_the_command_prints_the_defaults():
     assert "backoff_factor = 4" in printed
     assert "backoff_max_seconds = 3600" in printed
     assert "unmatched_default = ''" in printed
+
+
+def test_the_command_prints_whole_numbers_as_whole_numbers_and_keeps_decimals_otherwise():
+    lines = run_command("--set", "backoff_max_seconds=3600", "--set", "connect_timeout_seconds=2.5").splitlines()
+
+    assert "backoff_max_seconds = 3600" in lines
+    assert "backoff_factor = 4" in lines
+    assert "connect_timeout_seconds = 2.5" in lines
+    assert "sign_postbacks = False" in lines
+
+
+def test_the_settings_form_shows_whole_numbers_as_whole_numbers(staff_client):
+    DeliverySettings(backoff_max_seconds=3600, connect_timeout_seconds=2.5).save()
+
+    page = staff_client.get("/admin/delivery/deliverysettings/1/change/").content.decode()
+
+    assert 'name="backoff_max_seconds" value="3600"' in page
+    assert 'name="connect_timeout_seconds" value="2.5"' in page
+    assert not re.search(r'value="[0-9]+\.0"', page)
+
+
+def test_the_sender_key_list_shows_rate_limits_as_typed(staff_client):
+    for name, rate in [("whole", 2.0), ("half", 0.5), ("default", None)]:
+        sender = SenderKey(name=name, rate_limit=rate)
+        sender.issue_key()
+        sender.save()
+
+    page = staff_client.get("/admin/ingestion/senderkey/").content.decode()
+    cells = dict(re.findall(r'field-name">(whole|half|default)<.*?field-rate_limit_shown">([^<]*)<', page, re.S))
+
+    assert cells == {"whole": "2", "half": "0.5", "default": "default"}
+    edit = staff_client.get(f"/admin/ingestion/senderkey/{SenderKey.objects.get(name='whole').pk}/change/")
+    assert 'name="rate_limit" value="2"' in edit.content.decode()
 
 
 def test_the_command_changes_several_settings():

@@ -183,9 +183,12 @@
   }
 
   function circuitText(circuit) {
-    if (circuit.state !== "open") return "closed";
-    const until = new Date(circuit.until);
-    return "open until " + clock.format(until) + " (" + circuit.failures + " failures in a row)";
+    if (circuit.state === "closed") return "closed";
+    const until = clock.format(new Date(circuit.until));
+    const failures = " (" + circuit.failures + " failures in a row)";
+    // Its open time has passed: the host's next postback goes out as the probe.
+    if (circuit.state === "probe_due") return "probe due since " + until + failures;
+    return "open until " + until + failures;
   }
 
   async function loadHosts(query) {

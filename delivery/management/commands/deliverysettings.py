@@ -7,6 +7,7 @@ from django.forms.models import model_to_dict
 
 from delivery.forms import EDITABLE_FIELDS, DeliverySettingsForm
 from delivery.models import DeliverySettings
+from postbackproject.numbers import plain_number
 
 
 def parse_assignment(text: str) -> tuple[str, str]:
@@ -16,6 +17,11 @@ def parse_assignment(text: str) -> tuple[str, str]:
     if name not in EDITABLE_FIELDS:
         raise CommandError(f"unknown setting {name!r}; settings: {', '.join(EDITABLE_FIELDS)}")
     return name, value
+
+
+def shown(value: object) -> str:
+    """A setting as typed: numbers plainly (3600, 2.5), text quoted ('' shows an empty one)."""
+    return plain_number(value) if isinstance(value, int | float) else repr(value)
 
 
 class Command(BaseCommand):
@@ -35,7 +41,7 @@ class Command(BaseCommand):
         if options["set"]:
             current = self.apply(current, dict(parse_assignment(text) for text in options["set"]))
         for name in EDITABLE_FIELDS:
-            self.stdout.write(f"{name} = {getattr(current, name)!r}")
+            self.stdout.write(f"{name} = {shown(getattr(current, name))}")
 
     def apply(self, current: DeliverySettings, changes: dict[str, str]) -> DeliverySettings:
         data = {**model_to_dict(current, fields=EDITABLE_FIELDS), **changes}
