@@ -9,11 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import User
 from redis import Redis
 from redis.exceptions import RedisError
 
 from postbackproject.settings import BASE_DIR
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, service_env, wait_until
 
 README = (BASE_DIR / "README.md").read_text()
 
@@ -102,3 +103,28 @@ def test_the_configuration_table_names_every_setting_the_service_reads():
 def test_the_readme_says_how_to_set_up_a_server_and_what_the_sample_does():
     assert "deploy/provision.sh postbacks.example.com" in README
     assert "The sample's host does not exist" in README
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_readmes_createsuperuser_line_works_without_a_terminal(tmp_path):
+    [line] = [line for line in README.splitlines() if line.startswith("DJANGO_SUPERUSER_PASSWORD=")]
+    assert "createsuperuser --noinput --username admin --email admin@example.com" in line
+    password = re.search(r"DJANGO_SUPERUSER_PASSWORD='([^']+)'", line)
+    assert password
+    settings_file = tmp_path / "postback.env"
+    settings_file.write_text("")  # deploy/manage.sh's settings: the suite's, from the environment
+
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", line],
+        cwd=BASE_DIR,
+        env=service_env(POSTBACK_ENV_FILE=str(settings_file)),
+        stdin=subprocess.DEVNULL,  # no terminal, as in a script
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    admin = User.objects.get(username="admin")
+    assert admin.is_superuser and admin.is_staff and admin.email == "admin@example.com"
+    assert admin.check_password(password.group(1))
