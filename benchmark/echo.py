@@ -68,11 +68,8 @@ def make_handler(print_line: Callable[[str], None]) -> type[BaseHTTPRequestHandl
     return EchoHandler
 
 
-def serve(address: str, port: int, print_line: Callable[[str], None]) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+def make_server(address: str, port: int, print_line: Callable[[str], None]) -> ThreadingHTTPServer:
+    """A server listening on address:port (0: a free port; server_address says which)."""
     server = ThreadingHTTPServer((address, port), make_handler(print_line))
     server.daemon_threads = True
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    return server

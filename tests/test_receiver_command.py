@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 
 import pytest
 import requests
@@ -20,6 +21,17 @@ def start_receiver(processes: Processes) -> str:
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_answers(f"{url}/ready"), timeout=30, what="the receiver")
     return url
+
+
+def test_ctrl_c_stops_it_quietly(processes):
+    start_receiver(processes)
+    [receiver] = processes.started
+
+    receiver.send_signal(signal.SIGINT)
+
+    assert receiver.wait(timeout=30) == 0
+    assert printed_lines(processes)[-1] == "Stopped."
+    assert "Traceback" not in processes.output()
 
 
 def printed_lines(processes: Processes) -> list[str]:
