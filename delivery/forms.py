@@ -1,10 +1,15 @@
-"""The one validation of delivery settings, shared by admin and the command line."""
+"""The one validation of delivery settings, shared by admin and the command line; the replay
+page's form, which reads times as `manage.py replay` does."""
 
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from django import forms
+from django.conf import settings
 
 from delivery.models import DeliverySettings, SigningSecret
+from delivery.replay import parse_since, parse_until
 
 EDITABLE_FIELDS = [
     "max_attempts",
@@ -71,12 +76,42 @@ class SigningSecretForm(forms.ModelForm[SigningSecret]):
         return active
 
 
+class RangeEndField(forms.Field):
+    """A time typed as `manage.py replay` takes it, read by the same parser."""
+
+    widget = forms.TextInput
+
+    def __init__(self, parse: Callable[[str], datetime], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parse = parse
+
+    def to_python(self, value: Any) -> datetime | None:
+        if value in self.empty_values or not str(value).strip():
+            return None
+        try:
+            return self.parse(str(value))
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+
+
 class BulkReplayForm(forms.Form):
     """Replay every postback that failed for good in a time range, optionally to one host."""
 
-    since = forms.DateTimeField(help_text="From this time (local time, or ISO 8601 with an offset).")
-    until = forms.DateTimeField(required=False, help_text="To this time (exclusive); empty: up to now.")
+    since = RangeEndField(parse_since)
+    until = RangeEndField(
+        parse_until,
+        required=False,
+        help_text="To this time (exclusive), in the same forms; a date: to the end of that day; empty: up to now.",
+    )
     host = forms.CharField(required=False, max_length=255, help_text="Only postbacks to this host[:port].")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        zone = settings.TIME_ZONE
+        self.fields["since"].help_text = (
+            f"From this time: local time in {zone} (2026-12-04 14:00), ISO 8601 with an offset, "
+            "or a date (from its start)."
+        )
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

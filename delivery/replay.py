@@ -8,7 +8,10 @@ keyed by postback, so replaying twice queues one try.
 """
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
+
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
 
 from delivery.models import DeliveryAttempt, Outcome
 from postbackproject import inbox
@@ -16,6 +19,11 @@ from postbackproject.postback import METHODS_WITH_BODY, Try
 
 # Postbacks looked up and queued per query and transaction.
 REPLAY_CHUNK = 1000
+
+TIME_FORMATS = (
+    "a local time in TIME_ZONE (2026-12-04T14:00 or 2026-12-04 14:00), ISO 8601 with an offset "
+    "(2026-12-04T14:00+01:00, 2026-12-04T13:00Z) or a date (2026-12-04)"
+)
 
 
 def failed_postbacks(postback_ids: Iterable[str]) -> list[DeliveryAttempt]:
@@ -40,6 +48,44 @@ def unknown_postbacks(postback_ids: Iterable[str]) -> set[str]:
         rows = DeliveryAttempt.objects.filter(postback_id__in=chunked[start : start + REPLAY_CHUNK])
         known.update(rows.order_by().values_list("postback_id", flat=True).distinct())
     return ids - known
+
+
+def parse_since(text: str) -> datetime:
+    """The start of a replay range as staff type it, in the command or the admin form: a time
+    (without an offset, in TIME_ZONE) or a date (its first instant). ValueError says what is
+    accepted."""
+    when = parse_range_end(text)
+    if isinstance(when, datetime):
+        return when
+    return local_midnight(when)
+
+
+def parse_until(text: str) -> datetime:
+    """The (exclusive) end of a replay range: as parse_since, but a date means the end of that
+    day, so that `--since D --until D` is the whole of day D."""
+    when = parse_range_end(text)
+    if isinstance(when, datetime):
+        return when
+    return local_midnight(when + timedelta(days=1))
+
+
+def parse_range_end(text: str) -> datetime | date:
+    """An aware datetime, or a date; ValueError for anything else."""
+    stripped = text.strip()
+    try:
+        day = parse_date(stripped)
+        when = parse_datetime(stripped) if day is None else None
+    except ValueError:  # well formed but impossible: 2026-02-30, an offset of +99:00
+        day = when = None
+    if day is not None:
+        return day
+    if when is None:
+        raise ValueError(f"use {TIME_FORMATS}; got {text!r}")
+    return timezone.make_aware(when) if timezone.is_naive(when) else when
+
+
+def local_midnight(day: date) -> datetime:
+    return timezone.make_aware(datetime.combine(day, time()))
 
 
 def failed_between(since: datetime, until: datetime | None = None, host: str = "", url_prefix: str = "") -> set[str]:

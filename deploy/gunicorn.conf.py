@@ -1,6 +1,6 @@
 """Gunicorn settings for the postback web process (ingestion, dashboard, admin).
 
-Used by deploy/Procfile and postback-web.service:
+Used by deploy/local-processes.py (the local run) and postback-web.service:
     gunicorn postbackproject.wsgi:application -c deploy/gunicorn.conf.py
 Every knob below can be overridden on the command line; the environment variables named
 here are the ones meant to differ between machines.
@@ -63,12 +63,12 @@ keepalive = 0
 max_requests = 10000
 max_requests_jitter = 1000
 
-# Access log on stdout (journald / honcho), compact: client (X-Forwarded-For behind nginx),
+# Access log on stdout (journald / the local run), compact: client (X-Forwarded-For behind nginx),
 # request line, status, response bytes and time taken. Set GUNICORN_ACCESS_LOG to an empty
 # value to turn it off when nginx's access log (which has the same facts) is enough.
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
 access_log_format = '%({x-forwarded-for}i)s %(h)s "%(r)s" %(s)s %(B)s %(M)sms'
-# Errors and gunicorn's own messages go to stderr (journald / honcho).
+# Errors and gunicorn's own messages go to stderr (journald / the local run).
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 

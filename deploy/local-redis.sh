@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The `redis` process of deploy/Procfile: the project's Redis for a local run.
+# The `redis` process of deploy/local-processes.py: the project's Redis for a local run.
 #
 # Runs redis-server with deploy/redis.conf, data in var/redis, and the password from
 # var/redis-auth.conf (deploy/run-local.sh writes it). It stays in the foreground, logging to
 # stdout, and exits with Redis's status.
 #
-# Why a wrapper rather than a bare redis-server line: on Ctrl-C honcho sends SIGTERM to
-# every process at once. A worker's warm shutdown finishes the job in hand and then records
-# the result and its own exit in Redis; if Redis had already gone, the job would stay
-# "started" and the worker registered. So Redis runs in a session of its own, out of reach of
-# honcho's SIGTERM, and this script stops it once every other client has disconnected, or
-# after 4 s: honcho SIGKILLs whatever is still running 5 s after the first process exits.
+# Why a wrapper rather than a bare redis-server line: a worker's warm shutdown finishes the job
+# in hand and then records the result and its own exit in Redis; if Redis had already gone,
+# the job would stay "started" and the worker registered. deploy/local-processes.py stops
+# Redis last, after web and workers have exited; run by hand, this script still waits, on
+# SIGTERM or SIGINT, until every other client has disconnected (4 s at most) before stopping
+# Redis, which runs in a session of its own so that a terminal's Ctrl-C reaches only this.
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."

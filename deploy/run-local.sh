@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the whole postback service on this machine (Debian or Ubuntu):
-# Redis on port 6380 (REDIS_PORT), gunicorn on 127.0.0.1:8000 and two RQ workers, under honcho.
+# Redis on port 6380 (REDIS_PORT), gunicorn on 127.0.0.1:8000 and two RQ workers, in the foreground
+# under deploy/local-processes.py (Ctrl-C stops web, then the workers, then Redis).
 #
 #   deploy/run-local.sh          (from anywhere; Ctrl-C stops everything)
 #
@@ -65,7 +66,7 @@ SECURE_HSTS_SECONDS=0
 DELIVERY_ALLOW_NETWORKS=
 # /metrics answers "Authorization: Bearer <this>" (curl -H "Authorization: Bearer \$METRICS_TOKEN").
 METRICS_TOKEN=$metrics_token
-# Ctrl-C: workers wait this long for requests in flight, under honcho's 5 s before it kills.
+# Ctrl-C: each worker waits this long for the requests it has in flight before it stops.
 DELIVERY_STOP_GRACE_SECONDS=4
 # Optional: WEB_CONCURRENCY=4 (gunicorn processes; default 2 x CPU cores + 1),
 # GUNICORN_THREADS=8 (threads in each), GUNICORN_BIND=127.0.0.1:8000 (loopback: no nginx in
@@ -88,7 +89,7 @@ printf 'requirepass %s\n' "$REDIS_PASSWORD" >var/redis-auth.conf.tmp
 mv var/redis-auth.conf.tmp var/redis-auth.conf
 umask 022
 
-# --- 4. Ports: fail now, clearly, rather than inside honcho ---------------------------------
+# --- 4. Ports: fail now, clearly, rather than once the processes start ----------------------
 
 port_in_use() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
@@ -129,7 +130,8 @@ mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 web_url=http://${web_bind#unix:}
 cat <<EOF
 
-The service is starting: Redis :$REDIS_PORT, web $web_bind, workers 1 and 2. Ctrl-C stops it all.
+The service is starting: Redis :$REDIS_PORT, web $web_bind, workers 1 and 2.
+Ctrl-C stops it all, in order: web, then the workers, Redis last.
   Send a postback:   curl -i --data-binary '{"endpoint":{"method":"GET","url":"https://example.com/?k={key}"},"data":[{"key":"v"}]}' $web_url/ingest.php
   Dashboard:         $web_url/dashboard/
   Admin:             $web_url/admin/
@@ -144,5 +146,5 @@ EOF
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 export PATH="$root/.venv/bin:$PATH"
-# No -e: the settings are in the environment already, \${NAME} references expanded.
-exec .venv/bin/honcho -f deploy/Procfile start
+# The settings are in the environment already, \${NAME} references expanded.
+exec .venv/bin/python deploy/local-processes.py

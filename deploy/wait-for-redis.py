@@ -2,7 +2,7 @@
 """Wait until the Redis named by REDIS_URL (or, with REDIS_SENTINELS, the master the sentinels
 name) answers PING, then exit 0.
 
-Runs before the web and worker processes start (deploy/Procfile, and ExecStartPre in the
+Runs before the web and worker processes start (deploy/local-processes.py, and ExecStartPre in the
 systemd units), so that they do not start against a Redis that is still starting or still
 loading its append-only file (Redis answers LOADING until it has).
 

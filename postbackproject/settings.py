@@ -241,7 +241,7 @@ DELIVERY_IDLE_CONNECTIONS: int = env.int("DELIVERY_IDLE_CONNECTIONS", default=20
 DELIVERY_DRAINER_IDLE_SECONDS: float = env.float("DELIVERY_DRAINER_IDLE_SECONDS", default=2.0)
 DELIVERY_DRAINER_MAX_SECONDS: float = env.float("DELIVERY_DRAINER_MAX_SECONDS", default=300.0)
 # A warm shutdown (SIGTERM) waits this long at most for requests in flight; the rest are cut
-# off and sent again by another drainer. Below honcho's 5 s for the local run.
+# off and sent again by another drainer. The local run sets 4, for a quick Ctrl-C.
 DELIVERY_STOP_GRACE_SECONDS: float = env.float("DELIVERY_STOP_GRACE_SECONDS", default=20.0)
 # How often an idle worker moves due retries into the inbox and checks for orphaned work.
 DELIVERY_WORKER_POLL_SECONDS: float = env.float("DELIVERY_WORKER_POLL_SECONDS", default=1.0)

@@ -1,6 +1,7 @@
 """Replaying postbacks that failed for good: same id, same request, a fresh series of tries."""
 
 import io
+import re
 import subprocess
 import sys
 
@@ -71,9 +72,39 @@ def test_only_postbacks_that_failed_for_good_are_replayed(client, receiver):
     ]
     deliver_everything()
 
-    answer = replay_command(pid, "no-such-id")
+    out = io.StringIO()
+    with pytest.raises(CommandError):  # the unknown id
+        call_command("replay", pid, "no-such-id", stdout=out)
+    answer = out.getvalue()
     assert "0 of 2 postbacks queued again; 1 unknown, with no attempt on record: no-such-id; 1 had not failed" in answer
     assert get_queue().count == 0
+
+
+def test_unknown_ids_end_the_command_with_status_3_after_the_known_ones_are_replayed(client, receiver):
+    pid = failed_once(client, receiver, {"endpoint": {"method": "GET", "url": receiver.url("/u")}, "data": [{}]})
+    out = io.StringIO()
+
+    with pytest.raises(CommandError, match="unknown postback ids, with no attempt on record: nope-1") as raised:
+        call_command("replay", pid, "nope-1", stdout=out)
+
+    assert raised.value.returncode == 3
+    assert "1 of 2 postbacks queued again; 1 unknown" in out.getvalue()
+    deliver_everything()
+    assert history(pid)[-1][1] == "success"
+
+
+def test_a_script_sees_status_3_and_the_message_for_an_unknown_id():
+    finished = subprocess.run(
+        [sys.executable, str(BASE_DIR / "manage.py"), "replay", "nope-1"],
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 3, finished.stderr
+    assert "unknown postback ids, with no attempt on record: nope-1" in finished.stderr
+    assert "0 of 1 postbacks queued again" in finished.stdout
+    assert "Traceback" not in finished.stderr
 
 
 def test_everything_failed_since_a_time_can_be_replayed(client, receiver, monkeypatch):
@@ -96,6 +127,8 @@ def test_the_command_explains_its_arguments():
         replay_command("--since", "yesterday")
     with pytest.raises(CommandError, match="ISO 8601"):
         replay_command("--since", "2026-02-30T00:00Z")
+    with pytest.raises(CommandError, match="ISO 8601"):
+        replay_command("--since", "2026-12-04T14:00+99:00")
 
 
 def test_a_bad_time_on_the_command_line_gets_the_message_alone():
@@ -108,7 +141,7 @@ def test_a_bad_time_on_the_command_line_gets_the_message_alone():
         timeout=60,
     )
     assert finished.returncode == 2
-    assert "argument --since: use an ISO 8601 time with its zone" in finished.stderr
+    assert "argument --since: use a local time in TIME_ZONE (2026-12-04T14:00" in finished.stderr
     assert "Traceback" not in finished.stderr
 
 
@@ -220,3 +253,85 @@ def test_replay_in_bulk_needs_the_permission(client):
     client.force_login(user)
     assert client.get("/admin/delivery/deliveryattempt/replay/").status_code == 403
     assert client.post("/admin/delivery/deliveryattempt/replay/", {"postback_id": "x"}).status_code == 403
+
+
+# --- the time formats, the same in the command and the admin form ---------------------------
+
+
+def failed_at(client, receiver, *times: str) -> list[str]:
+    """Postbacks that failed for good, one at each of these times (UTC, ISO 8601)."""
+    receiver.default = Reply(404)
+    document = {"endpoint": {"method": "GET", "url": receiver.url("/t")}, "data": [{} for _ in times]}
+    pids: list[str] = ingest_json(client, document).json()["postbacks"]
+    deliver_everything()
+    for pid, when in zip(pids, times, strict=True):
+        DeliveryAttempt.objects.filter(postback_id=pid).update(delivered_at=when)
+    receiver.default = Reply(200)
+    return pids
+
+
+def replayable_by_command(*args: str) -> int:
+    """How many postbacks the command queued again."""
+    return int(replay_command(*args).split(" of ")[0])
+
+
+def replayable_in_admin(client, since: str, until: str = "") -> int:
+    """How many postbacks admin's replay page counts (without replaying them)."""
+    page = client.get("/admin/delivery/deliveryattempt/replay/", {"since": since, "until": until}).content.decode()
+    found = re.search(r"<strong>(\d+)</strong> postbacks? failed for good", page)
+    assert found, page
+    return int(found.group(1))
+
+
+# 14:30 in Paris. Each start below is 14:20 there: read as UTC it would be after the failure.
+FAILED_AT = "2026-12-04T13:30Z"
+STARTS_AT_14_20_IN_PARIS = [
+    "2026-12-04T14:20",
+    "2026-12-04 14:20",
+    "2026-12-04T14:20:00",
+    "2026-12-04T14:20+01:00",
+    "2026-12-04T13:20Z",
+    " 2026-12-04 14:20 ",
+]
+
+
+@pytest.mark.parametrize("since", STARTS_AT_14_20_IN_PARIS)
+def test_the_command_and_the_admin_form_take_the_same_times(client, receiver, settings, since):
+    settings.TIME_ZONE = "Europe/Paris"
+    failed_at(client, receiver, FAILED_AT)
+    replayer(client)
+
+    assert replayable_in_admin(client, since, "2026-12-04T14:40") == 1
+    assert replayable_by_command("--since", since, "--until", "2026-12-04T14:40") == 1
+
+
+# Paris: 3 December 23:30, 4 December 00:30 and 23:30, 5 December 00:30.
+AROUND_THE_4TH_IN_PARIS = ["2026-12-03T22:30Z", "2026-12-03T23:30Z", "2026-12-04T22:30Z", "2026-12-04T23:30Z"]
+
+
+def test_the_same_date_as_since_and_until_is_that_whole_day_in_the_command(client, receiver, settings):
+    settings.TIME_ZONE = "Europe/Paris"
+    before, first, last, after = failed_at(client, receiver, *AROUND_THE_4TH_IN_PARIS)
+
+    assert replayable_by_command("--since", "2026-12-04", "--until", "2026-12-04") == 2
+    deliver_everything()
+
+    assert [history(pid)[-1][1] for pid in (before, first, last, after)] == ["failed", "success", "success", "failed"]
+
+
+def test_the_same_date_as_since_and_until_is_that_whole_day_in_the_admin_form(client, receiver, settings):
+    settings.TIME_ZONE = "Europe/Paris"
+    failed_at(client, receiver, *AROUND_THE_4TH_IN_PARIS)
+    replayer(client)
+
+    assert replayable_in_admin(client, "2026-12-04", "2026-12-04") == 2
+
+
+def test_the_admin_form_names_the_formats_it_takes(client, settings):
+    settings.TIME_ZONE = "Europe/Paris"
+    replayer(client)
+
+    page = client.get("/admin/delivery/deliveryattempt/replay/", {"since": "yesterday"}).content.decode()
+
+    assert "local time in Europe/Paris" in page
+    assert "use a local time in TIME_ZONE (2026-12-04T14:00 or 2026-12-04 14:00)" in page

@@ -12,6 +12,7 @@ import requests
 from django.contrib.auth.models import User
 from django.contrib.sessions.models import Session
 from django.db import connection
+from django.test import Client
 
 from ingestion.checks import check_ingestion_limits
 from ingestion.models import SenderKey
@@ -139,10 +140,16 @@ def test_it_serves_a_request_without_a_key_when_keys_are_not_required(client, se
 # --- admin -------------------------------------------------------------------------------
 
 
+KEY_BOX = re.compile(r'id="sender-key"[^>]*value="(pbk_[A-Za-z0-9_-]{43})"')
+
+
 def issue_in_admin(staff_client, name: str = "Acme shop") -> tuple[Any, str]:
-    response = staff_client.post("/admin/ingestion/senderkey/add/", {"name": name, "rate_limit": ""})
-    assert response.status_code == 200
-    found = re.search(r'id="sender-key"[^>]*value="(pbk_[A-Za-z0-9_-]{43})"', response.content.decode())
+    """Issue a key as staff do: the form's POST redirects to the page that shows it."""
+    posted = staff_client.post("/admin/ingestion/senderkey/add/", {"name": name, "rate_limit": ""})
+    assert posted.status_code == 302
+    assert re.fullmatch(r"/admin/ingestion/senderkey/\d+/issued/", posted["Location"])
+    response = staff_client.get(posted["Location"])
+    found = KEY_BOX.search(response.content.decode())
     assert found, response.content.decode()
     return response, found.group(1)
 
@@ -159,6 +166,45 @@ def test_admin_shows_a_new_key_once_and_never_again(staff_client, required):
         assert sender.prefix in shown
         assert key not in shown
     assert post(staff_client, key).status_code == 202
+
+
+@pytest.mark.django_db
+def test_reloading_the_issued_page_never_shows_the_key_again_nor_issues_another(staff_client):
+    response, key = issue_in_admin(staff_client)
+
+    for _ in range(3):
+        reloaded = staff_client.get(response.request["PATH_INFO"])
+        page = reloaded.content.decode()
+        assert reloaded.status_code == 200 and "no-store" in reloaded["Cache-Control"]
+        assert key not in page and not KEY_BOX.search(page)
+        assert "This key was already shown" in page
+
+    assert SenderKey.objects.filter(active=True).count() == 1
+
+
+@pytest.mark.django_db
+def test_the_issued_page_shows_nothing_in_another_browser(staff_client):
+    posted = staff_client.post("/admin/ingestion/senderkey/add/", {"name": "Acme", "rate_limit": ""})
+    another_browser = Client()
+    another_browser.force_login(User.objects.create_superuser("other", "other@example.com", "a-long-test-password"))
+
+    page = another_browser.get(posted["Location"]).content.decode()
+
+    assert "This key was already shown" in page and not KEY_BOX.search(page)
+
+
+@pytest.mark.django_db
+def test_the_key_crosses_the_redirect_stored_nowhere_in_clear(staff_client):
+    posted = staff_client.post("/admin/ingestion/senderkey/add/", {"name": "Acme", "rate_limit": ""})
+    stored_between = every_row_of_every_table() + repr([s.get_decoded() for s in Session.objects.all()])
+    cookies_between = {name: morsel.value for name, morsel in staff_client.cookies.items()}
+
+    key = KEY_BOX.search(staff_client.get(posted["Location"]).content.decode())
+    assert key
+    secret = key.group(1)[12:]
+    assert secret not in stored_between
+    assert all(secret not in value for value in cookies_between.values())
+    assert posted.cookies[next(name for name in posted.cookies if name.startswith("shown_once_"))]["httponly"]
 
 
 @pytest.mark.django_db
