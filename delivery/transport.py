@@ -41,6 +41,7 @@ from django.conf import settings
 
 from delivery.hosts import host_of
 from delivery.timers import Deadlines
+from postbackproject.addresses import IPAddress, IPNetwork, is_within, parse_networks, unmapped
 
 USER_AGENT = "postback-delivery/1.0"
 # Response bytes past the logged part that are still read, to keep the connection reusable;
@@ -51,9 +52,6 @@ DRAIN_MAX_BYTES = 64 * 1024
 CONNECTIONS_PER_SHARD = 128
 # How long a resolved name is used before it is looked up again.
 DNS_CACHE_SECONDS = 60
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # epoll's events on a socket (the low five bits) as libcurl's socket_action flags; hang-ups
 # and errors count as readable, so that libcurl reads the end of the connection.
@@ -114,15 +112,10 @@ class Response:
 
 def is_allowed_address(address: IPAddress, allowed: Iterable[IPNetwork]) -> bool:
     """Public unicast addresses are allowed; anything else only inside an allowed network."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if any(address in network for network in allowed):
+    if is_within(address, allowed):
         return True
+    address = unmapped(address)
     return address.is_global and not address.is_multicast
-
-
-def parse_allowed_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs if cidr.strip())
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -640,7 +633,7 @@ def failure(slot: _Slot, error: str, transient: bool) -> Response:
 def process_transport() -> Transport:
     """The worker process's transport: its connections outlive each job."""
     return Transport(
-        parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS),
+        parse_networks(settings.DELIVERY_ALLOW_NETWORKS),
         settings.DELIVERY_CA_BUNDLE,
         settings.DELIVERY_CONCURRENCY,
         settings.DELIVERY_IDLE_CONNECTIONS,
