@@ -17,8 +17,9 @@ host's own first, so that libcurl's search for an idle connection to a host stay
 The service sends requests to URLs that strangers give it. Checking the URL's text is no
 defence (`http://2130706433/` is 127.0.0.1 to the resolver), and a check before resolving can
 be raced by DNS. So the check runs where libcurl opens each socket, on the resolved address it
-is about to connect to: it must be public, or inside DELIVERY_ALLOW_NETWORKS. Nothing is sent,
-not even a TCP SYN, to any other address.
+is about to connect to: it must be public, or inside DELIVERY_ALLOW_NETWORKS
+(`delivery.address_policy`, which also judges IPv6 forms by the IPv4 address they carry).
+Nothing is sent, not even a TCP SYN, to any other address.
 """
 
 import codecs
@@ -28,7 +29,6 @@ import os
 import select
 import socket
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -39,9 +39,10 @@ import certifi
 import pycurl
 from django.conf import settings
 
+from delivery.address_policy import is_allowed_address, refusal
 from delivery.hosts import host_of
 from delivery.timers import Deadlines
-from postbackproject.addresses import IPAddress, IPNetwork, is_within, parse_networks, unmapped
+from postbackproject.addresses import IPNetwork, parse_networks
 
 USER_AGENT = "postback-delivery/1.0"
 # Response bytes past the logged part that are still read, to keep the connection reusable;
@@ -108,14 +109,6 @@ class Response:
     retry_after_seconds: float | None = None
     # Whether a failure without a response may go away on its own (timeouts, refusals).
     transient: bool = False
-
-
-def is_allowed_address(address: IPAddress, allowed: Iterable[IPNetwork]) -> bool:
-    """Public unicast addresses are allowed; anything else only inside an allowed network."""
-    if is_within(address, allowed):
-        return True
-    address = unmapped(address)
-    return address.is_global and not address.is_multicast
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -277,9 +270,7 @@ class _Slot:
         family, socktype, protocol, sockaddr = address
         peer = ipaddress.ip_address(str(sockaddr[0]))
         if not is_allowed_address(peer, self.allowed):
-            self.blocked = (
-                self.blocked or f"destination address {peer} is not public and not in DELIVERY_ALLOW_NETWORKS"
-            )
+            self.blocked = self.blocked or refusal(peer)
             return pycurl.SOCKET_BAD
         return _Descriptor(socket.socket(family, socktype, protocol).detach())
 

@@ -290,7 +290,22 @@ def test_each_attempt_is_one_json_log_line(client, receiver, caplog):
     assert {"method", "url", "delivered_at", "response_time_ms", "response_body", "error"} <= line.keys()
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "localhost",
+        "[::ffff:127.0.0.1]",
+        # IPv6 forms that carry 127.0.0.1 (compatible, SIIT, NAT64, 6to4), NAT64 local use, and
+        # an IETF protocol assignment that Python 3.11.7 calls global.
+        "[::127.0.0.1]",
+        "[::ffff:0:127.0.0.1]",
+        "[64:ff9b::127.0.0.1]",
+        "[2002:7f00:1::1]",
+        "[64:ff9b:1::7f00:1]",
+        "192.0.0.8",
+    ],
+)
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_private_addresses_are_refused_without_sending(client, receiver, settings, scheme, host):
     settings.DELIVERY_ALLOW_NETWORKS = []
