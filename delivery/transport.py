@@ -653,6 +653,9 @@ def describe_error(slot: _Slot, code: int, message: str) -> tuple[str, bool]:
     """A short error text and whether the failure is transient."""
     if slot.blocked:
         return slot.blocked, False
+    if is_garbled_reply(slot, code):
+        # The receiver's fault, and as passing as a 502 from a proxy restarting behind it.
+        return f"protocol error: the reply is not HTTP ({message})", True
     if code in _PERMANENT_ERRORS:
         return f"{_PERMANENT_ERRORS[code]}: {message}", False
     if code == pycurl.E_OPERATION_TIMEDOUT:
@@ -665,6 +668,16 @@ def describe_error(slot: _Slot, code: int, message: str) -> tuple[str, bool]:
     if os_errno:
         return f"connection error: [Errno {os_errno}] {os.strerror(os_errno)}", True
     return f"connection error: {message}", True
+
+
+def is_garbled_reply(slot: _Slot, code: int) -> bool:
+    """Whether the receiver answered bytes that are not HTTP. libcurl says "weird server reply"
+    (a header line without a colon), or "unsupported protocol" for a reply with no status line
+    (HTTP/0.9, which it refuses): the code it also gives a URL it cannot send, but a URL it
+    cannot send never had its request go out."""
+    if code == pycurl.E_FTP_WEIRD_SERVER_REPLY:  # CURLE_WEIRD_SERVER_REPLY, under its old name
+        return True
+    return code == pycurl.E_UNSUPPORTED_PROTOCOL and int(slot.handle.getinfo(pycurl.REQUEST_SIZE)) > 0
 
 
 def describe_timeout(slot: _Slot, message: str) -> str:

@@ -183,6 +183,19 @@ def test_refused_connections_are_retried_then_fail(client, refused_url):
     assert "refused" in attempts[0].error.lower()
 
 
+def test_a_reply_that_is_not_http_is_recorded_as_a_protocol_error_and_retried(client, receiver):
+    receiver.answer(Reply(raw=b"garbage, no status line\r\n\r\n"))
+    [pid] = ingest_json(client, {"endpoint": endpoint(receiver, "/garbled"), "data": [{}]}).json()["postbacks"]
+
+    run_worker()
+
+    [attempt] = attempts_of(pid)
+    assert (attempt.outcome, attempt.response_code) == ("retry", None)
+    assert attempt.error == "protocol error: the reply is not HTTP (Received HTTP/0.9 when not allowed)"
+    [(retry, _)] = scheduled_retries()
+    assert (retry.postback_id, retry.attempt) == (pid, 2)
+
+
 def test_timeouts_are_retried(client, receiver):
     no_waits(read_timeout_seconds=0.2)
     receiver.answer(Reply(200, delay=1.0), Reply(200))

@@ -252,6 +252,31 @@ def test_a_name_that_does_not_resolve_is_a_transient_failure_saying_so(transport
     assert outcome.transient
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not HTTP at all\r\n\r\n",
+        b"\x00\x01\x02\x03",
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+    ],
+    ids=["text", "binary", "another-protocol", "header-without-colon"],
+)
+def test_a_reply_that_is_not_http_is_a_transient_protocol_error_and_a_url_that_cannot_be_sent_is_not(
+    transport, receiver, raw
+):
+    receiver.answer(Reply(raw=raw))
+    outcomes = deliver(transport, [get(receiver.url("/garbled")), get("gopher2://127.0.0.1/x")])
+    garbled, unsendable = outcomes[0], outcomes[1]
+
+    assert garbled.status is None
+    assert garbled.error.startswith("protocol error: the reply is not HTTP (")
+    assert garbled.transient
+    assert receiver.targets == ["/garbled"]
+    assert unsendable.error.startswith("invalid URL: ")
+    assert not unsendable.transient
+
+
 def test_one_handle_carries_any_sequence_of_methods_without_leftovers(receiver):
     """Handles are reused without a reset: each request sets only what differs, so a POST's
     body, or a PUT's method, must not leak into the next request on the same handle."""
