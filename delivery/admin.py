@@ -13,13 +13,13 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.timezone import localtime
 from redis.exceptions import RedisError
 
 from delivery.circuit import close_circuits, open_circuits
 from delivery.forms import BulkReplayForm, DeliverySettingsForm, SigningSecretForm
 from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings, QueueMonitor, SigningSecret
+from delivery.queue_pages import is_on_site, may_see_queue_pages
 from delivery.replay import failed_between, replay
 from postbackproject.numbers import PlainNumberInput
 from postbackproject.postback import METHODS
@@ -215,7 +215,7 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
                 request, f"Postback {postback_id} has not failed for good: not replayed.", messages.WARNING
             )
         back = request.POST.get("next", "")
-        if not url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
+        if not is_on_site(request, back):
             back = reverse("admin:delivery_deliveryattempt_changelist") + f"?q={postback_id}"
         return HttpResponseRedirect(back)
 
@@ -276,6 +276,9 @@ class QueueMonitorAdmin(admin.ModelAdmin[QueueMonitor]):
         if not self.has_view_permission(request):
             raise PermissionDenied
         return HttpResponseRedirect(reverse("django_rq:home"))
+
+    def has_view_permission(self, request: HttpRequest, obj: QueueMonitor | None = None) -> bool:
+        return may_see_queue_pages(request)  # the pages' own rule: one rule for both
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

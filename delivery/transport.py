@@ -17,8 +17,9 @@ host's own first, so that libcurl's search for an idle connection to a host stay
 The service sends requests to URLs that strangers give it. Checking the URL's text is no
 defence (`http://2130706433/` is 127.0.0.1 to the resolver), and a check before resolving can
 be raced by DNS. So the check runs where libcurl opens each socket, on the resolved address it
-is about to connect to: it must be public, or inside DELIVERY_ALLOW_NETWORKS. Nothing is sent,
-not even a TCP SYN, to any other address.
+is about to connect to: it must be public, or inside DELIVERY_ALLOW_NETWORKS
+(`delivery.address_policy`, which also judges IPv6 forms by the IPv4 address they carry).
+Nothing is sent, not even a TCP SYN, to any other address.
 """
 
 import codecs
@@ -28,7 +29,6 @@ import os
 import select
 import socket
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -39,8 +39,10 @@ import certifi
 import pycurl
 from django.conf import settings
 
+from delivery.address_policy import is_allowed_address, refusal
 from delivery.hosts import host_of
 from delivery.timers import Deadlines
+from postbackproject.addresses import IPNetwork, parse_networks
 
 USER_AGENT = "postback-delivery/1.0"
 # Response bytes past the logged part that are still read, to keep the connection reusable;
@@ -51,9 +53,6 @@ DRAIN_MAX_BYTES = 64 * 1024
 CONNECTIONS_PER_SHARD = 128
 # How long a resolved name is used before it is looked up again.
 DNS_CACHE_SECONDS = 60
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # epoll's events on a socket (the low five bits) as libcurl's socket_action flags; hang-ups
 # and errors count as readable, so that libcurl reads the end of the connection.
@@ -110,19 +109,6 @@ class Response:
     retry_after_seconds: float | None = None
     # Whether a failure without a response may go away on its own (timeouts, refusals).
     transient: bool = False
-
-
-def is_allowed_address(address: IPAddress, allowed: Iterable[IPNetwork]) -> bool:
-    """Public unicast addresses are allowed; anything else only inside an allowed network."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if any(address in network for network in allowed):
-        return True
-    return address.is_global and not address.is_multicast
-
-
-def parse_allowed_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs if cidr.strip())
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -284,9 +270,7 @@ class _Slot:
         family, socktype, protocol, sockaddr = address
         peer = ipaddress.ip_address(str(sockaddr[0]))
         if not is_allowed_address(peer, self.allowed):
-            self.blocked = (
-                self.blocked or f"destination address {peer} is not public and not in DELIVERY_ALLOW_NETWORKS"
-            )
+            self.blocked = self.blocked or refusal(peer)
             return pycurl.SOCKET_BAD
         return _Descriptor(socket.socket(family, socktype, protocol).detach())
 
@@ -640,7 +624,7 @@ def failure(slot: _Slot, error: str, transient: bool) -> Response:
 def process_transport() -> Transport:
     """The worker process's transport: its connections outlive each job."""
     return Transport(
-        parse_allowed_networks(settings.DELIVERY_ALLOW_NETWORKS),
+        parse_networks(settings.DELIVERY_ALLOW_NETWORKS),
         settings.DELIVERY_CA_BUNDLE,
         settings.DELIVERY_CONCURRENCY,
         settings.DELIVERY_IDLE_CONNECTIONS,
@@ -669,6 +653,9 @@ def describe_error(slot: _Slot, code: int, message: str) -> tuple[str, bool]:
     """A short error text and whether the failure is transient."""
     if slot.blocked:
         return slot.blocked, False
+    if is_garbled_reply(slot, code):
+        # The receiver's fault, and as passing as a 502 from a proxy restarting behind it.
+        return f"protocol error: the reply is not HTTP ({message})", True
     if code in _PERMANENT_ERRORS:
         return f"{_PERMANENT_ERRORS[code]}: {message}", False
     if code == pycurl.E_OPERATION_TIMEDOUT:
@@ -681,6 +668,16 @@ def describe_error(slot: _Slot, code: int, message: str) -> tuple[str, bool]:
     if os_errno:
         return f"connection error: [Errno {os_errno}] {os.strerror(os_errno)}", True
     return f"connection error: {message}", True
+
+
+def is_garbled_reply(slot: _Slot, code: int) -> bool:
+    """Whether the receiver answered bytes that are not HTTP. libcurl says "weird server reply"
+    (a header line without a colon), or "unsupported protocol" for a reply with no status line
+    (HTTP/0.9, which it refuses): the code it also gives a URL it cannot send, but a URL it
+    cannot send never had its request go out."""
+    if code == pycurl.E_FTP_WEIRD_SERVER_REPLY:  # CURLE_WEIRD_SERVER_REPLY, under its old name
+        return True
+    return code == pycurl.E_UNSUPPORTED_PROTOCOL and int(slot.handle.getinfo(pycurl.REQUEST_SIZE)) > 0
 
 
 def describe_timeout(slot: _Slot, message: str) -> str:

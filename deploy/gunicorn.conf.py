@@ -18,6 +18,8 @@ use_shared_metrics_dir()
 
 from prometheus_client import multiprocess  # noqa: E402
 
+from postbackproject.addresses import parse_networks
+
 # Where to listen. Loopback only: nginx is the public face in production (it buffers slow
 # clients, each of which would otherwise hold a thread below), and locally nothing else needs it.
 bind = [os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")]
@@ -72,9 +74,14 @@ access_log_format = '%({x-forwarded-for}i)s %(h)s "%(r)s" %(s)s %(B)s %(M)sms'
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 
-# nginx connects from loopback; only then are its X-Forwarded-* headers trusted. (Django's
-# own use of X-Forwarded-Proto is switched by USE_X_FORWARDED_PROTO in the environment.)
-forwarded_allow_ips = "127.0.0.1,::1"
+# Whose X-Forwarded-* headers gunicorn believes (the scheme, X-Forwarded-Proto): the proxies
+# in TRUSTED_PROXIES, the same list ingestion believes X-Real-IP from; none by default, so that
+# a client reaching gunicorn directly (the local run) cannot claim HTTPS. Production lists its
+# nginx on loopback. A list that does not parse stops gunicorn here, at start. (Django's own
+# use of X-Forwarded-Proto is switched by USE_X_FORWARDED_PROTO in the environment.)
+forwarded_allow_ips = ",".join(
+    str(network) for network in parse_networks(os.environ.get("TRUSTED_PROXIES", "").split(","))
+)
 
 # The heartbeat file each worker touches: keep it in RAM so that a slow disk cannot make the
 # master think a worker hangs.

@@ -169,6 +169,7 @@ PROFILE_DIR=$state/profiles
 # INGEST_MAX_BODY_BYTES=1048576 (keep nginx's client_max_body_size in step)
 # INGEST_MAX_DATA_OBJECTS=10000
 # INGEST_MAX_QUEUED_JOBS=100000
+# TRUSTED_PROXIES=127.0.0.1/32 (set by postback-web.service: nginx on loopback names the client)
 # ATTEMPT_RETENTION_DAYS=30 (postback-prune.timer deletes older attempts daily)
 # MINUTE_ROLLUP_RETENTION_DAYS=35
 # ROLLUP_RETENTION_DAYS=400

@@ -1,4 +1,4 @@
-"""System checks for the ingestion limits."""
+"""System checks for the ingestion limits and the proxies it believes."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -6,6 +6,8 @@ from typing import Any
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
+
+from postbackproject.addresses import invalid_networks
 
 
 @register()
@@ -17,4 +19,6 @@ def check_ingestion_limits(app_configs: Sequence[AppConfig] | None, **kwargs: An
     for name in ("INGEST_RATE_LIMIT_PER_KEY", "INGEST_RATE_LIMIT_PER_ADDRESS"):
         if getattr(settings, name) < 0:
             errors.append(Error(f"{name} must be 0 (no limit) or more.", id="ingestion.E002"))
+    for cidr in invalid_networks(settings.TRUSTED_PROXIES):
+        errors.append(Error(f"TRUSTED_PROXIES: {cidr!r} is not a network (CIDR).", id="ingestion.E003"))
     return errors

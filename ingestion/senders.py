@@ -22,6 +22,7 @@ from django.dispatch import receiver
 from django.http import HttpRequest
 
 from ingestion.models import KEY_PREFIX, SHOWN_LENGTH, SenderKey, hash_key
+from postbackproject.addresses import parse_address, unmapped
 from postbackproject.inbox import RateLimit
 from postbackproject.inbox import RateLimited as RateLimited  # re-exported: the view catches it from here
 
@@ -95,11 +96,13 @@ def limits(limit: RateLimit) -> list[RateLimit]:
 
 
 def address_bucket(address: str) -> str:
-    """The address as rate limits count it: IPv4 as is, IPv6 by its /64."""
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
+    """The address as rate limits count it: IPv4 as is, IPv6 by its /64. An IPv4-mapped IPv6
+    address (`::ffff:1.2.3.4`) is the IPv4 client it maps, not one of the /64 `::` holds with
+    `::1` and every other mapped client."""
+    parsed = parse_address(address)
+    if parsed is None:
         return address
+    parsed = unmapped(parsed)
     if parsed.version == 6:
         return str(ipaddress.ip_network(f"{parsed}/{IPV6_PREFIX}", strict=False))
     return str(parsed)

@@ -1,6 +1,5 @@
 """The ingestion endpoint: one validated request in, appended to the inbox in one round trip, 202."""
 
-import ipaddress
 import json
 import logging
 import time
@@ -15,6 +14,7 @@ from redis.exceptions import RedisError
 from delivery.models import DeliverySettings
 from ingestion import senders
 from ingestion.body import read_body
+from ingestion.clients import client_address
 from ingestion.validation import InvalidRequest, Limits, parse_body
 from postbackproject.inbox import BacklogFull, NotReplicated, append_request, postback_id, request_entries
 from postbackproject.metrics import INGEST_REJECTED, INGESTED
@@ -140,17 +140,6 @@ def count_request(answer: Answer) -> None:
         INGESTED.inc(answer.accepted)
     else:
         INGEST_REJECTED.labels(str(status)).inc()
-
-
-def client_address(request: HttpRequest) -> str:
-    """The sender: nginx's X-Real-IP when the request came through it (from loopback)."""
-    remote = request.META.get("REMOTE_ADDR", "")
-    forwarded = request.META.get("HTTP_X_REAL_IP", "")
-    try:
-        behind_proxy = bool(forwarded) and ipaddress.ip_address(remote).is_loopback
-    except ValueError:
-        behind_proxy = False
-    return str(forwarded if behind_proxy else remote)
 
 
 def delivery_settings() -> DeliverySettings:

@@ -218,6 +218,12 @@ INGEST_REQUIRE_SENDER_KEY: bool = env.bool("INGEST_REQUIRE_SENDER_KEY", default=
 # the postback of a sender that does not retry, so limits are set knowing the senders.
 INGEST_RATE_LIMIT_PER_KEY: float = env.float("INGEST_RATE_LIMIT_PER_KEY", default=0.0)
 INGEST_RATE_LIMIT_PER_ADDRESS: float = env.float("INGEST_RATE_LIMIT_PER_ADDRESS", default=0.0)
+# Proxies (CIDRs) whose X-Real-IP / X-Forwarded-For name the client: a request from any other
+# peer is counted, limited and logged by the peer's own address, whatever it claims. Empty by
+# default: reached directly (the local run), no header can choose the address the per-address
+# limit counts. Production's nginx on loopback is listed (deploy/provision.sh). gunicorn
+# believes X-Forwarded-Proto from the same list (deploy/gunicorn.conf.py).
+TRUSTED_PROXIES: list[str] = env.list("TRUSTED_PROXIES", default=[])
 
 # --- Delivery ----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ urlpatterns = [
         name="login",
     ),
     path("dashboard/", include("dashboard.urls")),
-    path("admin/rq/", include("django_rq.urls")),
+    # django-rq's pages, behind the "Queues and workers" permission (not just is_staff).
+    path("admin/rq/", include("delivery.queue_pages")),
     path("admin/", admin.site.urls),
 ]

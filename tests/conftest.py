@@ -145,6 +145,8 @@ class Reply:
     barrier: threading.Barrier | None = None
     # Send the headers, then the body one byte every this many seconds (until `release`).
     drip_every: float = 0.0
+    # Send these bytes instead of an HTTP response (a receiver that does not speak HTTP), and close.
+    raw: bytes | None = None
 
 
 @dataclass
@@ -197,6 +199,10 @@ class Receiver:
                     )
                     receiver.requests.append(received)
                     reply = receiver.script.pop(0) if receiver.script else receiver.default
+                if reply.raw is not None:
+                    self.wfile.write(reply.raw)
+                    self.close_connection = True
+                    return
                 if reply.delay:
                     time.sleep(reply.delay)
                 status = reply.status

@@ -183,6 +183,19 @@ def test_refused_connections_are_retried_then_fail(client, refused_url):
     assert "refused" in attempts[0].error.lower()
 
 
+def test_a_reply_that_is_not_http_is_recorded_as_a_protocol_error_and_retried(client, receiver):
+    receiver.answer(Reply(raw=b"garbage, no status line\r\n\r\n"))
+    [pid] = ingest_json(client, {"endpoint": endpoint(receiver, "/garbled"), "data": [{}]}).json()["postbacks"]
+
+    run_worker()
+
+    [attempt] = attempts_of(pid)
+    assert (attempt.outcome, attempt.response_code) == ("retry", None)
+    assert attempt.error == "protocol error: the reply is not HTTP (Received HTTP/0.9 when not allowed)"
+    [(retry, _)] = scheduled_retries()
+    assert (retry.postback_id, retry.attempt) == (pid, 2)
+
+
 def test_timeouts_are_retried(client, receiver):
     no_waits(read_timeout_seconds=0.2)
     receiver.answer(Reply(200, delay=1.0), Reply(200))
@@ -290,7 +303,22 @@ def test_each_attempt_is_one_json_log_line(client, receiver, caplog):
     assert {"method", "url", "delivered_at", "response_time_ms", "response_body", "error"} <= line.keys()
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "localhost",
+        "[::ffff:127.0.0.1]",
+        # IPv6 forms that carry 127.0.0.1 (compatible, SIIT, NAT64, 6to4), NAT64 local use, and
+        # an IETF protocol assignment that Python 3.11.7 calls global.
+        "[::127.0.0.1]",
+        "[::ffff:0:127.0.0.1]",
+        "[64:ff9b::127.0.0.1]",
+        "[2002:7f00:1::1]",
+        "[64:ff9b:1::7f00:1]",
+        "192.0.0.8",
+    ],
+)
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_private_addresses_are_refused_without_sending(client, receiver, settings, scheme, host):
     settings.DELIVERY_ALLOW_NETWORKS = []

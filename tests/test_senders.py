@@ -304,6 +304,7 @@ def test_an_address_over_its_limit_gets_429_and_other_addresses_do_not(client, s
 @pytest.mark.django_db
 def test_the_address_limit_counts_the_sender_behind_nginx_and_ipv6_by_its_64(client, settings):
     settings.INGEST_RATE_LIMIT_PER_ADDRESS = 0.1
+    settings.TRUSTED_PROXIES = ["127.0.0.1/32"]  # as postback-web.service sets it
     assert post(client, REMOTE_ADDR="127.0.0.1", HTTP_X_REAL_IP="198.51.100.1").status_code == 202
     assert post(client, REMOTE_ADDR="127.0.0.1", HTTP_X_REAL_IP="198.51.100.1").status_code == 429
     assert post(client, REMOTE_ADDR="127.0.0.1", HTTP_X_REAL_IP="198.51.100.2").status_code == 202
@@ -311,6 +312,72 @@ def test_the_address_limit_counts_the_sender_behind_nginx_and_ipv6_by_its_64(cli
     assert post(client, REMOTE_ADDR="2001:db8:1:2::1").status_code == 202
     assert post(client, REMOTE_ADDR="2001:db8:1:2:ffff::9").status_code == 429  # the same /64
     assert post(client, REMOTE_ADDR="2001:db8:1:3::1").status_code == 202
+
+
+def limited_addresses() -> set[str]:
+    prefix = keys.rate_per_address("")
+    return {key.decode().removeprefix(prefix) for key in get_connection().scan_iter(f"{prefix}*")}
+
+
+@pytest.mark.django_db
+def test_a_rotated_x_real_ip_from_an_untrusted_peer_is_limited_as_the_peer(client, settings):
+    """Reached directly (the local run), a sender cannot pick the address it is counted as."""
+    settings.INGEST_RATE_LIMIT_PER_ADDRESS = 2
+    statuses = [
+        post(
+            client, REMOTE_ADDR="127.0.0.1", HTTP_X_REAL_IP=f"198.51.100.{n}", HTTP_X_FORWARDED_FOR=f"192.0.2.{n}"
+        ).status_code
+        for n in range(10)
+    ]
+
+    assert statuses.count(202) == 2 and statuses[:2] == [202, 202]
+    assert limited_addresses() == {"127.0.0.1"}
+
+
+@pytest.mark.django_db
+def test_a_trusted_proxy_names_the_client(client, settings):
+    settings.INGEST_RATE_LIMIT_PER_ADDRESS = 0.1
+    settings.TRUSTED_PROXIES = ["10.0.0.0/8", "127.0.0.1"]
+    assert post(client, REMOTE_ADDR="10.1.2.3", HTTP_X_REAL_IP="198.51.100.1").status_code == 202
+    assert post(client, REMOTE_ADDR="10.9.9.9", HTTP_X_REAL_IP="198.51.100.1").status_code == 429
+    assert post(client, REMOTE_ADDR="::ffff:127.0.0.1", HTTP_X_REAL_IP="198.51.100.2").status_code == 202
+    assert post(client, REMOTE_ADDR="203.0.113.5", HTTP_X_REAL_IP="198.51.100.3").status_code == 202
+
+    assert limited_addresses() == {"198.51.100.1", "198.51.100.2", "203.0.113.5"}
+
+
+@pytest.mark.django_db
+def test_only_the_nearest_untrusted_forwarded_hop_is_the_client(client, settings):
+    """X-Forwarded-For's left part is what the client wrote; proxies append on the right."""
+    settings.INGEST_RATE_LIMIT_PER_ADDRESS = 0.1
+    settings.TRUSTED_PROXIES = ["127.0.0.1/32", "10.0.0.0/8"]
+    for claimed in ["192.0.2.1", "192.0.2.2"]:
+        post(client, REMOTE_ADDR="127.0.0.1", HTTP_X_FORWARDED_FOR=f"{claimed}, 198.51.100.7, 10.0.0.2")
+
+    assert limited_addresses() == {"198.51.100.7"}
+
+
+@pytest.mark.django_db
+def test_an_ipv4_mapped_client_is_limited_by_its_ipv4_address(client, settings):
+    """A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d: all in ::/64, with ::1."""
+    settings.INGEST_RATE_LIMIT_PER_ADDRESS = 0.1
+    assert post(client, REMOTE_ADDR="::ffff:198.51.100.1").status_code == 202
+    assert post(client, REMOTE_ADDR="198.51.100.1").status_code == 429  # the same client
+    assert post(client, REMOTE_ADDR="::ffff:198.51.100.2").status_code == 202
+    assert post(client, REMOTE_ADDR="::1").status_code == 202
+
+    assert limited_addresses() == {"198.51.100.1", "198.51.100.2", "::/64"}
+
+
+def test_trusted_proxies_that_are_not_networks_are_a_configuration_error(settings):
+    settings.TRUSTED_PROXIES = ["127.0.0.1/32", "nginx", "10.0.0.0/33"]
+
+    errors = check_ingestion_limits(None)
+
+    assert [(error.id, error.msg) for error in errors] == [
+        ("ingestion.E003", "TRUSTED_PROXIES: 'nginx' is not a network (CIDR)."),
+        ("ingestion.E003", "TRUSTED_PROXIES: '10.0.0.0/33' is not a network (CIDR)."),
+    ]
 
 
 @pytest.mark.django_db

@@ -21,13 +21,13 @@ import pytest
 import trustme
 
 from delivery import transport as transport_module
+from delivery.address_policy import embedded_ipv4, is_allowed_address, refusal
 from delivery.transport import (
     Limits,
     Request,
     Response,
     Transport,
     _Slot,
-    is_allowed_address,
     parse_retry_after,
 )
 from postbackproject.settings import BASE_DIR
@@ -61,6 +61,57 @@ def test_non_public_addresses_are_refused(address):
 @pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "::ffff:93.184.216.34"])
 def test_public_addresses_are_allowed(address):
     assert is_allowed_address(ipaddress.ip_address(address), [])
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::127.0.0.1",  # IPv4-compatible
+        "::ffff:0:127.0.0.1",  # SIIT's IPv4-translated
+        "64:ff9b::127.0.0.1",  # NAT64: a gateway on the way connects to 127.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254, the cloud metadata
+        "64:ff9b:1::7f00:1",  # NAT64 local use: where the IPv4 address sits is the operator's choice
+        "64:ff9b:1:7f00:1::",
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "192.0.0.8",  # IETF protocol assignments (192.0.0.0/24)
+        "192.0.0.170",
+        "198.18.0.1",  # benchmarking
+        "192.88.99.1",  # 6to4 relay anycast
+        "240.0.0.1",
+        "255.255.255.255",
+        "fec0::1",  # site-local (deprecated)
+        "100::1",  # discard-only
+        "2001:db8::1",  # documentation
+        "3fff::1",  # documentation
+        "4000::1",  # outside global unicast (2000::/3)
+        "::",
+    ],
+)
+def test_special_ranges_and_ipv6_forms_that_carry_a_private_ipv4_address_are_refused(address):
+    assert not is_allowed_address(ipaddress.ip_address(address), [])
+
+
+@pytest.mark.parametrize(
+    "address", ["::93.184.216.34", "::ffff:0:93.184.216.34", "64:ff9b::93.184.216.34", "2002:5db8:d822::1"]
+)
+def test_ipv6_forms_that_carry_a_public_ipv4_address_are_allowed(address):
+    assert embedded_ipv4(ipaddress.ip_address(address)) == ipaddress.IPv4Address("93.184.216.34")
+    assert is_allowed_address(ipaddress.ip_address(address), [])
+
+
+def test_the_refusal_names_the_ipv4_address_an_ipv6_form_carries():
+    assert refusal(ipaddress.ip_address("64:ff9b::7f00:1")) == (
+        "destination address 64:ff9b::7f00:1 is not public and not in DELIVERY_ALLOW_NETWORKS "
+        "(it carries the IPv4 address 127.0.0.1)"
+    )
+
+
+def test_an_allowed_ipv4_network_does_not_open_the_ipv6_forms_that_carry_it():
+    for address in ["::127.0.0.1", "64:ff9b::127.0.0.1", "2002:7f00:1::1"]:
+        assert not is_allowed_address(ipaddress.ip_address(address), ALLOW_LOOPBACK)
+    assert is_allowed_address(ipaddress.ip_address("64:ff9b::a00:1"), [ipaddress.ip_network("64:ff9b::a00:0/104")])
 
 
 def test_allowed_networks_open_private_ranges_they_cover_only():
@@ -199,6 +250,31 @@ def test_a_name_that_does_not_resolve_is_a_transient_failure_saying_so(transport
     assert outcome.status is None
     assert outcome.error.startswith("name not resolved")
     assert outcome.transient
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not HTTP at all\r\n\r\n",
+        b"\x00\x01\x02\x03",
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+    ],
+    ids=["text", "binary", "another-protocol", "header-without-colon"],
+)
+def test_a_reply_that_is_not_http_is_a_transient_protocol_error_and_a_url_that_cannot_be_sent_is_not(
+    transport, receiver, raw
+):
+    receiver.answer(Reply(raw=raw))
+    outcomes = deliver(transport, [get(receiver.url("/garbled")), get("gopher2://127.0.0.1/x")])
+    garbled, unsendable = outcomes[0], outcomes[1]
+
+    assert garbled.status is None
+    assert garbled.error.startswith("protocol error: the reply is not HTTP (")
+    assert garbled.transient
+    assert receiver.targets == ["/garbled"]
+    assert unsendable.error.startswith("invalid URL: ")
+    assert not unsendable.transient
 
 
 def test_one_handle_carries_any_sequence_of_methods_without_leftovers(receiver):

@@ -162,3 +162,11 @@ def test_the_local_run_gets_threads_and_production_behind_nginx_the_sync_worker(
     production = gunicorn_config(monkeypatch, GUNICORN_WORKER_CLASS="sync", GUNICORN_THREADS="8")
     # One thread: gunicorn would turn a sync worker with threads into gthread.
     assert (production["worker_class"], production["threads"]) == ("sync", 1)
+
+
+def test_gunicorn_believes_forwarded_headers_only_from_the_trusted_proxies(monkeypatch):
+    monkeypatch.delenv("TRUSTED_PROXIES", raising=False)
+    assert gunicorn_config(monkeypatch)["forwarded_allow_ips"] == ""  # reached directly: nobody
+
+    production = gunicorn_config(monkeypatch, TRUSTED_PROXIES="127.0.0.1/32, 10.0.0.5/8")
+    assert production["forwarded_allow_ips"] == "127.0.0.1/32,10.0.0.0/8"
