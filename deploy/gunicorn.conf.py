@@ -10,6 +10,7 @@ import multiprocessing
 import os
 from typing import Any
 
+from postbackproject.addresses import parse_networks
 from postbackproject.metricsdir import use_shared_metrics_dir
 
 # Before prometheus-client is imported (it reads the folder then), here in the master and so
@@ -17,8 +18,6 @@ from postbackproject.metricsdir import use_shared_metrics_dir
 use_shared_metrics_dir()
 
 from prometheus_client import multiprocess  # noqa: E402
-
-from postbackproject.addresses import parse_networks
 
 # Where to listen. Loopback only: nginx is the public face in production (it buffers slow
 # clients, each of which would otherwise hold a thread below), and locally nothing else needs it.
