@@ -52,6 +52,7 @@ def postback(request: HttpRequest, postback_id: str) -> HttpResponse:
         "postback_id": postback_id,
         "tries": tries,
         "last": tries[-1],
+        "time_zone": timezone.get_current_timezone_name(),
         "replayable": bool(failed_postbacks([postback_id])),
         "can_replay": request.user.is_staff and request.user.has_perm("delivery.replay_postback"),
         "admin_attempts": reverse("admin:delivery_deliveryattempt_changelist") + f"?q={postback_id}",

@@ -11,6 +11,7 @@ from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils.formats import date_format
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.timezone import localtime
@@ -221,7 +222,7 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
 
     @admin.display(description="started", ordering="delivered_at")
     def started(self, obj: DeliveryAttempt) -> str:
-        return localtime(obj.delivered_at).strftime("%m-%d %H:%M:%S")  # the year is in the date bar above
+        return date_format(localtime(obj.delivered_at), "DATETIME_FORMAT")
 
     @admin.display(description="postback", ordering="postback_id")
     def postback(self, obj: DeliveryAttempt) -> str:
