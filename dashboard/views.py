@@ -52,6 +52,8 @@ def postback(request: HttpRequest, postback_id: str) -> HttpResponse:
         "postback_id": postback_id,
         "tries": tries,
         "last": tries[-1],
+        # The error column only when a try has one: a delivered postback shows what came back.
+        "any_error": any(row.error for row in tries),
         "time_zone": timezone.get_current_timezone_name(),
         "replayable": bool(failed_postbacks([postback_id])),
         "can_replay": request.user.is_staff and request.user.has_perm("delivery.replay_postback"),

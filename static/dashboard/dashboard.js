@@ -154,6 +154,12 @@
     return element;
   }
 
+  function timeElement(date) {
+    const element = cell("time", formatDateTime(date));
+    element.dateTime = date.toISOString();
+    return element;
+  }
+
   function formatValue(value, unit) {
     if (value === null || value === undefined) return "–";
     return number.format(value) + unit;
@@ -255,10 +261,11 @@
     document.querySelector("#table-reasons tbody").replaceChildren(...reasons);
     const latest = body.latest.map((a) => {
       const row = document.createElement("tr");
+      const when = document.createElement("td");
+      when.append(timeElement(new Date(a.delivered_at)));
       const id = document.createElement("td");
       id.append(postbackLink(a.postback_id));
-      row.append(cell("td", formatDateTime(new Date(a.delivered_at))), id, cell("td", String(a.attempt)),
-        cell("td", a.outcome), cell("td", a.why, "text"));
+      row.append(when, id, cell("td", String(a.attempt)), cell("td", a.outcome), cell("td", a.reason, "text"));
       return row;
     });
     document.querySelector("#table-latest tbody").replaceChildren(...latest);
