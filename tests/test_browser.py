@@ -65,6 +65,9 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield launched
         launched.close()
+        # The test's database calls ran beside Playwright's event loop, where Django keeps a
+        # connection of their own: left open, PostgreSQL would refuse to drop the test database.
+        connections.close_all()
 
 
 def chart_total(page: Page, chart: str, label: str) -> float:
