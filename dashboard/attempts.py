@@ -65,7 +65,7 @@ def failures(window: Window, host: str | None) -> dict[str, Any]:
                 "delivered_at": row.delivered_at.astimezone(zone).isoformat(),
                 "response_code": row.response_code,
                 "outcome": row.outcome,
-                "why": row.why(),
+                "reason": row.why(),  # as in "reasons": one name for one thing
             }
             for row in newest[:LATEST]
         ],

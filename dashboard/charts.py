@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
+from django.utils.formats import date_format
 
 from dashboard import aggregates
 from dashboard.aggregates import Sums
@@ -31,12 +32,13 @@ def chart(window: Window, series: list[dict[str, Any]], **extra: Any) -> dict[st
 
 
 def label(start: datetime, window: Window) -> str:
-    """A bucket's start as the reader's clock shows it, as short as the range allows."""
+    """A bucket's start as the reader's clock shows it, written as every page writes times
+    (postbackproject/formats): its time within a day, its date for day buckets, else both."""
     if window.bucket == DAY:
-        return start.strftime("%a %d %b")
+        return date_format(start, "DATE_FORMAT")
     if window.end - window.start <= timedelta(days=1):
-        return start.strftime("%H:%M")
-    return start.strftime("%a %d %H:%M")
+        return date_format(start, "TIME_FORMAT")
+    return date_format(start, "DATETIME_FORMAT")
 
 
 def line(key: str, name: str, data: list[Any]) -> dict[str, Any]:

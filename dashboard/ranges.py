@@ -22,6 +22,10 @@ DAY = 86400
 BUCKETS = (60, 300, 900, 3600, DAY)
 MAX_BUCKETS = 200
 MAX_CUSTOM = timedelta(days=92)
+# What a custom range may start or end at: rollups count Unix minutes, and a range's bucket
+# edges (a day past its end, at most) must stay within what datetime holds.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 # name -> (length, bucket): the ranges the page offers.
 PRESETS = {
     "1h": (timedelta(hours=1), 60),
@@ -129,9 +133,17 @@ def _floor(when: datetime, seconds: int) -> datetime:
 
 
 def _parse(text: str | None, name: str) -> datetime:
-    when = parse_datetime(text or "")
+    try:
+        # Django answers None to what does not look like a date, and raises for what looks
+        # like one but is none (month 13, an offset of 99 hours); near year 1 or 9999 the
+        # move to UTC overflows.
+        when = parse_datetime(text or "")
+        if when is not None:
+            when = (timezone.make_aware(when) if timezone.is_naive(when) else when).astimezone(UTC)
+    except (ValueError, OverflowError):
+        when = None
     if when is None:
         raise RangeError(f"{name}: give a date and time such as 2026-11-28T09:00")
-    if timezone.is_naive(when):
-        when = timezone.make_aware(when)
-    return when.astimezone(UTC)
+    if not EARLIEST <= when < LATEST:
+        raise RangeError(f"{name}: give a date and time from {EARLIEST.year} to {LATEST.year - 1}")
+    return when

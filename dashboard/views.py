@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -26,6 +26,10 @@ CHARTS = [
     ("latency", "Latency", "Response time percentiles (ms), from histogram buckets; never above the slowest response."),
     ("codes", "Response codes", "Sent attempts by status class; no response: refused or timed out."),
 ]
+# The longest postback id and host an attempt can have (DeliveryAttempt's columns): anything
+# longer, or holding a control character (PostgreSQL refuses NUL), is no postback's or host's.
+MAX_ID_CHARS = 64
+MAX_HOST_CHARS = 255
 
 
 @login_required
@@ -38,13 +42,18 @@ def index(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_safe
 def postback_lookup(request: HttpRequest) -> HttpResponse:
-    return redirect("dashboard:postback", postback_id=request.GET.get("id", "").strip() or "-")
+    postback_id = request.GET.get("id", "").strip() or "-"
+    if problem := id_problem(postback_id):
+        return HttpResponseBadRequest(problem, content_type="text/plain; charset=utf-8")
+    return redirect("dashboard:postback", postback_id=postback_id)
 
 
 @login_required
 @require_safe
 def postback(request: HttpRequest, postback_id: str) -> HttpResponse:
     """One postback: what was sent, and every attempt with what came back."""
+    if problem := id_problem(postback_id):
+        return HttpResponseBadRequest(problem, content_type="text/plain; charset=utf-8")
     tries = attempts.history(postback_id)
     if not tries:
         raise Http404("no attempt of this postback is recorded (yet, or any more)")
@@ -52,6 +61,9 @@ def postback(request: HttpRequest, postback_id: str) -> HttpResponse:
         "postback_id": postback_id,
         "tries": tries,
         "last": tries[-1],
+        # The error column only when a try has one: a delivered postback shows what came back.
+        "any_error": any(row.error for row in tries),
+        "time_zone": timezone.get_current_timezone_name(),
         "replayable": bool(failed_postbacks([postback_id])),
         "can_replay": request.user.is_staff and request.user.has_perm("delivery.replay_postback"),
         "admin_attempts": reverse("admin:delivery_deliveryattempt_changelist") + f"?q={postback_id}",
@@ -71,9 +83,28 @@ def api(view: ChartView) -> Callable[[HttpRequest], JsonResponse]:
             window = window_from(request.GET, timezone.now())
         except RangeError as exc:
             return JsonResponse({"error": str(exc)}, status=400)
-        return JsonResponse(view(request, window, request.GET.get("host") or None))
+        host = request.GET.get("host") or None
+        if host is not None and (problem := text_problem("host", host, MAX_HOST_CHARS)):
+            return JsonResponse({"error": problem}, status=400)
+        return JsonResponse(view(request, window, host))
 
     return endpoint
+
+
+def text_problem(name: str, text: str, longest: int) -> str | None:
+    """Why no recorded attempt can hold this text (None if one can), for the reader."""
+    if len(text) > longest:
+        return f"{name}: at most {longest} characters"
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        return f"{name}: no control characters"
+    return None
+
+
+def id_problem(postback_id: str) -> str | None:
+    if "/" in postback_id:
+        return f"{postback_id[:MAX_ID_CHARS]!r} is not a postback id: ids hold no '/'"
+    problem = text_problem("postback id", postback_id, MAX_ID_CHARS)
+    return f"not a postback id ({problem})" if problem else None
 
 
 @api

@@ -109,7 +109,7 @@ class BulkReplayForm(forms.Form):
         super().__init__(*args, **kwargs)
         zone = settings.TIME_ZONE
         self.fields["since"].help_text = (
-            f"From this time: local time in {zone} (2026-12-04 14:00), ISO 8601 with an offset, "
+            f"From this time: local time in {zone} (2026-12-04 14:00:00, as pages write it), ISO 8601 with an offset, "
             "or a date (from its start)."
         )
 

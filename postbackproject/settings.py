@@ -143,6 +143,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE: str = env.str("TIME_ZONE", default="UTC")
 USE_I18N = True
 USE_TZ = True
+# Dates and times are written one way on every page, admin's too: 14:30:05, 2026-12-04 14:30:05.
+FORMAT_MODULE_PATH = ["postbackproject.formats"]
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]

@@ -2,8 +2,12 @@
 Playwright), under the Content-Security-Policy the site sends: log in, read the charts after
 real deliveries, switch the range, open a failed postback, replay it, and see the new attempt;
 open admin's pages and save the delivery settings. Nothing may be refused by the policy.
-Saves a screenshot of the dashboard to var/screenshots/."""
+Every page of ours, at 390 px and at 1280 px: no sideways scroll of the page, nothing drawn
+over anything else, times written one way. Saves screenshots of the dashboard to
+var/screenshots/."""
 
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +17,9 @@ from django.db import connections
 from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
 from pytest_django.live_server_helper import LiveServer
 
-from delivery.models import DeliveryAttempt
+from delivery.models import DeliveryAttempt, SigningSecret
+from postbackproject import keys
+from postbackproject.queue import get_connection
 from postbackproject.settings import BASE_DIR
 from tests.conftest import Reply, deliver_everything, ingest_json
 
@@ -59,6 +65,9 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield launched
         launched.close()
+        # The test's database calls ran beside Playwright's event loop, where Django keeps a
+        # connection of their own: left open, PostgreSQL would refuse to drop the test database.
+        connections.close_all()
 
 
 def chart_total(page: Page, chart: str, label: str) -> float:
@@ -215,3 +224,154 @@ def test_an_admin_works_through_admins_pages_under_the_policy(site, client, rece
         "Content Security Policy violation: script-src-elem inline",
         "Content Security Policy violation: style-src-elem inline",
     ]
+
+
+# --- every page on a phone and on a desk ------------------------------------------------------
+
+# One way to write a time and one to write a date-time, on every page, in TIME_ZONE.
+TIME = re.compile(r"\d{2}:\d{2}:\d{2}")
+DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
+# Anything that reads as a clock time (a host's port, "127.0.0.1:8000", does not).
+CLOCK = re.compile(r"(?<![\d.:])\d{1,2}:\d{2}(?::\d{2})?(?![\d:])")
+OTHER_TIME_WAYS = re.compile(
+    r"\b(?:AM|PM)\b|[ap]\.m\.|\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*\.? \d{1,2}, \d{4}"
+    r"|\d{4}-\d{2}-\d{2}T\d|\d{2}:\d{2}:\d{2} ?(?:UTC|GMT|[+-]\d{2}:?\d{2})"
+)
+PHONE = {"width": 390, "height": 844}
+DESK = {"width": 1280, "height": 800}
+# The page's own sideways scroll, and the outermost elements that stick out of the window.
+SIDEWAYS = """() => {
+    const width = window.innerWidth;
+    const out = [];
+    if (document.documentElement.scrollWidth > width) {
+        for (const element of document.body.querySelectorAll("*")) {
+            const right = element.getBoundingClientRect().right;
+            const parent = element.parentElement.getBoundingClientRect().right;
+            if (right > width + 1 && parent <= width + 1) {
+                const name = `${element.tagName.toLowerCase()}#${element.id}.${element.className}`;
+                out.push(`${name} ends at ${Math.round(right)}`);
+            }
+        }
+    }
+    return {scrollWidth: document.documentElement.scrollWidth, width: width, out: out.slice(0, 8)};
+}"""
+# Pairs of the dashboard's boxes drawn over each other (a box and what it holds excepted).
+OVERLAPS = """(selector) => {
+    const boxes = [...document.querySelectorAll(selector)].filter((element) => element.offsetParent !== null);
+    const found = [];
+    boxes.forEach((a, i) => boxes.slice(i + 1).forEach((b) => {
+        if (a.contains(b) || b.contains(a)) return;
+        const p = a.getBoundingClientRect(), q = b.getBoundingClientRect();
+        if (p.left < q.right - 1 && q.left < p.right - 1 && p.top < q.bottom - 1 && q.top < p.bottom - 1) {
+            found.push(`${a.id || a.className} over ${b.id || b.className}`);
+        }
+    }));
+    return found;
+}"""
+FITS_ITS_BOX = (
+    "(selector) => { const box = document.querySelector(selector); return box.scrollWidth <= box.clientWidth; }"
+)
+DASHBOARD_BOXES = ".controls, .live .figure, .panel, .canvas-box, .table-box, .scroll-x, #table-reasons, #table-latest"
+
+
+def times_written_otherwise(text: str) -> list[str]:
+    """Clock times not written HH:MM:SS, dates not followed by ' HH:MM:SS', 12-hour clocks,
+    month names and zone suffixes: every way of writing a time but the one."""
+    wrong = [clock for clock in CLOCK.findall(text) if not TIME.fullmatch(clock)]
+    return wrong + [match.group(0) for match in OTHER_TIME_WAYS.finditer(text)]
+
+
+def assert_fits_and_writes_times_one_way(page: Page, where: str) -> None:
+    page.wait_for_load_state("load")
+    sideways = page.evaluate(SIDEWAYS)
+    assert sideways["scrollWidth"] <= sideways["width"], f"{where} scrolls sideways: {sideways}"
+    assert times_written_otherwise(page.locator("body").inner_text()) == [], where
+
+
+@pytest.mark.parametrize("screen", [PHONE, DESK], ids=["phone", "desk"])
+def test_every_page_fits_a_phone_and_a_desk_and_writes_times_one_way(site, client, receiver, browser, screen):
+    User.objects.create_superuser("admin", "admin@example.com", "a-long-test-password")
+    receiver.answer(Reply(404, body=b"no such campaign, " * 20), Reply(200, body=b'{"status": "recorded"}'))
+    long_url = receiver.url(
+        "/postback/" + "segment/" * 30 + "?campaign={c}&" + "&".join(f"k{n}=v{n}" for n in range(20))
+    )
+    document = {"endpoint": {"method": "POST", "url": long_url}, "data": [{"c": "spring"}, {"c": "autumn"}]}
+    assert ingest_json(client, document).status_code == 202
+    deliver_everything()
+    failed = DeliveryAttempt.objects.get(outcome="failed")
+    delivered = DeliveryAttempt.objects.get(outcome="success")
+    host = f"127.0.0.1:{receiver.port}"
+    open_circuit_until_ms = (time.time() + 600) * 1000
+    get_connection().zadd(
+        keys.CIRCUITS_OPEN, {host: open_circuit_until_ms, "down." + "long-name." * 8 + "example": open_circuit_until_ms}
+    )
+    get_connection().hset(keys.CIRCUITS_FAILURES, host, 5)
+    secret = SigningSecret.objects.create(label="2026 rotation")
+
+    page = browser.new_page(viewport=screen)
+    refused = watch_policy(page)
+    page.goto(f"{site.url}/login/?next=/dashboard/")
+    assert_fits_and_writes_times_one_way(page, "login")
+    page.fill("#id_username", "admin")
+    page.fill("#id_password", "a-long-test-password")
+    page.click("input[type=submit]")
+
+    wait_for_refresh(page, 0)
+    page.wait_for_function("() => document.querySelectorAll('#table-latest tbody tr').length > 0")
+    assert_fits_and_writes_times_one_way(page, "dashboard")
+    assert page.evaluate(OVERLAPS, DASHBOARD_BOXES) == []
+    topbar = page.locator(".topbar").bounding_box()
+    assert topbar is not None and topbar["width"] >= page.evaluate("() => document.documentElement.clientWidth")
+    for chart in ("volume", "latency"):
+        labels = page.evaluate(f"() => Chart.getChart('chart-{chart}').data.labels")
+        assert labels and all(TIME.fullmatch(label) for label in labels), labels
+    latest = page.locator("#table-latest tbody tr").first.locator("td")
+    assert DATE_TIME.fullmatch(latest.nth(0).inner_text())
+    assert latest.nth(4).inner_text().startswith("HTTP 404: no such campaign")  # the reason, filled in
+    if screen is DESK:  # a time and an id on one line each
+        lines = "(element) => element.getClientRects().length"
+        assert [latest.nth(0).locator("time").evaluate(lines), latest.nth(1).locator("a").evaluate(lines)] == [1, 1]
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"dashboard-{screen['width']}.png"), full_page=True)
+
+    page.goto(f"{site.url}/dashboard/postbacks/{failed.postback_id}/")
+    assert_fits_and_writes_times_one_way(page, "a failed postback's page")
+    page.goto(f"{site.url}/dashboard/postbacks/{delivered.postback_id}/")
+    assert_fits_and_writes_times_one_way(page, "a delivered postback's page")
+    expect(page.locator("#attempts thead")).to_contain_text("Response body")
+    expect(page.locator("#attempts thead")).not_to_contain_text("Error")
+
+    page.goto(f"{site.url}/admin/ingestion/senderkey/add/")
+    page.fill("#id_name", "A sender with a long name")
+    page.click("input[name=_save]")
+    expect(page.locator("#sender-key")).to_have_count(1)
+    assert_fits_and_writes_times_one_way(page, "the sender key page")
+
+    for where in [
+        "/admin/",
+        "/admin/delivery/deliveryattempt/",
+        f"/admin/delivery/deliveryattempt/{failed.pk}/change/",
+        "/admin/delivery/deliveryattempt/replay/?since=2026-12-04+09%3A00%3A00&until=2026-12-04+10%3A00%3A00",
+        "/admin/delivery/deliverysettings/",
+        "/admin/delivery/circuitbreaker/",
+        "/admin/delivery/signingsecret/",
+        f"/admin/delivery/signingsecret/{secret.pk}/change/",
+        "/admin/ingestion/senderkey/",
+    ]:
+        page.goto(site.url + where)
+        assert_fits_and_writes_times_one_way(page, where)
+        if where == "/admin/delivery/deliveryattempt/":  # whole ids and times; at 1280 px, every column
+            expect(page.locator("#result_list")).to_contain_text(failed.postback_id)
+            expect(page.locator("#result_list")).to_contain_text("HTTP 404: no such campaign, no such campaign")
+            assert DATE_TIME.fullmatch(page.locator("#result_list .field-started").first.inner_text())
+            if screen is DESK:
+                assert page.evaluate(FITS_ITS_BOX, "#changelist-form .results")
+        if where == "/admin/delivery/circuitbreaker/":
+            cells = page.locator("#content-main tbody tr").first.locator("td").all_inner_texts()
+            assert [cell for cell in cells if DATE_TIME.fullmatch(cell)], cells  # open until when
+    assert refused == []
+
+    # django-rq's pages: their inline style is refused by the policy (see above), not our doing.
+    for where in ["/admin/rq/", "/admin/rq/queues/0/"]:
+        page.goto(site.url + where)
+        assert_fits_and_writes_times_one_way(page, where)

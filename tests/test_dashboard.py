@@ -118,7 +118,7 @@ def test_volume_counts_each_outcome_in_its_bucket_and_reruns_count_once(analyst)
     save_attempts(rows)  # a drainer that died after writing: the same tries again
 
     body = custom(analyst, "volume", "2026-11-29T10:00Z", "2026-11-29T10:10Z")
-    assert body["labels"][:2] == ["10:00", "10:01"]
+    assert body["labels"][:2] == ["10:00:00", "10:01:00"]
     assert series(body, "success")[0] == 1 and series(body, "retry")[0] == 1
     assert series(body, "failed")[7] == 1 and series(body, "deferred")[7] == 1
     assert body["totals"] == {"accepted": 0, "success": 1, "retry": 1, "failed": 1, "deferred": 1}
@@ -211,8 +211,8 @@ def test_a_range_across_midnight_keeps_each_attempt_in_its_local_bucket(analyst,
 
     body = custom(analyst, "volume", "2026-11-28T23:00", "2026-11-29T01:00")  # local times
     assert body["window"]["start"] == "2026-11-28T23:00:00-05:00"
-    at = body["labels"].index("23:59")
-    assert body["labels"][at + 1] == "00:00"
+    at = body["labels"].index("23:59:00")
+    assert body["labels"][at + 1] == "00:00:00"
     assert series(body, "success")[at] == 1 and series(body, "failed")[at + 1] == 1
     assert body["starts"][at + 1] == "2026-11-29T00:00:00-05:00"
 
@@ -244,9 +244,9 @@ def test_hour_buckets_skip_the_hour_that_does_not_exist(analyst, settings):
 
     body = custom(analyst, "volume", "2026-03-28T22:00", "2026-03-29T22:00")
     assert body["window"]["bucket_seconds"] == 900
-    hours = [label for label in body["labels"] if label.endswith(":00")]
-    assert hours[:6] == ["22:00", "23:00", "00:00", "01:00", "03:00", "04:00"]
-    assert series(body, "success")[body["labels"].index("03:30")] == 1
+    hours = [label for label in body["labels"] if label.endswith(":00:00")]
+    assert hours[:6] == ["22:00:00", "23:00:00", "00:00:00", "01:00:00", "03:00:00", "04:00:00"]
+    assert series(body, "success")[body["labels"].index("03:30:00")] == 1
 
 
 def test_the_host_table_sums_whole_hours_and_the_minutes_around_them(analyst):

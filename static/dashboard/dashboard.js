@@ -38,10 +38,30 @@
   const LIVE_MS = 5000;
   const charts = {};
   const number = new Intl.NumberFormat();
-  // Times read as the server's TIME_ZONE shows them (the chart labels come from the server).
+  // Times in the server's TIME_ZONE, written as every page writes them (the server's format
+  // module, postbackproject/formats): 14:30:05 and 2026-12-04 14:30:05, whatever the
+  // browser's language. The chart labels come from the server, written the same way.
   const zone = root.dataset.timeZone || "UTC";
-  const dateTime = new Intl.DateTimeFormat(undefined, { timeZone: zone, dateStyle: "medium", timeStyle: "short" });
-  const clock = new Intl.DateTimeFormat(undefined, { timeZone: zone, timeStyle: "medium" });
+  const clockParts = new Intl.DateTimeFormat("en-US", {
+    timeZone: zone, numberingSystem: "latn", hourCycle: "h23",
+    year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit",
+  });
+
+  function partsOf(date) {
+    const parts = {};
+    for (const part of clockParts.formatToParts(date)) parts[part.type] = part.value;
+    return parts;
+  }
+
+  function formatTime(date) {
+    const p = partsOf(date);
+    return p.hour + ":" + p.minute + ":" + p.second;
+  }
+
+  function formatDateTime(date) {
+    const p = partsOf(date);
+    return p.year + "-" + p.month + "-" + p.day + " " + formatTime(date);
+  }
 
   // --- state: the range and host, kept in the address so that a view can be shared ------
 
@@ -134,6 +154,12 @@
     return element;
   }
 
+  function timeElement(date) {
+    const element = cell("time", formatDateTime(date));
+    element.dateTime = date.toISOString();
+    return element;
+  }
+
   function formatValue(value, unit) {
     if (value === null || value === undefined) return "–";
     return number.format(value) + unit;
@@ -184,7 +210,7 @@
 
   function circuitText(circuit) {
     if (circuit.state === "closed") return "closed";
-    const until = clock.format(new Date(circuit.until));
+    const until = formatTime(new Date(circuit.until));
     const failures = " (" + circuit.failures + " failures in a row)";
     // Its open time has passed: the host's next postback goes out as the probe.
     if (circuit.state === "probe_due") return "probe due since " + until + failures;
@@ -235,10 +261,11 @@
     document.querySelector("#table-reasons tbody").replaceChildren(...reasons);
     const latest = body.latest.map((a) => {
       const row = document.createElement("tr");
+      const when = document.createElement("td");
+      when.append(timeElement(new Date(a.delivered_at)));
       const id = document.createElement("td");
       id.append(postbackLink(a.postback_id));
-      row.append(cell("td", dateTime.format(new Date(a.delivered_at))), id, cell("td", String(a.attempt)),
-        cell("td", a.outcome), cell("td", a.why, "text"));
+      row.append(when, id, cell("td", String(a.attempt)), cell("td", a.outcome), cell("td", a.reason, "text"));
       return row;
     });
     document.querySelector("#table-latest tbody").replaceChildren(...latest);
@@ -266,7 +293,7 @@
   function describeRange(range) {
     const start = new Date(range.start);
     const end = new Date(range.end);
-    return dateTime.format(start) + " – " + dateTime.format(end);
+    return formatDateTime(start) + " – " + formatDateTime(end);
   }
 
   function markRange(query) {
@@ -297,7 +324,7 @@
     if (first.status === "fulfilled") {
       document.getElementById("range-text").textContent = describeRange(first.value.window);
     }
-    document.getElementById("updated").textContent = "updated " + clock.format(new Date());
+    document.getElementById("updated").textContent = "updated " + formatTime(new Date());
     root.dataset.refreshes = String(Number(root.dataset.refreshes || 0) + 1);
   }
 
