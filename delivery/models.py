@@ -13,6 +13,14 @@ from delivery.signing import new_secret
 logger = logging.getLogger(__name__)
 
 
+class ResponseBodyPolicy(models.TextChoices):
+    """Which attempt rows keep the receiver's response body (its log line always does)."""
+
+    ALL = "all", "all attempts"
+    FAILURES = "failures", "failures only (every attempt but a success)"
+    NONE = "none", "none"
+
+
 class DeliverySettings(models.Model):
     """The one row of runtime delivery settings, edited in admin or `manage.py deliverysettings`.
 
@@ -77,6 +85,14 @@ class DeliverySettings(models.Model):
         default=4096,
         validators=[MaxValueValidator(1024 * 1024)],
         help_text="How much of each response body is kept in the attempt log. 0 keeps none.",
+    )
+    store_response_body = models.CharField(
+        max_length=8,
+        choices=ResponseBodyPolicy.choices,
+        default=ResponseBodyPolicy.FAILURES,
+        help_text="Which attempt rows keep the response body (cut to response_body_max_bytes): a "
+        "success's body is seldom read and costs the most space. Each attempt's log line carries "
+        "its body whatever this says.",
     )
     batch_size = models.PositiveIntegerField(
         default=100,

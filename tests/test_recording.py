@@ -2,12 +2,13 @@
 costs the others their records."""
 
 import dataclasses
+import json
 
 import pytest
 from django.db import connection
 from django.utils import timezone
 
-from delivery.models import DeliveryAttempt
+from delivery.models import DeliveryAttempt, DeliverySettings
 from delivery.recording import Record, save_attempts, storable
 from tests.conftest import Reply, ingest_json, run_worker
 
@@ -30,6 +31,7 @@ def test_storable_escapes_only_what_databases_refuse(text, stored):
 
 def test_a_reply_with_nul_bytes_is_stored_escaped_beside_the_rest_of_its_batch(client, receiver):
     """PostgreSQL refuses NUL in text: unescaped, this reply cost the whole batch its rows."""
+    DeliverySettings(store_response_body="all").save()
     receiver.answer(Reply(body=b"before\x00after"), Reply(), Reply())
     document = {"endpoint": {"method": "GET", "url": receiver.url("/n?i={i}")}, "data": [{"i": i} for i in range(3)]}
     ids = ingest_json(client, document).json()["postbacks"]
@@ -43,12 +45,56 @@ def test_a_reply_with_nul_bytes_is_stored_escaped_beside_the_rest_of_its_batch(c
 
 
 def test_a_body_in_a_declared_charset_is_stored_as_text(client, receiver):
+    DeliverySettings(store_response_body="all").save()
     receiver.answer(Reply(body="déjà".encode("latin-1"), headers={"Content-Type": "text/plain; charset=latin-1"}))
     ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/c")}, "data": [{}]})
 
     run_worker()
 
     assert DeliveryAttempt.objects.get().response_body == "déjà"
+
+
+BODIES = {"success": "fine", "retry": "busy", "failed": "no such thing"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "stored"),
+    [
+        ("all", BODIES),
+        ("failures", {**BODIES, "success": ""}),
+        ("none", {"success": "", "retry": "", "failed": ""}),
+    ],
+)
+def test_attempt_rows_keep_response_bodies_as_the_policy_says_and_log_lines_keep_every_one(
+    client, receiver, caplog, policy, stored
+):
+    DeliverySettings(store_response_body=policy).save()
+    with caplog.at_level("INFO", logger="delivery.attempts"):
+        for status, body in [(200, b"fine"), (503, b"busy"), (404, b"no such thing")]:
+            receiver.answer(Reply(status, body))
+            ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/b")}, "data": [{}]})
+            run_worker()
+
+    assert dict(DeliveryAttempt.objects.values_list("outcome", "response_body")) == stored
+    lines = [
+        json.loads(line)
+        for r in caplog.records
+        if r.name == "delivery.attempts"
+        for line in r.getMessage().splitlines()
+    ]
+    assert {line["outcome"]: line["response_body"] for line in lines} == BODIES
+
+
+def test_failures_keep_their_bodies_by_default(client, receiver):
+    receiver.answer(Reply(200, b"fine"), Reply(404, b"no such thing"))
+    for n in range(2):
+        ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url(f"/d{n}")}, "data": [{}]})
+        run_worker()
+
+    assert dict(DeliveryAttempt.objects.values_list("outcome", "response_body")) == {
+        "success": "",
+        "failed": "no such thing",
+    }
 
 
 def row(postback_id: str, code: int | None = 200) -> Record:
