@@ -6,10 +6,12 @@ import json
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from delivery.models import DeliveryAttempt, DeliverySettings
 from delivery.recording import Record, save_attempts, storable
+from delivery.settling import SETTLE_BATCH
 from tests.conftest import Reply, ingest_json, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -120,6 +122,17 @@ def test_one_row_the_database_refuses_does_not_cost_the_others_theirs(caplog):
     assert set(DeliveryAttempt.objects.values_list("postback_id", flat=True)) == {"good-1", "good-2"}
     if connection.vendor == "postgresql":  # SQLite's INSERT OR IGNORE skips such a row silently
         assert "refused try 1 could not be recorded" in caplog.text
+
+
+def test_a_workers_batch_of_attempts_is_written_with_one_insert_and_one_per_rollup_table():
+    rows = [dataclasses.replace(row(f"p{n}"), host=f"h{n % 20}.example") for n in range(SETTLE_BATCH)]
+
+    with CaptureQueriesContext(connection) as queries:
+        save_attempts(rows)
+
+    inserts = [query["sql"].split()[2].strip('"') for query in queries if query["sql"].startswith("INSERT")]
+    assert inserts == ["delivery_deliveryattempt", "delivery_deliveryrollup", "delivery_deliveryseries"]
+    assert DeliveryAttempt.objects.count() == SETTLE_BATCH
 
 
 def test_recording_the_same_try_twice_keeps_one_row():
