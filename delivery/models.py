@@ -247,14 +247,18 @@ class DeliveryAttempt(models.Model):
         constraints = [
             # A try recorded again after a crash is kept once. A try that was really sent twice
             # with different outcomes keeps both rows; a deferred try is recorded once, however
-            # often its circuit defers it.
+            # often its circuit defers it. Also the index of every lookup by postback id: the
+            # postback page, admin's search, replay, a worker's look at the log before sending.
             models.UniqueConstraint(fields=["postback_id", "attempt", "outcome"], name="one_row_per_try_outcome"),
         ]
+        # Each index serves a page (docs/decisions.md, "Indexes kept to what the pages read";
+        # `manage.py queryplans` shows which query uses which).
         indexes = [
+            # Admin's list, newest first, and its date filter; prunehistory's oldest rows.
             models.Index(fields=["delivered_at"], name="attempt_delivered_at"),
+            # The newest failures of a range (dashboard's "why", admin's outcome filter, bulk replay).
             models.Index(fields=["outcome", "delivered_at"], name="attempt_outcome_time"),
-            models.Index(fields=["host", "delivered_at"], name="attempt_host_time"),
-            # One host's failures in a time range: the dashboard's "why", and bulk replay.
+            # The same for one host, and admin's search by host.
             models.Index(fields=["host", "outcome", "delivered_at"], name="attempt_host_outcome_time"),
         ]
 
@@ -326,8 +330,9 @@ class DeliveryRollup(RollupCounts):
         constraints = [
             models.UniqueConstraint(fields=["minute", "host", "outcome", "code_class"], name="one_rollup_per_group"),
         ]
+        # The constraint's index also serves every range of minutes over all hosts (the host
+        # table's edges, prunehistory).
         indexes = [
-            models.Index(fields=["minute"], name="rollup_minute"),
             # One host's charts over a short range.
             models.Index(fields=["host", "minute"], name="rollup_host_minute"),
         ]
