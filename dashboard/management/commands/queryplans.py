@@ -14,7 +14,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib import admin
@@ -30,14 +30,14 @@ from django.utils import timezone
 
 from dashboard import views
 from dashboard.management.commands.dashboardtimings import ENDPOINTS
-from dashboard.ranges import preset
+from dashboard.ranges import PRESETS, preset
 from delivery.admin import DeliveryAttemptAdmin
-from delivery.models import DeliveryAttempt, Outcome
+from delivery.models import AcceptedRollup, DeliveryAttempt, DeliveryRollup, DeliverySeries, Outcome
 from delivery.progress import recorded_tries
 from delivery.retention import Retention, prune
 
 # The tables whose indexes this command is about.
-TABLES = ("delivery_deliveryattempt", "delivery_deliveryrollup", "delivery_deliveryseries", "delivery_acceptedrollup")
+TABLES = tuple(model._meta.db_table for model in (DeliveryAttempt, DeliveryRollup, DeliverySeries, AcceptedRollup))
 Page = Callable[[], object]
 
 
@@ -65,23 +65,31 @@ class Command(BaseCommand):
         self.stdout.write(f"queries reading a table whole: {whole_scans}")
 
     def pages(self) -> Iterator[tuple[str, Page]]:
+        """Each page, as staff would open it over this log: its newest week, its busiest host,
+        its newest failed postback."""
         newest = DeliveryAttempt.objects.aggregate(newest=Max("delivered_at"))["newest"] or timezone.now()
         busiest = DeliveryAttempt.objects.values("host").annotate(n=Count("id")).order_by("-n").first()
         host = busiest["host"] if busiest else "none.example"
-        failed = DeliveryAttempt.objects.filter(outcome=Outcome.FAILED).order_by("-delivered_at").first()
-        postback_id = (
-            failed or DeliveryAttempt.objects.order_by("-delivered_at").first() or DeliveryAttempt()
-        ).postback_id
-        recent = list(DeliveryAttempt.objects.order_by("-delivered_at").values_list("postback_id", flat=True)[:500])
-        for name, length in [("24h", timedelta(hours=24)), ("7d", timedelta(days=7))]:
-            window = preset(name, length, 3600 if name == "7d" else 900, newest)
+        latest = DeliveryAttempt.objects.order_by("-delivered_at")
+        example = latest.filter(outcome=Outcome.FAILED).first() or latest.first() or DeliveryAttempt()
+        yield from self._dashboard_pages(newest, host, example.postback_id)
+        yield from self._admin_pages(newest, host, example.postback_id)
+        yield "prunehistory --dry-run", lambda: prune(Retention.configured(), now=newest, dry_run=True)
+        recent = list(latest.values_list("postback_id", flat=True)[:500])
+        yield "worker: tries recorded for 500 postbacks", lambda: recorded_tries(recent)
+
+    def _dashboard_pages(self, newest: datetime, host: str, postback_id: str) -> Iterator[tuple[str, Page]]:
+        for name in ["24h", "7d"]:
+            window = preset(name, *PRESETS[name], newest)
             query = {"range": "custom", "start": window.start.isoformat(), "end": window.end.isoformat()}
             for endpoint, view in ENDPOINTS.items():
-                if endpoint != "live":
+                if endpoint != "live":  # Redis only
                     yield f"dashboard {endpoint} {name}", self._get(view, query)
                     yield f"dashboard {endpoint} {name} one host", self._get(view, {**query, "host": host})
         if postback_id:
             yield "dashboard postback page", lambda: views.postback(self._request({}), postback_id)
+
+    def _admin_pages(self, newest: datetime, host: str, postback_id: str) -> Iterator[tuple[str, Page]]:
         attempts_admin = admin.site._registry[DeliveryAttempt]
         assert isinstance(attempts_admin, DeliveryAttemptAdmin)
         since = (newest - timedelta(days=7)).isoformat()
@@ -95,13 +103,8 @@ class Command(BaseCommand):
             ("admin attempt list, one host failed", {"q": host, "outcome__exact": "failed"}),
         ]:
             yield label, self._get(attempts_admin.changelist_view, query)
-        for label, query in [
-            ("admin replay form", {"since": since}),
-            ("admin replay form, one host", {"since": since, "host": host}),
-        ]:
-            yield label, self._get(attempts_admin.replay_view, query)
-        yield "prunehistory --dry-run", lambda: prune(Retention.configured(), now=newest, dry_run=True)
-        yield "worker: tries recorded for 500 postbacks", lambda: recorded_tries(recent)
+        yield "admin replay form", self._get(attempts_admin.replay_view, {"since": since})
+        yield "admin replay form, one host", self._get(attempts_admin.replay_view, {"since": since, "host": host})
 
     def _request(self, query: dict[str, str]) -> HttpRequest:
         request = self.factory.get("/", query)
@@ -119,17 +122,17 @@ class Command(BaseCommand):
 
     @staticmethod
     def _time(page: Page, runs: int) -> tuple[list[float], list[str]]:
-        """The page's times (ms; after one warm-up call) and the queries it makes on the tables."""
-        times: list[float] = []
-        for run in range(runs + 1):
-            with CaptureQueriesContext(connection) as captured:
-                started = time.perf_counter()
-                page()
-                elapsed = (time.perf_counter() - started) * 1000
-            if run:
-                times.append(elapsed)
-        queries = [query["sql"] for query in captured if query["sql"].lstrip().upper().startswith("SELECT")]
-        return times, [sql for sql in queries if any(table in sql for table in TABLES)]
+        """The queries the page makes on the tables (in a first call, which also warms caches
+        and connections), then its times in ms, with nothing captured."""
+        with CaptureQueriesContext(connection) as captured:
+            page()
+        selects = [query["sql"] for query in captured if query["sql"].lstrip().upper().startswith("SELECT")]
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            page()
+            times.append((time.perf_counter() - started) * 1000)
+        return times, [sql for sql in selects if any(f'"{table}"' in sql for table in TABLES)]
 
 
 def explain(sql: str) -> tuple[list[str], list[str], float | None]:
