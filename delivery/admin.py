@@ -41,6 +41,7 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
                     "read_timeout_seconds",
                     "total_timeout_seconds",
                     "response_body_max_bytes",
+                    "store_response_body",
                 ]
             },
         ),

@@ -22,6 +22,7 @@ EDITABLE_FIELDS = [
     "read_timeout_seconds",
     "total_timeout_seconds",
     "response_body_max_bytes",
+    "store_response_body",
     "batch_size",
     "max_in_flight_per_host",
     "circuit_failure_threshold",

@@ -13,6 +13,14 @@ from delivery.signing import new_secret
 logger = logging.getLogger(__name__)
 
 
+class ResponseBodyPolicy(models.TextChoices):
+    """Which attempt rows keep the receiver's response body (its log line always does)."""
+
+    ALL = "all", "all attempts"
+    FAILURES = "failures", "failures only (every attempt but a success)"
+    NONE = "none", "none"
+
+
 class DeliverySettings(models.Model):
     """The one row of runtime delivery settings, edited in admin or `manage.py deliverysettings`.
 
@@ -77,6 +85,14 @@ class DeliverySettings(models.Model):
         default=4096,
         validators=[MaxValueValidator(1024 * 1024)],
         help_text="How much of each response body is kept in the attempt log. 0 keeps none.",
+    )
+    store_response_body = models.CharField(
+        max_length=8,
+        choices=ResponseBodyPolicy.choices,
+        default=ResponseBodyPolicy.FAILURES,
+        help_text="Which attempt rows keep the response body (cut to response_body_max_bytes): a "
+        "success's body is seldom read and costs the most space. Each attempt's log line carries "
+        "its body whatever this says.",
     )
     batch_size = models.PositiveIntegerField(
         default=100,
@@ -231,14 +247,18 @@ class DeliveryAttempt(models.Model):
         constraints = [
             # A try recorded again after a crash is kept once. A try that was really sent twice
             # with different outcomes keeps both rows; a deferred try is recorded once, however
-            # often its circuit defers it.
+            # often its circuit defers it. Also the index of every lookup by postback id: the
+            # postback page, admin's search, replay, a worker's look at the log before sending.
             models.UniqueConstraint(fields=["postback_id", "attempt", "outcome"], name="one_row_per_try_outcome"),
         ]
+        # Each index serves a page (docs/decisions.md, "Indexes kept to what the pages read";
+        # `manage.py queryplans` shows which query uses which).
         indexes = [
+            # Admin's list, newest first, and its date filter; prunehistory's oldest rows.
             models.Index(fields=["delivered_at"], name="attempt_delivered_at"),
+            # The newest failures of a range (dashboard's "why", admin's outcome filter, bulk replay).
             models.Index(fields=["outcome", "delivered_at"], name="attempt_outcome_time"),
-            models.Index(fields=["host", "delivered_at"], name="attempt_host_time"),
-            # One host's failures in a time range: the dashboard's "why", and bulk replay.
+            # The same for one host, and admin's search by host.
             models.Index(fields=["host", "outcome", "delivered_at"], name="attempt_host_outcome_time"),
         ]
 
@@ -310,8 +330,9 @@ class DeliveryRollup(RollupCounts):
         constraints = [
             models.UniqueConstraint(fields=["minute", "host", "outcome", "code_class"], name="one_rollup_per_group"),
         ]
+        # The constraint's index also serves every range of minutes over all hosts (the host
+        # table's edges, prunehistory).
         indexes = [
-            models.Index(fields=["minute"], name="rollup_minute"),
             # One host's charts over a short range.
             models.Index(fields=["host", "minute"], name="rollup_host_minute"),
         ]

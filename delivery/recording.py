@@ -12,6 +12,9 @@ What a receiver sends back is not ours to trust: text the database refuses is es
 (`storable`), a batch that fails anyway is written row by row so that one bad row cannot cost
 the others their records, and while the database is unreachable the rows wait in memory and
 the write is tried again.
+
+Rows keep the receiver's response body as the `store_response_body` setting says (all tries,
+failures only, or none); the log line carries it whatever the setting.
 """
 
 import contextlib
@@ -27,7 +30,7 @@ from typing import Any
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.utils import timezone
 
-from delivery.models import DeliveryAttempt, Outcome
+from delivery.models import DeliveryAttempt, Outcome, ResponseBodyPolicy
 from delivery.rollups import add_to_rollups
 from delivery.transport import Response
 from postbackproject.metrics import DELIVERY_ATTEMPTS, DELIVERY_DEFERRALS, DELIVERY_DURATION
@@ -118,8 +121,17 @@ def deferral_record(item: Try, host: str, reason: str, until: datetime) -> Recor
     )
 
 
-def insert_new_attempts(rows: Sequence[Record], chunk: int = 500) -> list[Record]:
+def keeps_response_body(row: Record, policy: str) -> bool:
+    """Whether a row stored under this `store_response_body` policy keeps its response body."""
+    if policy == ResponseBodyPolicy.FAILURES:
+        return row.outcome != Outcome.SUCCESS
+    return policy == ResponseBodyPolicy.ALL
+
+
+def insert_new_attempts(rows: Sequence[Record], chunk: int = 500, bodies: str = ResponseBodyPolicy.ALL) -> list[Record]:
     """INSERT the rows, skipping tries already recorded; returns the rows really inserted.
+    Each row keeps its response body only if the `bodies` policy says so (the Records keep
+    theirs, for the log).
 
     Django's bulk_create(ignore_conflicts=True) cannot say which rows it skipped, and the
     rollups must not count a skipped one; preparing values field by field also cost more than
@@ -137,14 +149,15 @@ def insert_new_attempts(rows: Sequence[Record], chunk: int = 500) -> list[Record
             cursor.execute(
                 f"INSERT INTO {quote(DeliveryAttempt._meta.db_table)} ({columns}) "
                 f"VALUES {', '.join([row_sql] * len(part))} ON CONFLICT ({key}) DO NOTHING RETURNING {key}",
-                [value for row in part for value in _column_values(row)],
+                [value for row in part for value in _column_values(row, keeps_response_body(row, bodies))],
             )
             inserted.extend(by_key[(pid, attempt, outcome)] for pid, attempt, outcome in cursor.fetchall())
     return inserted
 
 
-def _column_values(row: Record) -> tuple[Any, ...]:
-    """A Record's values in its fields' order, as the database takes them."""
+def _column_values(row: Record, with_body: bool) -> tuple[Any, ...]:
+    """A Record's values in its fields' order, as the database takes them; the response body
+    empty unless `with_body`."""
     return (
         row.postback_id,
         row.attempt,
@@ -155,16 +168,18 @@ def _column_values(row: Record) -> tuple[Any, ...]:
         connection.ops.adapt_datetimefield_value(row.delivered_at),
         row.response_code,
         row.response_time_ms,
-        row.response_body,
+        row.response_body if with_body else "",
         row.error,
         row.outcome,
     )
 
 
-def save_attempts(rows: Sequence[Record], wait: Callable[[float], None] = time.sleep) -> list[Record]:
+def save_attempts(
+    rows: Sequence[Record], wait: Callable[[float], None] = time.sleep, bodies: str = ResponseBodyPolicy.ALL
+) -> list[Record]:
     """Insert rows, retrying while the database is down; one bad row never costs the others.
     Returns the rows to log: those written (not those recorded before), and any the database
-    refused outright.
+    refused outright. Rows keep their response bodies as the `bodies` policy says.
 
     `wait(seconds)` passes the time between retries: a drainer renews its lease there (so that
     nobody takes its entries meanwhile) and takes the replies of requests already sent.
@@ -175,7 +190,7 @@ def save_attempts(rows: Sequence[Record], wait: Callable[[float], None] = time.s
     failures = 0
     while True:
         try:
-            return _insert(rows)
+            return _insert(rows, bodies)
         except (OperationalError, InterfaceError):
             pause = _RETRY_WAITS[min(failures, len(_RETRY_WAITS) - 1)]
             failures += 1
@@ -186,30 +201,30 @@ def save_attempts(rows: Sequence[Record], wait: Callable[[float], None] = time.s
             wait(pause)
 
 
-def _insert(rows: Sequence[Record]) -> list[Record]:
+def _insert(rows: Sequence[Record], bodies: str) -> list[Record]:
     try:
-        return _insert_counted(rows)
+        return _insert_counted(rows, bodies)
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError:
         logger.warning("bulk insert of %d attempt rows refused; writing them one by one", len(rows), exc_info=True)
-        return [written for row in rows for written in _insert_one(row)]
+        return [written for row in rows for written in _insert_one(row, bodies)]
 
 
-def _insert_counted(rows: Sequence[Record]) -> list[Record]:
+def _insert_counted(rows: Sequence[Record], bodies: str) -> list[Record]:
     """The rows and their rollups, in one transaction: counted if and only if inserted.
     Returns the rows inserted."""
     with transaction.atomic():
-        inserted = insert_new_attempts(rows)
+        inserted = insert_new_attempts(rows, bodies=bodies)
         add_to_rollups(inserted)
     return inserted
 
 
-def _insert_one(row: Record) -> list[Record]:
+def _insert_one(row: Record, bodies: str) -> list[Record]:
     """One row alone; if the database still refuses it, the row keeps only what it accepts.
     Returns it if it was inserted, or could not be at all (to be logged: its only record)."""
     try:
-        return _insert_counted([row])
+        return _insert_counted([row], bodies)
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError as exc:
@@ -218,7 +233,7 @@ def _insert_one(row: Record) -> list[Record]:
     row.request_body = ""
     row.error = storable(f"{row.error} [this row's texts were refused by the database: {refusal}]", ERROR_MAX_CHARS)
     try:
-        return _insert_counted([row])
+        return _insert_counted([row], bodies)
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError:

@@ -124,7 +124,7 @@ class Settler:
         self.failing.clear()
         self.urgent = False
         rows, follow_ups = self._records(finished, config)
-        written = save_attempts(rows, wait=wait)
+        written = save_attempts(rows, wait=wait, bodies=config.store_response_body)
         self._commit(follow_ups)
         self.tell_circuits(config, host_reports(finished))
         count_in_metrics(rows)

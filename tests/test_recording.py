@@ -2,13 +2,16 @@
 costs the others their records."""
 
 import dataclasses
+import json
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from delivery.models import DeliveryAttempt
+from delivery.models import DeliveryAttempt, DeliverySettings
 from delivery.recording import Record, save_attempts, storable
+from delivery.settling import SETTLE_BATCH
 from tests.conftest import Reply, ingest_json, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,6 +33,7 @@ def test_storable_escapes_only_what_databases_refuse(text, stored):
 
 def test_a_reply_with_nul_bytes_is_stored_escaped_beside_the_rest_of_its_batch(client, receiver):
     """PostgreSQL refuses NUL in text: unescaped, this reply cost the whole batch its rows."""
+    DeliverySettings(store_response_body="all").save()
     receiver.answer(Reply(body=b"before\x00after"), Reply(), Reply())
     document = {"endpoint": {"method": "GET", "url": receiver.url("/n?i={i}")}, "data": [{"i": i} for i in range(3)]}
     ids = ingest_json(client, document).json()["postbacks"]
@@ -43,12 +47,56 @@ def test_a_reply_with_nul_bytes_is_stored_escaped_beside_the_rest_of_its_batch(c
 
 
 def test_a_body_in_a_declared_charset_is_stored_as_text(client, receiver):
+    DeliverySettings(store_response_body="all").save()
     receiver.answer(Reply(body="déjà".encode("latin-1"), headers={"Content-Type": "text/plain; charset=latin-1"}))
     ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/c")}, "data": [{}]})
 
     run_worker()
 
     assert DeliveryAttempt.objects.get().response_body == "déjà"
+
+
+BODIES = {"success": "fine", "retry": "busy", "failed": "no such thing"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "stored"),
+    [
+        ("all", BODIES),
+        ("failures", {**BODIES, "success": ""}),
+        ("none", {"success": "", "retry": "", "failed": ""}),
+    ],
+)
+def test_attempt_rows_keep_response_bodies_as_the_policy_says_and_log_lines_keep_every_one(
+    client, receiver, caplog, policy, stored
+):
+    DeliverySettings(store_response_body=policy).save()
+    with caplog.at_level("INFO", logger="delivery.attempts"):
+        for status, body in [(200, b"fine"), (503, b"busy"), (404, b"no such thing")]:
+            receiver.answer(Reply(status, body))
+            ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/b")}, "data": [{}]})
+            run_worker()
+
+    assert dict(DeliveryAttempt.objects.values_list("outcome", "response_body")) == stored
+    lines = [
+        json.loads(line)
+        for r in caplog.records
+        if r.name == "delivery.attempts"
+        for line in r.getMessage().splitlines()
+    ]
+    assert {line["outcome"]: line["response_body"] for line in lines} == BODIES
+
+
+def test_failures_keep_their_bodies_by_default(client, receiver):
+    receiver.answer(Reply(200, b"fine"), Reply(404, b"no such thing"))
+    for n in range(2):
+        ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url(f"/d{n}")}, "data": [{}]})
+        run_worker()
+
+    assert dict(DeliveryAttempt.objects.values_list("outcome", "response_body")) == {
+        "success": "",
+        "failed": "no such thing",
+    }
 
 
 def row(postback_id: str, code: int | None = 200) -> Record:
@@ -74,6 +122,17 @@ def test_one_row_the_database_refuses_does_not_cost_the_others_theirs(caplog):
     assert set(DeliveryAttempt.objects.values_list("postback_id", flat=True)) == {"good-1", "good-2"}
     if connection.vendor == "postgresql":  # SQLite's INSERT OR IGNORE skips such a row silently
         assert "refused try 1 could not be recorded" in caplog.text
+
+
+def test_a_workers_batch_of_attempts_is_written_with_one_insert_and_one_per_rollup_table():
+    rows = [dataclasses.replace(row(f"p{n}"), host=f"h{n % 20}.example") for n in range(SETTLE_BATCH)]
+
+    with CaptureQueriesContext(connection) as queries:
+        save_attempts(rows)
+
+    inserts = [query["sql"].split()[2].strip('"') for query in queries if query["sql"].startswith("INSERT")]
+    assert inserts == ["delivery_deliveryattempt", "delivery_deliveryrollup", "delivery_deliveryseries"]
+    assert DeliveryAttempt.objects.count() == SETTLE_BATCH
 
 
 def test_recording_the_same_try_twice_keeps_one_row():

@@ -36,6 +36,7 @@ def test_the_command_prints_the_defaults():
     assert "backoff_factor = 4" in printed
     assert "backoff_max_seconds = 3600" in printed
     assert "unmatched_default = ''" in printed
+    assert "store_response_body = 'failures'" in printed
 
 
 def test_the_command_prints_whole_numbers_as_whole_numbers_and_keeps_decimals_otherwise():
@@ -87,12 +88,21 @@ def test_the_command_changes_several_settings():
         ("colour=blue", "unknown setting"),
         ("max_attempts", "name=value"),
         ("unmatched_default=" + " " * 1001, "unmatched_default"),  # whitespace counts too
+        ("store_response_body=some", "store_response_body"),
     ],
 )
 def test_the_command_refuses_invalid_values_and_changes_nothing(assignment, message):
     with pytest.raises(CommandError, match=message):
         run_command("--set", "batch_size=7", "--set", assignment)
     assert DeliverySettings.load().batch_size == 100
+
+
+@pytest.mark.parametrize("policy", ["all", "failures", "none"])
+def test_the_command_sets_which_attempts_keep_response_bodies(policy):
+    printed = run_command("--set", f"store_response_body={policy}")
+
+    assert f"store_response_body = '{policy}'" in printed.splitlines()
+    assert DeliverySettings.load().store_response_body == policy
 
 
 def test_current_settings_are_cached_for_the_configured_time(settings):
@@ -128,6 +138,7 @@ def test_the_settings_admin_opens_the_one_row_and_saves_with_validation(staff_cl
         "read_timeout_seconds": "10",
         "total_timeout_seconds": "15",
         "response_body_max_bytes": "4096",
+        "store_response_body": "none",
         "batch_size": "100",
         "max_in_flight_per_host": "56",
         "circuit_failure_threshold": "5",
@@ -139,7 +150,16 @@ def test_the_settings_admin_opens_the_one_row_and_saves_with_validation(staff_cl
 
     saved = staff_client.post("/admin/delivery/deliverysettings/1/change/", {**form, "max_attempts": "2"})
     assert saved.status_code == 302
-    assert DeliverySettings.load().max_attempts == 2
+    assert (DeliverySettings.load().max_attempts, DeliverySettings.load().store_response_body) == (2, "none")
+
+
+def test_the_settings_admin_offers_each_response_body_policy(staff_client):
+    page = staff_client.get("/admin/delivery/deliverysettings/", follow=True).content.decode()
+
+    options = re.findall(
+        r'<option value="(\w+)"( selected)?>', page.split('name="store_response_body"')[1].split("</select>")[0]
+    )
+    assert options == [("all", ""), ("failures", " selected"), ("none", "")]
 
 
 def test_the_attempt_log_is_searchable_by_postback_id_and_filterable(staff_client):

@@ -20,8 +20,9 @@ def parse_assignment(text: str) -> tuple[str, str]:
 
 
 def shown(value: object) -> str:
-    """A setting as typed: numbers plainly (3600, 2.5), text quoted ('' shows an empty one)."""
-    return plain_number(value) if isinstance(value, int | float) else repr(value)
+    """A setting as typed: numbers plainly (3600, 2.5), text quoted ('' shows an empty one;
+    a choice shows its value, as --set takes it)."""
+    return plain_number(value) if isinstance(value, int | float) else repr(str(value))
 
 
 class Command(BaseCommand):
