@@ -92,7 +92,13 @@ def take(request: HttpRequest) -> Answer:
     if body is None:
         return error(413, f"body is larger than {settings.INGEST_MAX_BODY_BYTES} bytes")
     config = delivery_settings()
-    limits = Limits(settings.INGEST_MAX_DATA_OBJECTS, config.max_url_bytes, config.unmatched_default)
+    limits = Limits(
+        settings.INGEST_MAX_DATA_OBJECTS,
+        config.max_url_bytes,
+        config.unmatched_default,
+        settings.INGEST_MAX_PLACEHOLDERS,
+        settings.INGEST_MAX_RENDERED_BYTES,
+    )
     try:
         parsed = parse_body(body, limits)
     except InvalidRequest as exc:

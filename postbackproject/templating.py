@@ -88,6 +88,17 @@ def always_fits(template: Template, value_bytes: int, unmatched_default: str, ma
     return template.literal_length + template.placeholders * longest <= max_bytes
 
 
+def all_urls_bound(template: Template, objects: int, value_bytes: int, unmatched_default: str) -> int:
+    """Most bytes the URLs of `objects` data objects can come to, when their values together
+    take no more than value_bytes in UTF-8 (they are read from a JSON text that long): each
+    placeholder takes the default, or a value that encodes to at most 3 bytes a byte, named at
+    most as often as the most used name. Most requests pass under a limit on this bound, and
+    skip `rendered_length` for each object."""
+    most_uses = max(template.uses.values(), default=0)
+    every_default = template.literal_length + template.placeholders * len(encode_value(unmatched_default))
+    return objects * every_default + most_uses * 3 * value_bytes
+
+
 def rendered_length(template: Template, data: Mapping[str, Scalar], unmatched_default: str) -> int:
     """Bytes of the URL `render_url` would make, computed from each value's encoded length
     once, without building the URL: a 1 MB value named 2,000 times costs one encoding here."""

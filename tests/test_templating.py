@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postbackproject.postback import JsonNumber, dumps_data_object, loads_data_object, loads_keeping_numbers
-from postbackproject.templating import always_fits, compile_template, render_url, rendered_length
+from postbackproject.templating import all_urls_bound, always_fits, compile_template, render_url, rendered_length
 
 SAMPLE = "http://sample_domain_endpoint.com/data?key={key}&value={value}&foo={bar}"
 
@@ -131,3 +131,19 @@ def test_a_template_said_always_to_fit_never_renders_past_the_cap(path, data, ca
     longest = max((len(value.encode()) for value in data.values()), default=0)
     if always_fits(template, longest, "d/ef", cap):
         assert len(render_url(template.text, data, "d/ef")) <= cap
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    path=st.text(alphabet=st.sampled_from("/ab.%é{}?#&=x y"), max_size=30),
+    objects=st.lists(
+        st.dictionaries(st.sampled_from(["a", "b", "c"]), st.one_of(st.none(), st.booleans(), VALUES), max_size=3),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_the_bound_on_all_urls_is_never_below_what_they_render_to(path, objects):
+    template = compile_template(f"http://h.example/{path}")
+    value_bytes = sum(len(dumps_data_object(item).encode()) for item in objects)
+    rendered = sum(len(render_url(template.text, item, "d/ef")) for item in objects)
+    assert rendered <= all_urls_bound(template, len(objects), value_bytes, "d/ef")
