@@ -43,11 +43,17 @@ class FollowUp:
 
 @dataclass(eq=False)
 class EntryState:
-    """An entry read and not yet acknowledged: acknowledged once nothing of it is outstanding."""
+    """An entry read and not yet acknowledged: acknowledged once all its tries are made and
+    none of them is outstanding."""
 
     id: str
     outstanding: int
     follow_ups: list[FollowUp] = field(default_factory=list)
+    unmade: int = 0  # tries not yet made, or waiting for the database to be checked
+
+    @property
+    def done(self) -> bool:
+        return not self.outstanding and not self.unmade
 
 
 class HostTurns(Protocol):
@@ -180,7 +186,7 @@ class Settler:
         state = work.origin
         assert isinstance(state, EntryState)
         state.outstanding -= 1
-        if state.outstanding == 0:
+        if state.done:
             self.entry_done(state)
 
     def _commit(self, follow_ups: list[FollowUp]) -> None:

@@ -42,6 +42,9 @@ class Template:
     uses: Counter[str]  # placeholder name -> how many times it appears
     placeholders: int
     host_has_placeholders: bool  # then the rendered host is checked at delivery
+    # Literal text as it goes on the wire, and placeholder names, in turn: literal, name, ...,
+    # literal. Encoded values need no quoting, so a URL is these joined, with no pass over it.
+    pieces: tuple[str, ...]
 
 
 @lru_cache(maxsize=1024)
@@ -60,7 +63,18 @@ def compile_template(text: str) -> Template:
         uses=Counter(names),
         placeholders=len(names),
         host_has_placeholders=host_has_placeholders,
+        pieces=_wire_pieces(PLACEHOLDER.split(parts.url), parts.authority),
     )
+
+
+def _wire_pieces(pieces: list[str], authority: str) -> tuple[str, ...]:
+    """The template's literal pieces in wire form (names between them unchanged). Quoting is
+    character by character, so each piece can be quoted alone; a non-ASCII host (never one with
+    placeholders) lies whole in the first piece, which is then made a wire URL as a whole."""
+    wire = [quote(piece, safe=URL_SAFE) if index % 2 == 0 else piece for index, piece in enumerate(pieces)]
+    if not authority.isascii():
+        wire[0] = wire_url(pieces[0])
+    return tuple(wire)
 
 
 def scalar_text(value: Scalar) -> str | None:
@@ -117,14 +131,19 @@ def render_url(template: str, data: Mapping[str, Scalar], unmatched_default: str
     """Replace every {name} in one pass with its value, percent-encoded as a whole.
 
     One pass means a value that itself contains "{other}" is never expanded again. A name the
-    data object lacks, or sets to null, takes the admin's default value.
+    data object lacks, or sets to null, takes the admin's default value. Each name's value is
+    encoded once, however often the template names it.
     """
+    compiled = compile_template(template)
+    encoded = {name: encode_value(_value_text(data, name, unmatched_default)) for name in compiled.uses}
+    pieces = list(compiled.pieces)
+    pieces[1::2] = [encoded[name] for name in compiled.pieces[1::2]]
+    return "".join(pieces)
 
-    def substitute(match: re.Match[str]) -> str:
-        text = scalar_text(data.get(match.group(1)))
-        return encode_value(unmatched_default if text is None else text)
 
-    return wire_url(PLACEHOLDER.sub(substitute, compile_template(template).text))
+def _value_text(data: Mapping[str, Scalar], name: str, unmatched_default: str) -> str:
+    text = scalar_text(data.get(name))
+    return unmatched_default if text is None else text
 
 
 def wire_url(url: str) -> str:
