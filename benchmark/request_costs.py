@@ -1,6 +1,6 @@
-"""What the largest requests ingestion accepts cost a worker (`manage.py requestcosts`): the CPU
-to make their tries (fill in the URLs, write the bodies), and the longest slice of a drainer's
-loop spent on it.
+"""What the largest requests ingestion accepts cost (`manage.py requestcosts`): the CPU for a
+worker to make their tries (fill in the URLs, write the bodies), the longest slice of a
+drainer's loop spent on it, and what recording one try of each makes the service store.
 
 Each case is a request at the door's limits (INGEST_MAX_PLACEHOLDERS placeholders, about
 INGEST_MAX_RENDERED_BYTES once rendered, or a body near INGEST_MAX_BODY_BYTES whose every value
@@ -8,19 +8,27 @@ must be percent-encoded), checked by ingestion's own validation, cut into entrie
 cuts them, and made the way a drainer makes them: a slice of RENDER_SLICE_SECONDS at a time.
 """
 
+import gc
 import json
+import random
+import string
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
 
 from delivery import collector, drain
 from delivery.entries import read_entry
-from delivery.models import DeliverySettings
+from delivery.models import DeliverySettings, Outcome
+from delivery.recording import Record, attempt_log_line, attempt_record, save_attempts
+from delivery.transport import Response
 from ingestion.validation import Limits, parse_body
 from postbackproject.inbox import Entry, request_entries
-from postbackproject.postback import DataObject
+from postbackproject.postback import DataObject, Try
 
 # Names for 64 placeholders that each take their own value: a, b, ..., z, aa, bb, ...
 NAMES = [chr(97 + n % 26) * (1 + n // 26) for n in range(64)]
@@ -84,12 +92,94 @@ def rendering_cost(case: Case) -> RenderingCost:
     collector.take_over_from_the_allocation_counter()
     rendered, longest = 0, 0.0
     started = time.process_time()
-    for text in texts:
-        source = read_entry(Entry("0-0", "r", text.encode()))
-        while source.remaining:
-            slice_started = time.thread_time()
-            part = source.take(config, drain.RENDER_SLICE_SECONDS)
-            longest = max(longest, time.thread_time() - slice_started)
-            rendered += sum(len(item.url) + len((item.body or "").encode()) for item in part.tries)
-    cpu = time.process_time() - started
+    try:
+        for text in texts:
+            source = read_entry(Entry("0-0", "r", text.encode()))
+            while source.remaining:
+                slice_started = time.thread_time()
+                part = source.take(config, drain.RENDER_SLICE_SECONDS)
+                longest = max(longest, time.thread_time() - slice_started)
+                rendered += sum(len(item.url) + len((item.body or "").encode()) for item in part.tries)
+        cpu = time.process_time() - started
+    finally:  # Python's own collector back, for whatever runs next in this process
+        gc.unfreeze()
+        gc.enable()
     return RenderingCost(case.name, len(body), len(objects), rendered, cpu, longest * 1000)
+
+
+# --- what a request makes the service store -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageCase:
+    """One request's postbacks at INGEST_MAX_RENDERED_BYTES, each tried once: URLs and bodies of
+    random letters (what a sender who wants to fill the disk sends: nothing compresses)."""
+
+    name: str
+    postbacks: int
+    url_bytes: int
+    body_bytes: int
+    reply_bytes: int  # what the receiver answers (kept up to response_body_max_bytes)
+    host_per_postback: bool  # a host from a placeholder: a rollup row per host and minute
+
+
+STORAGE_CASES = (
+    StorageCase("GET, 10,000 URLs of 1.6 KiB, one host, reply 'ok'", 10_000, 1_677, 0, 2, False),
+    StorageCase("GET, 10,000 URLs of 1.6 KiB, a host each, 4 KiB replies", 10_000, 1_677, 0, 4096, True),
+    StorageCase("POST, 1,000 URLs and bodies of 8 KiB, one host", 1_000, 8_388, 8_388, 2, False),
+)
+
+
+@dataclass(frozen=True)
+class StorageCost:
+    case: str
+    postbacks: int
+    rendered_bytes: int
+    database_bytes: int  # attempt rows, their indexes and TOAST, and rollups
+    log_bytes: int  # the workers' attempt lines
+    insert_seconds: float
+
+
+def storage_cost(case: StorageCase) -> StorageCost:
+    """Record one try of each of the case's postbacks as a worker does (`save_attempts`), inside
+    a transaction that is rolled back, and measure what the database grew by."""
+    config = DeliverySettings.current()
+    rows = [_attempt_row(case, index, config.response_body_max_bytes) for index in range(case.postbacks)]
+    rendered = sum(len(row.url) + len(row.request_body) for row in rows)
+    with transaction.atomic():
+        before = database_bytes()
+        started = time.perf_counter()
+        save_attempts(rows)
+        seconds = time.perf_counter() - started
+        grown = database_bytes() - before
+        transaction.set_rollback(True)
+    logged = sum(len(attempt_log_line(row).encode()) + 1 for row in rows)
+    return StorageCost(case.name, case.postbacks, rendered, grown, logged, seconds)
+
+
+def _attempt_row(case: StorageCase, index: int, reply_max: int) -> Record:
+    host = f"h{index}.example" if case.host_per_postback else "h.example"
+    prefix = f"https://{host}/"
+    url = prefix + _random_text(case.url_bytes - len(prefix))
+    body = _random_text(case.body_bytes) if case.body_bytes else None
+    method = "POST" if body is not None else "GET"
+    reply = Response(timezone.now(), 200, 12.5, _random_text(case.reply_bytes)[:reply_max])
+    return attempt_record(Try(f"{uuid.uuid4().hex}-{index}", 1, 0, method, url, body), host, reply, Outcome.SUCCESS)
+
+
+def _random_text(length: int) -> str:
+    return "".join(random.choices(string.ascii_letters + string.digits, k=length))
+
+
+def database_bytes() -> int:
+    """Bytes the delivery tables take on disk, indexes and TOAST included (this transaction's
+    own rows counted: they take their pages as they are written)."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            tables = "SELECT oid FROM pg_class WHERE relkind = 'r' AND relname LIKE 'delivery_%%'"
+            cursor.execute(f"SELECT sum(pg_total_relation_size(oid)) FROM ({tables}) AS t")
+            return int(cursor.fetchone()[0])
+        cursor.execute("PRAGMA page_count")
+        pages = int(cursor.fetchone()[0])
+        cursor.execute("PRAGMA page_size")
+        return pages * int(cursor.fetchone()[0])
