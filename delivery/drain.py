@@ -39,6 +39,7 @@ from delivery.circuit import Circuits, process_circuits
 from delivery.clock import Clock
 from delivery.engine import Engine, Work, refused_try
 from delivery.entries import EntryTries, ReadEntry, read_entry
+from delivery.full_redis import unless_redis_is_full
 from delivery.lease import Lease
 from delivery.models import DeliverySettings
 from delivery.progress import resume
@@ -369,7 +370,7 @@ class Drainer:
         now = self.clock.monotonic()
         if now >= self.next_recruit_at:
             self.next_recruit_at = now + RECRUIT_PAUSE_SECONDS
-            self.lease.recruit()
+            unless_redis_is_full(self.lease.recruit, "recruiting a colleague")
 
     def _settle(self, config: DeliverySettings) -> None:
         self.settler.settle(config, wait=lambda seconds: self._wait_for_database(seconds, config))
@@ -388,19 +389,21 @@ class Drainer:
                     self.clock.sleep(max(0.0, end - self.clock.monotonic()))
 
     def _housekeeping(self, config: DeliverySettings) -> None:
+        """Each second: what only moves work along (due tries, orphans, colleagues, counts)
+        waits while Redis is full; the drainer goes on delivering what it holds."""
         collector.collect_when_due()
         self.lease.renew()
-        inbox.sweep()
+        unless_redis_is_full(inbox.sweep, "moving due tries into the inbox")
         try:
-            fold_accepted_now_and_then()
+            unless_redis_is_full(fold_accepted_now_and_then, "folding accepted counts")
         except DatabaseError:
             logger.warning("drainer %s: accepted counts not folded, the database is unavailable", self.id)
         self.intake.retry_unchecked(config)
         if self._has_room(config):
-            self.intake.take_over_orphans(config)
+            unless_redis_is_full(lambda: self.intake.take_over_orphans(config), "taking over orphaned entries")
         if self._needs_help():
             self._recruit()
-        self.settler.tell_circuits(config, {})
+        unless_redis_is_full(lambda: self.settler.tell_circuits(config, {}), "reading the circuits")
 
     def _needs_help(self) -> bool:
         """Every connection busy with work waiting, or a round of connections' worth waiting

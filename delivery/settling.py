@@ -22,6 +22,7 @@ from redis import Redis
 from delivery.circuit import Circuits, HostReport
 from delivery.clock import Clock
 from delivery.engine import Finished, Work
+from delivery.full_redis import unless_redis_is_full
 from delivery.models import DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.recording import Record, attempt_record, count_in_metrics, deferral_record, log_attempts, save_attempts
@@ -132,7 +133,8 @@ class Settler:
         rows, follow_ups = self._records(finished, config)
         save_attempts(rows, wait=wait)
         self._commit(follow_ups)
-        self.tell_circuits(config, host_reports(finished))
+        reports = host_reports(finished)
+        unless_redis_is_full(lambda: self.tell_circuits(config, reports), "reporting to the circuits")
         count_in_metrics(rows)
         log_attempts(rows)
 

@@ -107,7 +107,7 @@ def take(request: HttpRequest) -> Answer:
     request_id = uuid.uuid4().hex
     entries = request_entries(request_id, parsed.method, parsed.url, parsed.data_texts, config.batch_size)
     try:
-        if (reason := memory_gauge.full_reason()) is not None:
+        if (reason := memory_gauge.full_reason(adding=sum(len(entry.encode()) for entry in entries))) is not None:
             return unavailable(reason)
         append_request(entries, len(parsed.data_texts), rate_limits)
     except senders.RateLimited as exc:
