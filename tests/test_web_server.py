@@ -1,5 +1,5 @@
 """The web process as the local run starts it (gunicorn with deploy/gunicorn.conf.py, no nginx
-in front): bodies sent chunked are read, and clients trickling their bodies hold up no one."""
+in front): bodies sent chunked are read, and clients trickling their requests hold up no one."""
 
 import http.client
 import json
@@ -162,3 +162,34 @@ def test_the_local_run_gets_threads_and_production_behind_nginx_the_sync_worker(
     production = gunicorn_config(monkeypatch, GUNICORN_WORKER_CLASS="sync", GUNICORN_THREADS="8")
     # One thread: gunicorn would turn a sync worker with threads into gthread.
     assert (production["worker_class"], production["threads"]) == ("sync", 1)
+
+
+@pytest.fixture
+def local_run_web(processes: Processes) -> Web:
+    """gunicorn with deploy/gunicorn.conf.py's defaults, as the local run starts it: 2 x cores + 1
+    processes of 8 threads."""
+    port = free_port()
+    processes.run(
+        ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"],
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+    )
+    server = Web(port)
+    wait_until(lambda: http_answers(f"{server.url}/healthz"), timeout=30, what="gunicorn to answer /healthz")
+    return server
+
+
+def test_eight_clients_sending_byte_by_byte_do_not_stop_healthz_answering(local_run_web):
+    """Eight clients that send their requests a byte at a time each hold a thread of the local
+    run's web process; /healthz is still answered (it takes processes x threads of them)."""
+    request = b"POST /ingest.php HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{"
+    with ExitStack() as stack:
+        clients = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", local_run_web.port), timeout=5))
+            for _ in range(8)
+        ]
+        for index in range(len(request)):
+            for client in clients:
+                client.sendall(request[index : index + 1])
+
+        assert http_answers(f"{local_run_web.url}/healthz")
+        assert all(still_waiting(client) for client in clients)
