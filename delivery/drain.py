@@ -5,8 +5,9 @@ do), hands their postbacks to the engine, and settles what finished. Its parts:
 
 - `Lease` (`delivery.lease`): the job's lease among live drainers; recruiting colleagues,
   taking over a dead drainer's entries, leaving or handing over.
-- `Intake` (here): entries read or taken over become the engine's work; entries that are not
-  ours are set aside.
+- `Intake` (here): entries read or taken over become the engine's work, their tries made a
+  slice a turn (a large request's URLs take a while to fill in); entries that are not ours
+  are set aside.
 - `Settler` (`delivery.settling`): attempt rows, follow-up tries, acknowledged entries, and
   what hosts did, for their circuits.
 - `Drainer` (here): the loop, which decides when to read, step the engine, settle, and leave.
@@ -23,7 +24,9 @@ a fake clock.
 import json
 import logging
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -35,7 +38,8 @@ from delivery import collector
 from delivery.circuit import Circuits, process_circuits
 from delivery.clock import Clock
 from delivery.engine import Engine, Work, refused_try
-from delivery.entries import entry_tries
+from delivery.entries import EntryTries, ReadEntry, read_entry
+from delivery.full_redis import unless_redis_is_full
 from delivery.lease import Lease
 from delivery.models import DeliverySettings
 from delivery.progress import resume
@@ -63,6 +67,9 @@ POLL_SECONDS = 0.1
 MAX_DELIVERIES = 5
 # Most entries read at once.
 READ_MOST = 256
+# Longest a turn of the loop spends making tries (filling in URLs, writing bodies) before it
+# takes replies and sends: making the largest request ingestion accepts takes up to ~0.5 s.
+RENDER_SLICE_SECONDS = 0.01
 
 _stop = threading.Event()
 
@@ -70,6 +77,15 @@ _stop = threading.Event()
 def request_stop() -> None:
     """Warm shutdown (SIGTERM to the worker): stop reading, finish what is in flight, hand over."""
     _stop.set()
+
+
+@dataclass(eq=False)
+class Unmade:
+    """An entry taken in whose tries are still to be made (some, or all)."""
+
+    source: ReadEntry
+    state: EntryState
+    check_log: bool  # its tries may have been made before: check the attempt log first
 
 
 class Intake:
@@ -83,7 +99,8 @@ class Intake:
         self.settler = settler
         self.lease = lease
         self.clock = settler.clock
-        self.unchecked: list[tuple[inbox.Entry, bool]] = []  # waiting for the database (reclaimed?)
+        self.unmade: deque[Unmade] = deque()  # entries taken in, with tries still to make
+        self.unchecked: list[tuple[Unmade, EntryTries]] = []  # tries waiting for the database
         self.postbacks_per_entry = 10.0  # running estimate, to size reads
 
     def read(self, count: int, block_ms: int) -> list[inbox.Entry]:
@@ -107,38 +124,65 @@ class Intake:
                 raise
 
     def accept(self, entries: list[inbox.Entry], config: DeliverySettings, reclaimed: bool) -> None:
-        """Turn entries into work for the engine; tries come round again only after a check."""
+        """Take entries in: their tries are made a slice a turn (`make_tries`); tries that may
+        have been made before (taken over, or come round again) are first checked against the
+        attempt log."""
         for entry in entries:
             try:
-                asked = entry_tries(entry, config)
+                source = read_entry(entry)
             except ValueError as exc:
                 self.reject(entry, str(exc))
                 continue
-            tries = asked.tries
-            self.postbacks_per_entry = 0.9 * self.postbacks_per_entry + 0.1 * len(tries)
-            state = EntryState(entry.id, 0)
-            if reclaimed or entry.kind == "t":
-                try:
-                    resumed = resume(tries, config)
-                except DatabaseError:
-                    # Which of them were recorded cannot be told now: they wait for the database.
-                    logger.warning("drainer %s: database unavailable, entry %s waits", self.id, entry.id)
-                    self.unchecked.append((entry, reclaimed))
-                    continue
-                now = self.clock.monotonic()
-                tries = resumed.to_send
-                state.follow_ups = [FollowUp(item, now + delay) for item, delay in resumed.follow_ups]
-                self.settler.counts["already recorded"] += resumed.settled
-            state.outstanding = len(tries)
-            if not tries:
-                self.settler.entry_done(state)
-            refused = [
-                refused_try(Work(item, state), asked.refused[item.postback_id])
-                for item in tries
-                if item.postback_id in asked.refused
-            ]
-            self.settler.collect(refused, config)
-            self.engine.add((Work(item, state) for item in tries if item.postback_id not in asked.refused), config)
+            self.postbacks_per_entry = 0.9 * self.postbacks_per_entry + 0.1 * source.remaining
+            state = EntryState(entry.id, 0, unmade=source.remaining)
+            self.unmade.append(Unmade(source, state, check_log=reclaimed or entry.kind == "t"))
+
+    @property
+    def holding(self) -> int:
+        """Tries taken in and not yet handed to the engine."""
+        unchecked = sum(len(part.tries) for _, part in self.unchecked)
+        return unchecked + sum(unmade.source.remaining for unmade in self.unmade)
+
+    def make_tries(self, config: DeliverySettings) -> None:
+        """Make the tries of the entries taken in (fill in URLs, write bodies) for
+        RENDER_SLICE_SECONDS at most, and hand them to the engine: a large request is made
+        across turns of the loop, which takes replies in between."""
+        until = time.perf_counter() + RENDER_SLICE_SECONDS
+        while self.unmade:
+            unmade = self.unmade[0]
+            part = unmade.source.take(config, until - time.perf_counter())
+            if not unmade.source.remaining:
+                self.unmade.popleft()
+            self.hand_over(unmade, part, config)
+            if time.perf_counter() >= until:
+                return
+
+    def hand_over(self, unmade: Unmade, part: EntryTries, config: DeliverySettings) -> None:
+        """Tries made of an entry to the engine, those refused straight to the settler."""
+        state, tries = unmade.state, part.tries
+        if unmade.check_log:
+            try:
+                resumed = resume(tries, config)
+            except DatabaseError:
+                # Which of them were recorded cannot be told now: they wait for the database.
+                logger.warning("drainer %s: database unavailable, entry %s waits", self.id, state.id)
+                self.unchecked.append((unmade, part))
+                return
+            now = self.clock.monotonic()
+            tries = resumed.to_send
+            state.follow_ups += [FollowUp(item, now + delay) for item, delay in resumed.follow_ups]
+            self.settler.counts["already recorded"] += resumed.settled
+        state.unmade -= len(part.tries)
+        state.outstanding += len(tries)
+        if state.done:
+            self.settler.entry_done(state)
+        refused = [
+            refused_try(Work(item, state), part.refused[item.postback_id])
+            for item in tries
+            if item.postback_id in part.refused
+        ]
+        self.settler.collect(refused, config)
+        self.engine.add((Work(item, state) for item in tries if item.postback_id not in part.refused), config)
 
     def reject(self, entry: inbox.Entry, why: str) -> None:
         """Set an entry aside, kept whole for a person to read: it is not ours, or it has
@@ -152,10 +196,10 @@ class Intake:
             pipe.execute()
 
     def retry_unchecked(self, config: DeliverySettings) -> None:
-        """Entries that waited for the database to tell what was recorded: try them again."""
+        """Tries that waited for the database to tell what was recorded: check them again."""
         waiting, self.unchecked = self.unchecked, []
-        for entry, reclaimed in waiting:
-            self.accept([entry], config, reclaimed)
+        for unmade, part in waiting:
+            self.hand_over(unmade, part, config)
 
     def take_over_orphans(self, config: DeliverySettings) -> None:
         """Claim the entries of a drainer that left or died; one that has brought down
@@ -169,9 +213,11 @@ class Intake:
                 self.reject(taken.entry, f"taken over {MAX_DELIVERIES} times: its drainers kept dying")
         self.accept([taken.entry for taken in claimed if taken.deliveries <= MAX_DELIVERIES], config, reclaimed=True)
 
-    def drop_unchecked(self) -> int:
-        """Forget the entries waiting for the database (handing over); returns how many."""
-        dropped = len(self.unchecked)
+    def drop_held(self) -> int:
+        """Forget the tries not yet made or waiting for the database (handing over: they stay
+        pending in their entries for a successor); returns how many."""
+        dropped = self.holding
+        self.unmade.clear()
         self.unchecked.clear()
         return dropped
 
@@ -223,7 +269,10 @@ class Drainer:
                         self.lease.leave(handing_over=True)
                         break
                 read = self._read(config) if accepting and self._may_read(config) else 0
-                wait = 0.0 if read else self._poll_wait(reading=accepting and self._has_room(config))
+                if accepting:
+                    self.intake.make_tries(config)
+                more_to_make = bool(self.intake.unmade)
+                wait = 0.0 if read or more_to_make else self._poll_wait(reading=accepting and self._has_room(config))
                 self.settler.collect(self.engine.step(config, timeout=wait), config)
                 if self.settler.is_due(idle=not read and not self.engine.busy):
                     self._settle(config)
@@ -258,7 +307,7 @@ class Drainer:
         return True
 
     def _busy(self) -> bool:
-        return self.engine.busy or self.settler.holding or bool(self.intake.unchecked)
+        return self.engine.busy or self.settler.holding or bool(self.intake.holding)
 
     def _may_read(self, config: DeliverySettings) -> bool:
         """Read when there is room, and not again at once after a read that emptied the stream
@@ -278,7 +327,11 @@ class Drainer:
         return max(0.0, wait)
 
     def _has_room(self, config: DeliverySettings) -> bool:
-        return self.engine.waiting + self.engine.in_flight < self._hold_limit(config)
+        return self._held() < self._hold_limit(config)
+
+    def _held(self) -> int:
+        """Postbacks this drainer holds: to make, waiting to start, in flight."""
+        return self.intake.holding + self.engine.waiting + self.engine.in_flight
 
     def _hold_limit(self, config: DeliverySettings) -> int:
         """Postbacks read ahead of sending: enough to keep every connection busy and hosts
@@ -287,7 +340,7 @@ class Drainer:
         return max(2 * self.engine.concurrency, 4 * config.batch_size)
 
     def _read(self, config: DeliverySettings) -> int:
-        room = self._hold_limit(config) - self.engine.waiting - self.engine.in_flight
+        room = self._hold_limit(config) - self._held()
         count = max(1, min(READ_MOST, int(room / max(1.0, self.intake.postbacks_per_entry))))
         idle = not self._busy()
         block = min(IDLE_BLOCK_MS, int(settings.DELIVERY_DRAINER_IDLE_SECONDS * 1000)) if idle else 0
@@ -317,7 +370,7 @@ class Drainer:
         now = self.clock.monotonic()
         if now >= self.next_recruit_at:
             self.next_recruit_at = now + RECRUIT_PAUSE_SECONDS
-            self.lease.recruit()
+            unless_redis_is_full(self.lease.recruit, "recruiting a colleague")
 
     def _settle(self, config: DeliverySettings) -> None:
         self.settler.settle(config, wait=lambda seconds: self._wait_for_database(seconds, config))
@@ -336,19 +389,21 @@ class Drainer:
                     self.clock.sleep(max(0.0, end - self.clock.monotonic()))
 
     def _housekeeping(self, config: DeliverySettings) -> None:
+        """Each second: what only moves work along (due tries, orphans, colleagues, counts)
+        waits while Redis is full; the drainer goes on delivering what it holds."""
         collector.collect_when_due()
         self.lease.renew()
-        inbox.sweep()
+        unless_redis_is_full(inbox.sweep, "moving due tries into the inbox")
         try:
-            fold_accepted_now_and_then()
+            unless_redis_is_full(fold_accepted_now_and_then, "folding accepted counts")
         except DatabaseError:
             logger.warning("drainer %s: accepted counts not folded, the database is unavailable", self.id)
         self.intake.retry_unchecked(config)
         if self._has_room(config):
-            self.intake.take_over_orphans(config)
+            unless_redis_is_full(lambda: self.intake.take_over_orphans(config), "taking over orphaned entries")
         if self._needs_help():
             self._recruit()
-        self.settler.tell_circuits(config, {})
+        unless_redis_is_full(lambda: self.settler.tell_circuits(config, {}), "reading the circuits")
 
     def _needs_help(self) -> bool:
         """Every connection busy with work waiting, or a round of connections' worth waiting
@@ -361,7 +416,7 @@ class Drainer:
 
     def _give_back_unsent(self) -> None:
         """Stop sending: tries not yet started stay pending in their entries for a successor."""
-        dropped = len(self.engine.drop_waiting()) + self.intake.drop_unchecked()
+        dropped = len(self.engine.drop_waiting()) + self.intake.drop_held()
         if dropped:
             self.counts["handed over"] += dropped
 

@@ -3,13 +3,17 @@
 Ingestion writes request entries (`postbackproject.inbox.request_entries`) and the sweep
 writes entries of tries that came due. Both come back from Redis, which whoever reaches it
 can write, so anything not shaped as we write it raises ValueError, and the drainer sets the
-entry aside instead of failing on it.
+entry aside instead of failing on it. An entry is read and checked whole (`read_entry`) and
+its tries made a few at a time (`take`), so that the drainer renders a large request across
+turns of its loop.
 
 A postback whose URL cannot be sent (longer than `max_url_bytes` once rendered, or a rendered
 host that is not a host) is refused here, before anything is built or sent: the drainer
 records a failed attempt for it saying why.
 """
 
+import math
+import time
 from dataclasses import dataclass, field
 
 from delivery.models import DeliverySettings
@@ -34,8 +38,66 @@ class EntryTries:
     refused: dict[str, str] = field(default_factory=dict)
 
 
-def entry_tries(entry: inbox.Entry, config: DeliverySettings) -> EntryTries:
-    """The tries an entry asks for: a request's first tries, or tries that came due."""
+@dataclass
+class RequestEntry:
+    """A request entry read and checked, whose first tries are made a few at a time (`take`):
+    filling in a request's URLs can take a worker a good part of a second, and the drainer
+    takes replies in between."""
+
+    request_id: str
+    first: int  # the index of its first postback in the request
+    method: str
+    template: Template
+    objects: list[DataObject]
+    payload_bytes: int
+    made: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.objects) - self.made
+
+    def take(self, config: DeliverySettings, seconds: float) -> EntryTries:
+        """First tries for the next objects, made for about `seconds` (at least one)."""
+        until = time.perf_counter() + seconds
+        fits = always_fits(self.template, self.payload_bytes, config.unmatched_default, config.max_url_bytes)
+        with_body = self.method in METHODS_WITH_BODY
+        found = EntryTries([])
+        while self.made < len(self.objects):
+            data = self.objects[self.made]
+            postback_id = inbox.postback_id(self.request_id, self.first + self.made)
+            self.made += 1
+            url, refusal = first_url(self.template, data, config, fits)
+            body = dumps_data_object(data) if with_body else None
+            found.tries.append(Try(postback_id, 1, 0, self.method, url, body))
+            if refusal:
+                found.refused[postback_id] = refusal
+            if time.perf_counter() >= until:
+                break
+        return found
+
+
+@dataclass
+class TriesEntry:
+    """A tries entry read and checked: its tries are made already, and taken all at once."""
+
+    tries: list[Try]
+    made: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tries) - self.made
+
+    def take(self, config: DeliverySettings, seconds: float) -> EntryTries:
+        tries, self.made = self.tries[self.made :], len(self.tries)
+        return EntryTries(tries, {item.postback_id: why for item in tries if (why := too_long(len(item.url), config))})
+
+
+ReadEntry = RequestEntry | TriesEntry
+
+
+def read_entry(entry: inbox.Entry) -> ReadEntry:
+    """An entry's payload read and checked whole, its tries still to make: a request's first
+    tries, or tries that came due. ValueError when it is not shaped as ours."""
     try:
         document = loads_keeping_numbers(entry.payload)
     except RecursionError as exc:
@@ -43,16 +105,20 @@ def entry_tries(entry: inbox.Entry, config: DeliverySettings) -> EntryTries:
     if entry.kind == "t":
         if not isinstance(document, list):
             raise ValueError("a tries entry is a list")
-        tries = [Try.from_fields(fields) for fields in document]
-        return EntryTries(tries, {item.postback_id: why for item in tries if (why := too_long(len(item.url), config))})
+        return TriesEntry([Try.from_fields(fields) for fields in document])
     if entry.kind == "r":
-        return request_tries(document, config, len(entry.payload))
+        return read_request(document, len(entry.payload))
     raise ValueError(f"unknown entry kind {entry.kind!r}")
 
 
-def request_tries(document: object, config: DeliverySettings, payload_bytes: int) -> EntryTries:
-    """First tries of a request entry `[request id, first index, method, URL template, [objects]]`
-    (its JSON text `payload_bytes` long)."""
+def entry_tries(entry: inbox.Entry, config: DeliverySettings) -> EntryTries:
+    """Every try an entry asks for, made at once."""
+    return read_entry(entry).take(config, math.inf)
+
+
+def read_request(document: object, payload_bytes: int) -> RequestEntry:
+    """A request entry `[request id, first index, method, URL template, [objects]]` (its JSON
+    text `payload_bytes` long), checked whole before any of its tries is made."""
     if not isinstance(document, list) or len(document) != 5:
         raise ValueError("a request entry has five fields")
     request_id, start, method, template, objects = document
@@ -64,19 +130,19 @@ def request_tries(document: object, config: DeliverySettings, payload_bytes: int
         compiled = compile_template(template)
     except InvalidEndpoint as exc:
         raise ValueError(f"a request entry's URL template cannot be sent: {exc}") from exc
-    with_body = method in METHODS_WITH_BODY
-    fits = always_fits(compiled, payload_bytes, config.unmatched_default, config.max_url_bytes)
-    found = EntryTries([])
-    for index, data in enumerate(objects, start=int(start)):
-        if not isinstance(data, dict) or not all(v is None or isinstance(v, (str, bool)) for v in data.values()):
-            raise ValueError("a data object maps names to strings, numbers, booleans or null")
-        postback_id = inbox.postback_id(request_id, index)
-        url, refusal = first_url(compiled, data, config, fits)
-        body = dumps_data_object(data) if with_body else None
-        found.tries.append(Try(postback_id, 1, 0, method, url, body))
-        if refusal:
-            found.refused[postback_id] = refusal
-    return found
+    for data in objects:
+        check_data_object(data)
+    return RequestEntry(request_id, int(start), method, compiled, objects, payload_bytes)
+
+
+def check_data_object(data: object) -> None:
+    """ValueError unless `data` maps names to scalars whose text can be sent (UTF-8: a lone
+    surrogate escape, which ingestion refuses, cannot be)."""
+    if not isinstance(data, dict) or not all(v is None or isinstance(v, (str, bool)) for v in data.values()):
+        raise ValueError("a data object maps names to strings, numbers, booleans or null")
+    for text in (*data, *(v for v in data.values() if isinstance(v, str))):
+        if not text.isascii():
+            text.encode()  # UnicodeEncodeError is a ValueError
 
 
 def first_url(template: Template, data: DataObject, config: DeliverySettings, fits: bool) -> tuple[str, str]:

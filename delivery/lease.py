@@ -33,7 +33,9 @@ return {1, now}
 
 # Set a lease's expiry to now + ms: only ever later ('GT'), or whatever it was ('SET').
 # KEYS: leases. ARGV: ms, drainer id, 'GT' or 'SET'. Returns Redis's time (ms).
-_EXTEND = """
+# It runs even when Redis is full (allow-oom: a few bytes), so that a drainer waiting for room
+# keeps its entries rather than have them taken over and sent again.
+_EXTEND = """#!lua flags=allow-oom
 local now = now_ms()
 if ARGV[3] == 'GT' then
   redis.call('ZADD', KEYS[1], 'GT', now + tonumber(ARGV[1]), ARGV[2])

@@ -262,7 +262,11 @@ def count_in_metrics(rows: Sequence[Record]) -> None:
 def log_attempts(rows: Sequence[Record]) -> None:
     """One JSON line per row written, with the same facts as the row (one log call per batch)."""
     if rows:
-        attempt_log.info("\n".join(json.dumps(_log_fields(row), ensure_ascii=False) for row in rows))
+        attempt_log.info("\n".join(attempt_log_line(row) for row in rows))
+
+
+def attempt_log_line(row: Record) -> str:
+    return json.dumps(_log_fields(row), ensure_ascii=False)
 
 
 def _log_fields(row: Record) -> dict[str, object]:

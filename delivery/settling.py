@@ -22,6 +22,7 @@ from redis import Redis
 from delivery.circuit import Circuits, HostReport
 from delivery.clock import Clock
 from delivery.engine import Finished, Work
+from delivery.full_redis import unless_redis_is_full
 from delivery.models import DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.recording import Record, attempt_record, count_in_metrics, deferral_record, log_attempts, save_attempts
@@ -43,11 +44,17 @@ class FollowUp:
 
 @dataclass(eq=False)
 class EntryState:
-    """An entry read and not yet acknowledged: acknowledged once nothing of it is outstanding."""
+    """An entry read and not yet acknowledged: acknowledged once all its tries are made and
+    none of them is outstanding."""
 
     id: str
     outstanding: int
     follow_ups: list[FollowUp] = field(default_factory=list)
+    unmade: int = 0  # tries not yet made, or waiting for the database to be checked
+
+    @property
+    def done(self) -> bool:
+        return not self.outstanding and not self.unmade
 
 
 class HostTurns(Protocol):
@@ -126,7 +133,8 @@ class Settler:
         rows, follow_ups = self._records(finished, config)
         written = save_attempts(rows, wait=wait, bodies=config.store_response_body)
         self._commit(follow_ups)
-        self.tell_circuits(config, host_reports(finished))
+        reports = host_reports(finished)
+        unless_redis_is_full(lambda: self.tell_circuits(config, reports), "reporting to the circuits")
         count_in_metrics(rows)
         log_attempts(written)
 
@@ -180,7 +188,7 @@ class Settler:
         state = work.origin
         assert isinstance(state, EntryState)
         state.outstanding -= 1
-        if state.outstanding == 0:
+        if state.done:
             self.entry_done(state)
 
     def _commit(self, follow_ups: list[FollowUp]) -> None:

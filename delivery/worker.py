@@ -11,12 +11,14 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, close_old_connections
 from django_rq.queues import DjangoRQ
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.client import Pipeline
+from redis.exceptions import OutOfMemoryError, RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from delivery import collector
 from delivery.drain import request_stop
+from delivery.full_redis import unless_redis_is_full
 from delivery.rollups import fold_accepted_now_and_then
 from delivery.transport import connection_cache_size
 from postbackproject.inbox import sweep
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 # How long a worker waits for Redis to come back after it failed mid-job, before giving up
 # (and exiting, for systemd to start it again).
 REDIS_OUTAGE_SECONDS = 300
+# Longest pause between tries to take a job while Redis is full (it waits as long as it takes).
+REDIS_FULL_PAUSE_MAX_SECONDS = 5.0
 
 
 # Descriptors a worker needs beside its connections to receivers: Redis, the database, the
@@ -155,13 +159,47 @@ class DeliveryWorker(SimpleWorker):
         try:
             super().execute_job(job, queue)
         except RedisError as exc:
-            # Redis went away mid-job (a failover, a restart), and RQ's bookkeeping of the job
-            # with it; left alone, RQ's loop would quit on its next heartbeat. The job's
-            # postbacks are safe in the inbox: wait for Redis (or the new master), carry on.
+            # Redis went away mid-job (a failover, a restart), or refused RQ's bookkeeping of
+            # the job for being full; left alone, RQ's loop would quit on its next heartbeat.
+            # The job's postbacks are safe in the inbox: wait for Redis (or the new master),
+            # carry on (a full Redis is waited out where the next job is taken).
             self.log.error("Worker %s: Redis failed during job %s: %s; waiting for it", self.name, job.id, exc)
             self.wait_for_redis()
         finally:
             close_old_connections()
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's heartbeat, skipped while Redis is full (RQ's loop would quit on the refusal; the
+        worker's key outlives a few missed beats: worker_ttl + 60 s)."""
+        beat = super().heartbeat
+        if pipeline is not None:
+            beat(timeout, pipeline)
+        else:
+            unless_redis_is_full(lambda: beat(timeout), f"worker {self.name}'s heartbeat")
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check for `rq suspend` (it beats the heart too): while Redis is full, not
+        suspended."""
+        check = super().check_for_suspension
+        unless_redis_is_full(lambda: check(burst), f"worker {self.name}'s check for suspension")
+
+    def run_maintenance_tasks(self) -> None:
+        unless_redis_is_full(super().run_maintenance_tasks, f"worker {self.name}'s maintenance of RQ's registries")
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """The next job, waiting while Redis is full (taking a job writes; RQ's loop would quit
+        on the refusal): once workers and drainers free memory, or an operator makes room, it
+        goes on. A stop requested meanwhile ends the wait (None: no job)."""
+        pause = 0.5
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except OutOfMemoryError:
+                if self._stop_requested:
+                    return None
+                self.log.warning("Worker %s: Redis is full; waiting %.1f s for room to take a job", self.name, pause)
+                time.sleep(pause)
+                pause = min(2 * pause, REDIS_FULL_PAUSE_MAX_SECONDS)
 
     def wait_for_redis(self) -> None:
         """Until Redis answers again, retrying every second or so (REDIS_OUTAGE_SECONDS at most)."""

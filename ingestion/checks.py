@@ -13,7 +13,14 @@ from postbackproject.addresses import invalid_networks
 @register()
 def check_ingestion_limits(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
-    for name in ("INGEST_MAX_BODY_BYTES", "INGEST_MAX_DATA_OBJECTS", "INGEST_MAX_QUEUED_JOBS"):
+    positive = (
+        "INGEST_MAX_BODY_BYTES",
+        "INGEST_MAX_DATA_OBJECTS",
+        "INGEST_MAX_QUEUED_JOBS",
+        "INGEST_MAX_PLACEHOLDERS",
+        "INGEST_MAX_RENDERED_BYTES",
+    )
+    for name in positive:
         if getattr(settings, name) < 1:
             errors.append(Error(f"{name} must be a positive number.", id="ingestion.E001"))
     for name in ("INGEST_RATE_LIMIT_PER_KEY", "INGEST_RATE_LIMIT_PER_ADDRESS"):

@@ -9,8 +9,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from postbackproject.endpoints import InvalidEndpoint, check_authority, split_url
-from postbackproject.postback import METHODS, DataObject, JsonNumber, dumps_data_object, loads_keeping_numbers
-from postbackproject.templating import Template, always_fits, compile_template, rendered_length
+from postbackproject.postback import (
+    METHODS,
+    METHODS_WITH_BODY,
+    DataObject,
+    JsonNumber,
+    dumps_data_object,
+    loads_keeping_numbers,
+)
+from postbackproject.templating import Template, all_urls_bound, always_fits, compile_template, rendered_length
 
 MAX_URL_LENGTH = 8192
 # Python's \s is exactly str.isspace(): Unicode white space as well as ASCII.
@@ -32,11 +39,14 @@ class IngestRequest:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a request may ask for: objects per request, and the URL each one renders to."""
+    """What a request may ask for: objects per request, placeholders in its template, the URL
+    each object renders to, and the bytes all of them render to (URLs and bodies)."""
 
     max_data_objects: int
     max_url_bytes: int
     unmatched_default: str
+    max_placeholders: int
+    max_rendered_bytes: int
 
 
 def parse_body(body: bytes, limits: Limits) -> IngestRequest:
@@ -47,10 +57,12 @@ def parse_body(body: bytes, limits: Limits) -> IngestRequest:
     if not isinstance(endpoint, dict):
         raise InvalidRequest("endpoint", "must be an object with 'method' and 'url'")
     method = _validate_method(endpoint.get("method"))
-    template = _validate_url(endpoint.get("url"))
+    template = _validate_url(endpoint.get("url"), limits.max_placeholders)
     objects = _validate_data(document.get("data"), limits.max_data_objects)
-    _check_rendered_lengths(body, template, objects, limits)
-    return IngestRequest(method, template.text, [_data_text(index, item) for index, item in enumerate(objects)])
+    data_texts = [_data_text(index, item) for index, item in enumerate(objects)]
+    body_bytes = _utf8_length(data_texts) if method in METHODS_WITH_BODY else 0
+    _check_rendered_sizes(body, template, objects, body_bytes, limits)
+    return IngestRequest(method, template.text, data_texts)
 
 
 def _parse_json(body: bytes) -> object:
@@ -74,9 +86,10 @@ def _validate_method(method: object) -> str:
     return method.upper()
 
 
-def _validate_url(url: object) -> Template:
-    """The template, if every URL it can render to can be sent. A host with placeholders is
-    checked once rendered, at delivery; every other host and port are checked here."""
+def _validate_url(url: object, max_placeholders: int) -> Template:
+    """The template, if every URL it can render to can be sent and it holds no more than
+    max_placeholders placeholders. A host with placeholders is checked once rendered, at
+    delivery; every other host and port are checked here."""
     if not isinstance(url, str) or isinstance(url, JsonNumber) or not url:
         raise InvalidRequest("endpoint.url", "must be a non-empty string")
     if len(url) > MAX_URL_LENGTH:
@@ -84,9 +97,16 @@ def _validate_url(url: object) -> Template:
     if not _is_utf8_encodable(url) or _SPACE_OR_CONTROL.search(url):
         raise InvalidRequest("endpoint.url", "must not contain spaces or control characters")
     try:
-        return checked_template(url)
+        template = checked_template(url)
     except InvalidEndpoint as exc:
         raise InvalidRequest("endpoint.url", str(exc)) from exc
+    if template.placeholders > max_placeholders:
+        raise InvalidRequest(
+            "endpoint.url",
+            f"has {template.placeholders} placeholders; at most {max_placeholders} are accepted "
+            f"(INGEST_MAX_PLACEHOLDERS is {max_placeholders})",
+        )
+    return template
 
 
 @lru_cache(maxsize=1024)
@@ -98,16 +118,36 @@ def checked_template(url: str) -> Template:
     return template
 
 
-def _check_rendered_lengths(body: bytes, template: Template, objects: list[DataObject], limits: Limits) -> None:
-    """400 naming the first object whose URL would pass max_url_bytes (no value is longer
-    than the body: most requests need no look at each object)."""
-    if always_fits(template, len(body), limits.unmatched_default, limits.max_url_bytes):
+def _check_rendered_sizes(
+    body: bytes, template: Template, objects: list[DataObject], body_bytes: int, limits: Limits
+) -> None:
+    """400 naming the first object whose URL would pass max_url_bytes, or the request when its
+    URLs and bodies together would pass max_rendered_bytes. Both are told from each value's
+    encoded length, without rendering; most requests pass on bounds, with no look at each object
+    (no value takes more than 4 bytes a character in UTF-8, nor more bytes than the body)."""
+    longest_value = min(len(body), 4 * _longest_value_characters(objects))
+    if always_fits(template, longest_value, limits.unmatched_default, limits.max_url_bytes) and (
+        body_bytes + all_urls_bound(template, len(objects), len(body), limits.unmatched_default)
+        <= limits.max_rendered_bytes
+    ):
         return
+    total = body_bytes
     for index, item in enumerate(objects):
-        _check_rendered_length(index, template, item, limits)
+        total += _checked_rendered_length(index, template, item, limits)
+    if total > limits.max_rendered_bytes:
+        raise InvalidRequest(
+            "data",
+            f"the postbacks of this request would be {total} bytes once rendered (URLs and bodies); "
+            f"at most {limits.max_rendered_bytes} are accepted per request "
+            f"(INGEST_MAX_RENDERED_BYTES is {limits.max_rendered_bytes})",
+        )
 
 
-def _check_rendered_length(index: int, template: Template, item: DataObject, limits: Limits) -> None:
+def _longest_value_characters(objects: list[DataObject]) -> int:
+    return max((len(value) for item in objects for value in item.values() if isinstance(value, str)), default=0)
+
+
+def _checked_rendered_length(index: int, template: Template, item: DataObject, limits: Limits) -> int:
     length = rendered_length(template, item, limits.unmatched_default)
     if length > limits.max_url_bytes:
         raise InvalidRequest(
@@ -115,6 +155,7 @@ def _check_rendered_length(index: int, template: Template, item: DataObject, lim
             f"the URL for this object would be {length} bytes; at most {limits.max_url_bytes} are sent "
             "(setting max_url_bytes)",
         )
+    return length
 
 
 def _validate_data(data: object, max_data_objects: int) -> list[DataObject]:
@@ -136,6 +177,11 @@ def _data_text(index: int, item: DataObject) -> str:
     if not _is_utf8_encodable(text):
         raise InvalidRequest(f"data[{index}]", "contains an unpaired UTF-16 surrogate escape")
     return text
+
+
+def _utf8_length(texts: list[str]) -> int:
+    """Bytes of these texts in UTF-8 (as bodies are sent), in one C call for all of them."""
+    return len("".join(texts).encode())
 
 
 def _is_utf8_encodable(text: str) -> bool:

@@ -92,7 +92,13 @@ def take(request: HttpRequest) -> Answer:
     if body is None:
         return error(413, f"body is larger than {settings.INGEST_MAX_BODY_BYTES} bytes")
     config = delivery_settings()
-    limits = Limits(settings.INGEST_MAX_DATA_OBJECTS, config.max_url_bytes, config.unmatched_default)
+    limits = Limits(
+        settings.INGEST_MAX_DATA_OBJECTS,
+        config.max_url_bytes,
+        config.unmatched_default,
+        settings.INGEST_MAX_PLACEHOLDERS,
+        settings.INGEST_MAX_RENDERED_BYTES,
+    )
     try:
         parsed = parse_body(body, limits)
     except InvalidRequest as exc:
@@ -101,7 +107,7 @@ def take(request: HttpRequest) -> Answer:
     request_id = uuid.uuid4().hex
     entries = request_entries(request_id, parsed.method, parsed.url, parsed.data_texts, config.batch_size)
     try:
-        if (reason := memory_gauge.full_reason()) is not None:
+        if (reason := memory_gauge.full_reason(adding=sum(len(entry.encode()) for entry in entries))) is not None:
             return unavailable(reason)
         append_request(entries, len(parsed.data_texts), rate_limits)
     except senders.RateLimited as exc:

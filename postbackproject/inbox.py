@@ -121,7 +121,9 @@ return {moved, 1}
 # never acknowledged without the tries that follow from it.
 # KEYS: inbox, due, due tries. ARGV: group, number of tries, per try its postback id, delay ms
 # and JSON; then the ids of entries to acknowledge. Returns Redis's time (ms).
-_SCHEDULE = """
+# It runs even when Redis is full (allow-oom): it deletes the entries it acknowledges, and
+# refusing it would leave drainers unable to free anything, waiting on a Redis that stays full.
+_SCHEDULE = """#!lua flags=allow-oom
 local inbox, due, tries, group = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
 local now = now_ms()
 local last = 2 + 3 * tonumber(ARGV[2])

@@ -19,6 +19,9 @@ from rq import Queue
 
 # Refuse new work before Redis (noeviction) would refuse writes.
 REDIS_MEMORY_HIGH_WATER = 0.9
+# Redis memory a byte appended to the inbox takes: jemalloc rounds large allocations up
+# (measured 1.03-1.24 for stream entries of 1 KB to 1 MB).
+REDIS_BYTES_PER_PAYLOAD_BYTE = 1.25
 
 
 class CompactJSONSerializer:
@@ -58,37 +61,47 @@ def get_queue() -> Queue:
 
 
 class MemoryGauge:
-    """Whether Redis is near its memory cap, re-checked every INGEST_BACKLOG_CHECK_SECONDS.
+    """Whether Redis is near its memory cap, re-checked every INGEST_BACKLOG_CHECK_SECONDS, and
+    what this process is about to write meanwhile.
 
     Redis runs `noeviction`: when full it refuses writes, and a sender must hear "later" (503)
-    before that. Reading INFO on every request would add a round trip to the hot path; a
-    second's staleness only lets a second's worth of requests past the mark. (The inbox's
-    length is checked exactly, inside the script that appends to it.)
+    before that. Reading INFO on every request would add a round trip to the hot path, so it is
+    read once a check; between checks the bytes this process lets through are counted, and a
+    request that would take the last reading plus them past the mark is refused too: a burst
+    of large bodies cannot overshoot by a second's worth. (The inbox's length is checked
+    exactly, inside the script that appends to it.)
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._checked_at = -math.inf
-        self._full_reason: str | None = None
+        self._used = 0  # Redis's used_memory at the last check
+        self._mark = 0.0  # bytes past which ingestion refuses; 0: Redis has no maxmemory
+        self._pending = 0.0  # bytes this process let through since the last check
 
-    def full_reason(self) -> str | None:
-        """Why Redis should take no more, or None. Raises on Redis errors."""
+    def full_reason(self, adding: int = 0) -> str | None:
+        """Why Redis should not take `adding` more bytes from this process, or None (they are
+        then counted until the next check). Raises on Redis errors."""
         if self._stale():
             with self._lock:
                 if self._stale():
-                    self._full_reason = self._measure()
+                    self._used, self._mark = self._measure()
+                    self._pending = 0.0
                     self._checked_at = time.monotonic()
-        return self._full_reason
+        with self._lock:
+            taking = adding * REDIS_BYTES_PER_PAYLOAD_BYTE
+            if self._mark and self._used + self._pending + taking >= self._mark:
+                return "queue storage is nearly full"
+            self._pending += taking
+        return None
 
     def _stale(self) -> bool:
         return time.monotonic() - self._checked_at >= settings.INGEST_BACKLOG_CHECK_SECONDS
 
-    def _measure(self) -> str | None:
+    def _measure(self) -> tuple[int, float]:
+        """Redis's used memory, and the mark (0 when it has no maxmemory)."""
         memory = get_connection().info("memory")
-        maxmemory = int(memory.get("maxmemory", 0))
-        if maxmemory and int(memory.get("used_memory", 0)) >= REDIS_MEMORY_HIGH_WATER * maxmemory:
-            return "queue storage is nearly full"
-        return None
+        return int(memory.get("used_memory", 0)), REDIS_MEMORY_HIGH_WATER * int(memory.get("maxmemory", 0))
 
 
 memory_gauge = MemoryGauge()

@@ -1,6 +1,7 @@
 """Lua scripts on Redis: one prelude shared by every script, and how a script is run.
 
 Every script starts with PRELUDE, so that helpers (Redis's clock above all) are written once.
+A script may start with a shebang line of flags (`#!lua flags=allow-oom`, Redis 7): it stays first.
 Scripts are loaded by hash (EVALSHA) and loaded again when Redis has lost them (a restart, a
 failover), on whichever client or pipeline runs them.
 """
@@ -79,7 +80,10 @@ end
 
 @cache
 def _loaded(source: str) -> Script:
-    return get_connection().register_script(PRELUDE + source)
+    """The script as Redis runs it: PRELUDE first, after the source's shebang line if it has one
+    (`#!lua flags=...` must be the script's first line)."""
+    shebang, body = source.split("\n", 1) if source.startswith("#!") else ("", source)
+    return get_connection().register_script(f"{shebang}\n{PRELUDE}{body}" if shebang else PRELUDE + body)
 
 
 def run(source: str, keys: Sequence[str], args: Sequence[Any], client: Redis | Pipeline | None = None) -> Any:

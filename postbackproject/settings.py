@@ -212,6 +212,13 @@ INGEST_BACKLOG_CHECK_SECONDS: float = env.float("INGEST_BACKLOG_CHECK_SECONDS", 
 
 INGEST_MAX_BODY_BYTES: int = env.int("INGEST_MAX_BODY_BYTES", default=1024 * 1024)
 INGEST_MAX_DATA_OBJECTS: int = env.int("INGEST_MAX_DATA_OBJECTS", default=10_000)
+# The work one request may ask of a worker, and what it may make the service store: the
+# placeholders in its URL template, and the bytes of all its postbacks once rendered (every
+# URL, and every body for POST/PUT/PATCH). Over either: 400 naming it. A request at these
+# limits costs a worker up to about half a second of CPU, made 10 ms a turn of its loop
+# (`manage.py requestcosts`, docs/decisions.md).
+INGEST_MAX_PLACEHOLDERS: int = env.int("INGEST_MAX_PLACEHOLDERS", default=64)
+INGEST_MAX_RENDERED_BYTES: int = env.int("INGEST_MAX_RENDERED_BYTES", default=16 * 1024 * 1024)
 # Known senders (README, "Known senders"): when true, a request without a valid sender key is
 # refused with 401; when false, keyless requests are served and only a wrong key is refused.
 INGEST_REQUIRE_SENDER_KEY: bool = env.bool("INGEST_REQUIRE_SENDER_KEY", default=False)

@@ -53,6 +53,38 @@ def add_request(urls: list[str]) -> list[str]:
     return ids
 
 
+def add_large_request(template: str, objects: int) -> list[str]:
+    """One request of `objects` GET postbacks (`{"n": index}` each), straight into the inbox as
+    one entry; returns the postback ids."""
+    request_id = uuid.uuid4().hex
+    [entry] = inbox.request_entries(request_id, "GET", template, [f'{{"n":{n}}}' for n in range(objects)], 100)
+    get_connection().xadd(keys.INBOX, {"r": entry})
+    return [inbox.postback_id(request_id, n) for n in range(objects)]
+
+
+def making_in_slices(drainer: Drainer, monkeypatch, after_made: Callable[[int], None] = lambda made: None) -> list[str]:
+    """Slices of no time (one try made a turn); returns the engine's events as they come:
+    "made N" when N tries reach it, "landed" for each reply taken."""
+    monkeypatch.setattr(drain, "RENDER_SLICE_SECONDS", 0.0)
+    events: list[str] = []
+    add, step = drainer.engine.add, drainer.engine.step
+
+    def adding(works, config):
+        works = list(works)
+        events.append(f"made {len(works)}")
+        add(works, config)
+        after_made(sum(int(event.split()[1]) for event in events if event.startswith("made")))
+
+    def stepping(*args, **kwargs):
+        finished = step(*args, **kwargs)
+        events.extend(["landed"] * len(finished))
+        return finished
+
+    drainer.engine.add = adding  # type: ignore[method-assign]
+    drainer.engine.step = stepping  # type: ignore[method-assign]
+    return events
+
+
 def redis_ms() -> int:
     seconds, microseconds = get_connection().time()
     return int(seconds) * 1000 + int(microseconds) // 1000
@@ -235,3 +267,39 @@ def test_a_drainer_waiting_on_slow_replies_asks_the_inbox_forty_times_a_second_n
 
     while_waiting = [at for at in reads if 1 <= at - reads[0] <= 9]  # the reply is 10 s out
     assert 8 * 30 <= len(while_waiting) <= 8 * 45  # about forty a second: new entries still come in
+
+
+def test_a_large_request_is_made_a_slice_a_turn_with_replies_taken_in_between(monkeypatch):
+    """Filling in a request's URLs never holds the loop longer than RENDER_SLICE_SECONDS: with
+    slices of no time, one try is made a turn, and what has landed is taken before the next."""
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(200, after=0.0))
+    ids = add_large_request("http://big.example/{n}", 5)
+    drainer = a_drainer(transport, clock)
+    events = making_in_slices(drainer, monkeypatch)
+
+    assert drainer.run() == {"success": 5}
+
+    assert events == ["made 1", "landed"] * 5
+    assert [request.postback_id for request in transport.sent] == ids
+    assert get_connection().xlen(keys.INBOX) == 0
+    assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 0
+
+
+def test_a_request_partly_made_when_its_drainer_hands_over_is_finished_by_the_successor(monkeypatch):
+    """An entry is acknowledged only once every try of it is made and recorded: the tries its
+    drainer had not made yet are left pending for the next, which sends each of them once."""
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(200, after=0.0))
+    ids = add_large_request("http://big.example/{n}", 5)
+    first = a_drainer(transport, clock)
+    making_in_slices(first, monkeypatch, after_made=lambda made: drain.request_stop() if made == 2 else None)
+
+    assert first.run() == {"success": 2, "handed over": 3}
+    assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 1  # the entry, for the successor
+
+    [successor] = get_queue().jobs
+    drain._stop.clear()
+    assert a_drainer(transport, clock, successor.id).run() == {"success": 3, "already recorded": 2}
+    assert sorted(request.postback_id for request in transport.sent) == sorted(ids)
+    assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 0

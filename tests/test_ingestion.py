@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from redis.connection import Connection
 
 from delivery.models import DeliverySettings
+from ingestion.checks import check_ingestion_limits
 from postbackproject import keys
 from postbackproject.queue import get_connection, get_queue
 from tests.conftest import ingest_json, start_redis, use_redis
@@ -174,6 +175,14 @@ def test_too_many_data_objects_get_400(client, settings):
     response = ingest_json(client, {**SAMPLE, "data": [{}, {}, {}]})
     assert response.status_code == 400
     assert response.json()["field"] == "data"
+
+
+@pytest.mark.parametrize("name", ["INGEST_MAX_PLACEHOLDERS", "INGEST_MAX_RENDERED_BYTES"])
+def test_a_limit_of_zero_work_is_a_configuration_error(settings, name):
+    setattr(settings, name, 0)
+
+    [error] = check_ingestion_limits(None)
+    assert error.id == "ingestion.E001" and name in error.msg
 
 
 def test_redis_down_gets_503_with_retry_after(client):

@@ -1,5 +1,6 @@
 """URL rendering and the number-preserving data encoding (pure functions)."""
 
+import re
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import pytest
@@ -7,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postbackproject.postback import JsonNumber, dumps_data_object, loads_data_object, loads_keeping_numbers
-from postbackproject.templating import always_fits, compile_template, render_url, rendered_length
+from postbackproject.templating import (
+    PLACEHOLDER,
+    all_urls_bound,
+    always_fits,
+    compile_template,
+    encode_value,
+    render_url,
+    rendered_length,
+    wire_url,
+)
 
 SAMPLE = "http://sample_domain_endpoint.com/data?key={key}&value={value}&foo={bar}"
 
@@ -131,3 +141,41 @@ def test_a_template_said_always_to_fit_never_renders_past_the_cap(path, data, ca
     longest = max((len(value.encode()) for value in data.values()), default=0)
     if always_fits(template, longest, "d/ef", cap):
         assert len(render_url(template.text, data, "d/ef")) <= cap
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    path=st.text(alphabet=st.sampled_from("/ab.%é{}?#&=x y"), max_size=30),
+    objects=st.lists(
+        st.dictionaries(st.sampled_from(["a", "b", "c"]), st.one_of(st.none(), st.booleans(), VALUES), max_size=3),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_the_bound_on_all_urls_is_never_below_what_they_render_to(path, objects):
+    template = compile_template(f"http://h.example/{path}")
+    value_bytes = sum(len(dumps_data_object(item).encode()) for item in objects)
+    rendered = sum(len(render_url(template.text, item, "d/ef")) for item in objects)
+    assert rendered <= all_urls_bound(template, len(objects), value_bytes, "d/ef")
+
+
+def render_whole(template: str, data: dict[str, str | bool | None], default: str) -> str:
+    """Rendering as the contract defines it: substitute in one pass, then quote the whole URL."""
+
+    def substitute(match: re.Match[str]) -> str:
+        value = data.get(match.group(1))
+        text = default if value is None else ("true" if value is True else "false" if value is False else value)
+        return encode_value(text)
+
+    return wire_url(PLACEHOLDER.sub(substitute, compile_template(template).text))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    host=st.sampled_from(["h.example", "bücher.example", "{h}.example", "u:p@h.example:8080", "[::1]"]),
+    path=st.text(alphabet=st.sampled_from("/ab.%é\U0001f600{}?#&=x y[]"), max_size=30),
+    data=st.dictionaries(st.sampled_from(["a", "b", "h"]), st.one_of(st.none(), st.booleans(), VALUES), max_size=3),
+)
+def test_rendering_piece_by_piece_is_substituting_then_quoting_the_whole_url(host, path, data):
+    template = f"http://{host}/{path}"
+    assert render_url(template, data, "d/é") == render_whole(template, data, "d/é")

@@ -122,14 +122,73 @@ def test_a_host_from_a_value_that_is_not_a_host_fails_without_sending(client, re
 
 
 def test_one_value_named_thousands_of_times_is_refused_at_the_door(client):
-    """The amplification found: a 1 MB request that would render a 2.8 GB URL."""
-    url = "http://h.example/amp?" + "{k}" * 2721
+    """The amplification found (a 1 MB request that would render a 2.8 GB URL), within the
+    placeholder limit: a 1 MB request that would render a 66 MB URL."""
+    url = "http://h.example/amp?" + "{k}" * 64
     response = ingest_url(client, url, [{}, {"k": "a" * 1_040_000}])
 
     assert response.status_code == 400
     assert response.json()["field"] == "data[1]"
-    assert "would be 2829840021 bytes; at most 16384" in response.json()["error"]
+    assert "would be 66560021 bytes; at most 16384" in response.json()["error"]
     assert not get_connection().exists(keys.INBOX)
+
+
+@pytest.mark.parametrize(("placeholders", "status"), [(64, 202), (65, 400)])
+def test_a_template_may_hold_64_placeholders_and_no_more(client, placeholders, status):
+    response = ingest_url(client, "http://h.example/p?" + "{p}" * placeholders)
+
+    assert response.status_code == status
+    if status == 400:
+        assert response.json()["field"] == "endpoint.url"
+        assert "has 65 placeholders" in response.json()["error"]
+        assert "INGEST_MAX_PLACEHOLDERS is 64" in response.json()["error"]
+        assert not get_connection().exists(keys.INBOX)
+
+
+def test_the_placeholder_attack_is_refused_at_the_door(client):
+    """The attack found: an 8 KiB URL of 4,083 empty placeholders over 10,000 objects kept a
+    worker busy 12.8 s."""
+    url = "http://h.example/" + "{}" * 4083
+    response = ingest_url(client, url, [{}] * 10_000)
+
+    assert response.status_code == 400
+    assert "INGEST_MAX_PLACEHOLDERS is 64" in response.json()["error"]
+    assert not get_connection().exists(keys.INBOX)
+
+
+def test_a_request_whose_postbacks_would_render_past_16_mib_gets_400_naming_the_limit(client):
+    """A 0.3 MB request: 10,000 objects, each URL 64 times a value that triples once encoded."""
+    response = ingest_url(client, "http://h.example/" + "{v}" * 64, [{"v": "/" * 20}] * 10_000)
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "data"
+    assert "would be 38570000 bytes once rendered" in response.json()["error"]
+    assert "INGEST_MAX_RENDERED_BYTES is 16777216" in response.json()["error"]
+    assert not get_connection().exists(keys.INBOX)
+
+
+def test_the_rendered_bytes_limit_counts_urls_and_bodies_exactly_as_sent(client, receiver: Receiver, settings):
+    """The size told at the door is the size on the wire: a request exactly at the limit is
+    accepted, one byte under it refused, and nothing of the refused one is queued."""
+    DeliverySettings(unmatched_default="ü").save()
+    document = {
+        "endpoint": {"method": "POST", "url": receiver.url("/s/{v}?w={w}&d={none}&again={v}")},
+        "data": [{"v": "é/ x", "w": 12.50}, {"v": True, "w": None}, {"x": "y"}],
+    }
+    assert ingest_json(client, document).status_code == 202
+    deliver_everything()
+    on_the_wire = sum(len(receiver.url(request.target)) + len(request.body) for request in receiver.requests)
+
+    settings.INGEST_MAX_RENDERED_BYTES = on_the_wire
+    assert ingest_json(client, document).status_code == 202
+    queued = get_connection().xlen(keys.INBOX)
+    settings.INGEST_MAX_RENDERED_BYTES = on_the_wire - 1
+    over = ingest_json(client, document)
+
+    assert over.status_code == 400
+    assert f"would be {on_the_wire} bytes once rendered" in over.json()["error"]
+    assert f"INGEST_MAX_RENDERED_BYTES is {on_the_wire - 1}" in over.json()["error"]
+    assert get_connection().xlen(keys.INBOX) == queued
 
 
 @pytest.mark.parametrize("cap", [16384, 300])

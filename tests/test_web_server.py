@@ -1,5 +1,5 @@
 """The web process as the local run starts it (gunicorn with deploy/gunicorn.conf.py, no nginx
-in front): bodies sent chunked are read, and clients trickling their bodies hold up no one."""
+in front): bodies sent chunked are read, and clients trickling their requests hold up no one."""
 
 import http.client
 import json
@@ -170,3 +170,34 @@ def test_gunicorn_believes_forwarded_headers_only_from_the_trusted_proxies(monke
 
     production = gunicorn_config(monkeypatch, TRUSTED_PROXIES="127.0.0.1/32, 10.0.0.5/8")
     assert production["forwarded_allow_ips"] == "127.0.0.1/32,10.0.0.0/8"
+
+
+@pytest.fixture
+def local_run_web(processes: Processes) -> Web:
+    """gunicorn with deploy/gunicorn.conf.py's defaults, as the local run starts it: 2 x cores + 1
+    processes of 8 threads."""
+    port = free_port()
+    processes.run(
+        ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"],
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+    )
+    server = Web(port)
+    wait_until(lambda: http_answers(f"{server.url}/healthz"), timeout=30, what="gunicorn to answer /healthz")
+    return server
+
+
+def test_eight_clients_sending_byte_by_byte_do_not_stop_healthz_answering(local_run_web):
+    """Eight clients that send their requests a byte at a time each hold a thread of the local
+    run's web process; /healthz is still answered (it takes processes x threads of them)."""
+    request = b"POST /ingest.php HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{"
+    with ExitStack() as stack:
+        clients = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", local_run_web.port), timeout=5))
+            for _ in range(8)
+        ]
+        for index in range(len(request)):
+            for client in clients:
+                client.sendall(request[index : index + 1])
+
+        assert http_answers(f"{local_run_web.url}/healthz")
+        assert all(still_waiting(client) for client in clients)
