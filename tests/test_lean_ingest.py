@@ -13,6 +13,7 @@ from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse
 
 from ingestion.lean import IngestFirst
+from ingestion.views import json_line
 from postbackproject import wsgi
 
 pytestmark = pytest.mark.django_db
@@ -151,3 +152,8 @@ def test_a_refusal_is_logged_by_django_as_before(caplog):
 
     assert [record.getMessage() for record in caplog.records if record.name == "django.request"] == ["Bad Request: /i"]
 
+
+def test_a_log_line_orjson_refuses_is_written_all_the_same():
+    fields = {"event": "ingest", "error": "bad value '\ud800'"}
+
+    assert json.loads(json_line(fields)) == fields
