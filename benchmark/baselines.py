@@ -5,6 +5,8 @@
 - delivery: a plain `requests.Session` loop, PLAIN_CLIENT_THREADS threads (or fewer, with a
   lower DELIVERY_CONCURRENCY), one process, against the same receiver (what a simple client
   gets out of the same machine);
+- ingest, against the brief's stack (`--php-baseline`): the same load on a minimal PHP page
+  behind nginx and PHP-FPM, with the same Redis (benchmark/php.py);
 - queue: no-op jobs through as many stock `rq.SimpleWorker` processes as the service has
   workers, on a scratch queue of the same Redis (RQ's fixed cost per job).
 """
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -22,6 +25,7 @@ import requests
 from redis import Redis
 from rq import Queue
 
+from benchmark import php
 from benchmark.loadgen import Generator, LoadPlan, LoadResult
 from benchmark.metrics import cpu_seconds
 from benchmark.receiver import Listener, Receiver
@@ -38,12 +42,27 @@ NOOP_JOB = "benchmark.noop.noop"
 def healthz_requests_per_second(service_url: str, clients: int, duration: float) -> float:
     """Closed loop of GET /healthz; run in a process of its own like the load itself."""
     plan = LoadPlan(url=service_url + "/healthz", bodies=[b""], clients=clients, duration=duration, parse_ids=False)
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        result: LoadResult = pool.apply(_run_generator, (plan,))
+    result = run_in_own_process(plan)
     ok = sum(1 for _, _, status, _ in result.records if status == 200)
     seconds = result.ended - result.started
     return ok / seconds if seconds > 0 else 0.0
+
+
+def php_requests_per_second(scratch: Path, pool: str, children: int, redis_url: str, plan: LoadPlan) -> float:
+    """202s a second from the PHP page (benchmark/php.py) under the same load as ingestion's,
+    with the same Redis; run in a process of its own like the load itself."""
+    with php.php_site(scratch, pool, children, redis_url) as url:
+        result = run_in_own_process(replace(plan, url=url + "/ingest.php", parse_ids=False))
+    accepted = sum(1 for _, _, status, _ in result.records if status == 202)
+    seconds = result.ended - result.started
+    return accepted / seconds if seconds > 0 else 0.0
+
+
+def run_in_own_process(plan: LoadPlan) -> LoadResult:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        result: LoadResult = pool.apply(_run_generator, (plan,))
+    return result
 
 
 def plain_client_requests_per_second(url: str, threads: int, duration: float) -> float:

@@ -6,14 +6,14 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from django.conf import settings
 from rich.progress import Progress
 
-from benchmark import baselines, payloads
+from benchmark import baselines, payloads, php
 from benchmark.database import (
     AttemptLog,
     apply_settings,
@@ -53,6 +53,8 @@ class RunSettings:
     baseline_seconds: float = 10.0  # longest a timed baseline runs (/healthz, plain client)
     workdir: Path = Path("/tmp")  # scratch space for the scenarios' receivers
     skip_ceiling: bool = False  # leave out the receivers' ceilings (wild's too)
+    web_workers: int = 2  # gunicorn processes: the PHP baseline's `equal` pool has as many children
+    php_pools: tuple[str, ...] = ()  # the PHP baseline's pools (benchmark/php.py)
 
 
 def plan_for(phase: Phase, service: Service, destinations: Destinations, ingest_path: str) -> LoadPlan:
@@ -139,6 +141,8 @@ class ScenarioRun:
             measured["healthz_requests_per_second"] = baselines.healthz_requests_per_second(
                 service.url, phase.clients, seconds
             )
+        if "php" in wanted:
+            measured.update(self.php_baselines(service, destinations))
         if "plain" in wanted:
             self.say("baseline plain client")
             url = destinations.bases(phase.receiver)[0] + "/data?key=k&value=v&foo="
@@ -153,6 +157,23 @@ class ScenarioRun:
         if "receivers" in wanted and not self.settings.skip_ceiling:
             self.say("receivers' ceiling")
             measured.update(destinations.ceiling(min(3.0, self.settings.baseline_seconds)))
+        return measured
+
+    def php_baselines(self, service: Service, destinations: Destinations) -> dict[str, float]:
+        """The same load on the brief's stack, written minimal, with the same Redis: one figure
+        a pool (benchmark/php.py)."""
+        phase = self.scenario.phases[0]
+        seconds = min(phase.duration or self.settings.baseline_seconds, self.settings.baseline_seconds)
+        plan = replace(plan_for(phase, service, destinations, "/ingest.php"), duration=seconds, requests=None)
+        measured = {}
+        for pool in self.settings.php_pools:
+            self.say(f"baseline PHP ({pool})")
+            scratch = self.settings.workdir.parent / f"php-{self.scenario.name}-{pool}"
+            scratch.mkdir(parents=True, exist_ok=True)
+            measured[f"php_{pool}_requests_per_second"] = baselines.php_requests_per_second(
+                scratch, pool, self.settings.web_workers, service.redis_url, plan
+            )
+            measured[f"php_{pool}_children"] = php.children_of(pool, self.settings.web_workers)
         return measured
 
     # --- the load and the wait -----------------------------------------------------------------

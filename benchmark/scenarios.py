@@ -83,6 +83,7 @@ class Options:
     wave_hosts: int = 15
     wave_seconds: float = 10.0
     stall_objects: int = 12
+    php_pools: tuple[str, ...] = ()  # the PHP baseline's pools, beside `load` (benchmark/php.py)
 
 
 def pick(value: Any, default: Any) -> Any:
@@ -95,8 +96,12 @@ def load(options: Options, open_loop: bool = False) -> Scenario:
         rate=rate, clients=pick(options.clients, 8), duration=pick(options.duration, 20.0), requests=options.requests
     )
     mode = f"open loop, {rate:g} requests/s" if rate else f"closed loop, {phase.clients} clients"
+    closed_baselines = ("healthz", "php") if options.php_pools else ("healthz",)
     return Scenario(
-        "load-open" if rate else "load", (phase,), baselines=() if rate else ("healthz",), title=f"the sample, {mode}"
+        "load-open" if rate else "load",
+        (phase,),
+        baselines=() if rate else closed_baselines,
+        title=f"the sample, {mode}",
     )
 
 

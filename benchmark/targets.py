@@ -198,6 +198,25 @@ def stallmany_final_target(figures: Figures) -> Verdict:
     )
 
 
+def php_target(pool: str, pairing: str) -> Callable[[Figures], Verdict]:
+    def judged(figures: Figures) -> Verdict:
+        php = figures["baselines"].get(f"php_{pool}_requests_per_second")
+        children = figures["baselines"].get(f"php_{pool}_children")
+        value = ratio(figures["ingest"]["requests_per_second"], php)
+        return Verdict(
+            figures["scenario"],
+            f"ingest requests/s >= 1.0 x the PHP page's, {pairing}",
+            f"{_fmt(value)} x ({_fmt(php, 0)} req/s, {children} PHP-FPM children)",
+            None if value is None else value >= 1.0,
+        )
+
+    return judged
+
+
+def _with_php(pool: str) -> Callable[[Figures], bool]:
+    return lambda figures: _closed_sample_load(figures) and f"php_{pool}_requests_per_second" in figures["baselines"]
+
+
 def _closed_sample_load(figures: Figures) -> bool:
     return bool(figures["scenario"] == "load")
 
@@ -210,6 +229,8 @@ CHECKS: list[tuple[Callable[[Figures], bool], Callable[[Figures], Verdict]]] = [
     (lambda f: f["scenario"] == "loop", loop_target),
     (lambda f: f["scenario"] == "flood", flood_target),
     (_closed_sample_load, ingest_target),
+    (_with_php("equal"), php_target("equal", "as many PHP-FPM children as gunicorn workers")),
+    (_with_php("defaults"), php_target("defaults", "PHP-FPM's Debian pool")),
     (lambda f: f["scenario"] == "fanout", fanout_target),
     (lambda f: f["scenario"] == "slow", slow_target),
     (_open_sample_load, end_to_end_target),

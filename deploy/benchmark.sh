@@ -20,6 +20,11 @@ command -v redis-server >/dev/null || apt_install redis-server
 # `wild` starts the workers in a mount namespace of their own, with the run's resolv.conf over
 # /etc/resolv.conf (as root; without root it runs every host by address and says so).
 command -v unshare >/dev/null || apt_install util-linux
+# The PHP baseline (--php-baseline): the brief's stack, Debian's nginx + php-fpm + phpredis.
+if [[ " $* " == *" --php-baseline"* ]]; then
+    { command -v nginx && compgen -G "/usr/sbin/php-fpm*" && compgen -G "/etc/php/*/mods-available/redis.ini"; } \
+        >/dev/null || apt_install nginx php-fpm php-redis
+fi
 ensure_venv requirements.txt   # trustme and dnslib for `wild` come with it
 
 # The tool's own process loads the settings, which want a SECRET_KEY; it signs nothing. The

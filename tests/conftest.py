@@ -32,6 +32,7 @@ from postbackproject import inbox, keys
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection, get_queue
 from postbackproject.settings import BASE_DIR
+from tests.lean_client import LeanPathClient
 
 
 def free_port() -> int:
@@ -313,6 +314,12 @@ def deliver_everything(max_rounds: int = 20) -> None:
         if not release_scheduled() and get_queue().count == 0 and not inbox.waiting_counts()["entries"]:
             return
     raise AssertionError("jobs kept coming back")
+
+
+@pytest.fixture
+def client() -> LeanPathClient:
+    """pytest-django's test client, sending the ingest URLs down the lean path as production does."""
+    return LeanPathClient()
 
 
 def ingest_json(client, document: object, path: str = "/ingest.php"):

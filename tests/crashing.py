@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 django.setup()
 
 from django.core.management import call_command  # noqa: E402
-from django.test import Client  # noqa: E402
 
 from delivery import engine, settling  # noqa: E402
 from postbackproject import inbox  # noqa: E402
+from tests.lean_client import LeanPathClient  # noqa: E402
 
 
 def die_after(owner: Any, name: str, when: Callable[[Any], bool] = lambda result: True) -> None:
@@ -54,7 +54,7 @@ def main() -> None:
         call_command("rqworker", "postbacks", "--with-scheduler")
     elif role == "ingest":
         inbox.start_drainer = lambda drainer: os._exit(9)  # dies between the script and the job
-        Client().generic("POST", "/ingest.php", argument.encode(), HTTP_HOST="localhost")
+        LeanPathClient().generic("POST", "/ingest.php", argument.encode(), HTTP_HOST="localhost")
         sys.exit("the drainer was never started: the inbox already had one")
 
 

@@ -4,10 +4,12 @@ gunicorn, workers, receivers) whose figures must add up. Nothing here asserts ho
 anything is."""
 
 import asyncio
+import glob
 import http.client
 import io
 import json
 import os
+import shutil
 import socket
 import ssl
 import statistics
@@ -22,10 +24,12 @@ import pytest
 import trustme
 from django.conf import settings
 from dnslib import QTYPE, RCODE, DNSRecord  # type: ignore[import-untyped]  # no stubs
+from redis import Redis
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from benchmark import php
 from benchmark.database import AttemptRow
 from benchmark.dns import DnsProtocol, DnsServer, answer
 from benchmark.figures import RawRun, group_figures, summarize
@@ -809,3 +813,61 @@ def test_transport_costs_are_measured_for_both_schemes_and_both_kinds_of_connect
     assert set(costs.memory_mib_per_1000) == {"http", "https"}
     assert set(costs.cpu_us_per_request) == {"http new", "http reused", "https new", "https reused"}
     assert all(micros > 0 for micros in costs.cpu_us_per_request.values())
+
+
+# --- the PHP baseline (benchmark/php.py) -----------------------------------------------------
+
+
+def test_the_php_baseline_at_equal_counts_holds_php_fpm_to_as_many_children_as_gunicorn(tmp_path):
+    config = php.fpm_config(tmp_path, "equal", 2, php.Redis("127.0.0.1", 6390, "secret"))
+
+    assert "pm = static\n" in config
+    assert "pm.max_children = 2\n" in config
+    assert "env[REDIS_PASSWORD] = secret\n" in config
+    assert php.children_of("equal", 2) == 2
+
+
+def test_the_php_baseline_at_defaults_runs_debians_pool(tmp_path):
+    config = php.fpm_config(tmp_path, "defaults", 2, php.Redis("127.0.0.1", 6390, ""))
+
+    assert "pm = dynamic\n" in config
+    assert "pm.max_children = 5\n" in config
+    assert "REDIS_PASSWORD" not in config  # php-fpm refuses an empty value
+    assert php.children_of("defaults", 2) == 5
+
+
+def test_the_php_baseline_serves_both_ingest_urls_through_php_fpms_socket(tmp_path):
+    config = php.nginx_config(tmp_path, 8123, as_root=False)
+
+    assert "listen 127.0.0.1:8123;" in config
+    assert r"location ~ ^/(ingest\.php|i)$" in config
+    assert f"fastcgi_pass unix:{tmp_path / 'php-fpm.sock'};" in config
+    assert "user root" not in config
+
+
+def test_the_php_baseline_is_measured_beside_load_only_when_asked():
+    assert "php" not in build("load", Options())[0].baselines
+    assert build("load", Options(php_pools=("equal",)))[0].baselines == ("healthz", "php")
+    assert php.pools_named("both") == ("equal", "defaults")
+    assert php.pools_named(None) == ()
+
+
+@pytest.mark.skipif(
+    shutil.which("nginx") is None or not glob.glob("/usr/sbin/php-fpm*"),
+    reason="nginx and php-fpm are installed by deploy/benchmark.sh --php-baseline",
+)
+def test_the_php_page_pushes_one_entry_per_data_object_and_answers_202(tmp_path, redis_server):
+    body = json.dumps({"endpoint": {"method": "GET", "url": "http://r/{k}"}, "data": [{"k": 1}, {"k": 2}]}).encode()
+    with php.php_site(tmp_path, "equal", 1, settings.REDIS_URL) as url:
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        connection.request("POST", "/ingest.php", body)
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+
+    assert response.status == 202
+    assert answer["accepted"] == 2
+    entries = [json.loads(entry) for entry in Redis.from_url(settings.REDIS_URL).lrange(php.INBOX_KEY, 0, -1)]
+    assert [entry[1:] for entry in entries] == [
+        [0, "GET", "http://r/{k}", {"k": 1}],
+        [1, "GET", "http://r/{k}", {"k": 2}],
+    ]

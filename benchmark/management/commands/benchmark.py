@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from benchmark.baselines import receiver_ceiling
+from benchmark.php import POOLS, pools_named
 from benchmark.report import print_report, progress_columns, write_json, write_plot
 from benchmark.runner import RunSettings, ScenarioRun
 from benchmark.scenarios import SCENARIOS, Options, build
@@ -76,6 +77,12 @@ class Command(BaseCommand):
         load.add_argument("--requests", type=int, help="requests to send (instead of a duration)")
         load.add_argument("--objects", type=int, help="data objects a request (fanout, slow, wild)")
         load.add_argument("--ingest-path", default="/ingest.php", choices=["/ingest.php", "/i"])
+        load.add_argument(
+            "--php-baseline",
+            choices=[*POOLS, "both"],
+            help="load: also measure the brief's stack (nginx + PHP-FPM + phpredis, benchmark/php.py) with "
+            "as many PHP-FPM children as --web-workers (equal), with Debian's pool (defaults), or both",
+        )
         receiver = parser.add_argument_group("receiver")
         receiver.add_argument("--latency-ms", type=float, help="slow, kill: the receiver's added latency")
         receiver.add_argument("--error-rate", type=float, help="flaky, wild: share of requests answered 503")
@@ -149,6 +156,8 @@ class Command(BaseCommand):
             ingest_path=options["ingest_path"],
             baseline_seconds=options["baseline_seconds"],
             skip_ceiling=options["skip_ceiling"],
+            web_workers=options["web_workers"],
+            php_pools=pools_named(options["php_baseline"]),
         )
         workdir = Path(tempfile.mkdtemp(prefix="postback-benchmark-"))
         run_settings.workdir = workdir / "receivers"
@@ -195,6 +204,7 @@ class Command(BaseCommand):
             wave_hosts=options["wave_hosts"],
             wave_seconds=options["wave_seconds"],
             stall_objects=options["stall_objects"],
+            php_pools=pools_named(options["php_baseline"]),
         )
 
     @staticmethod
