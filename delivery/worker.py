@@ -186,18 +186,30 @@ class DeliveryWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         unless_redis_is_full(super().run_maintenance_tasks, f"worker {self.name}'s maintenance of RQ's registries")
 
+    def register_birth(self) -> None:
+        """RQ's registration, waiting while Redis is full: a worker started then (by systemd
+        after a crash, say) waits for room instead of exiting into the same refusal again."""
+        self.when_redis_has_room(super().register_birth, "register")
+
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         """The next job, waiting while Redis is full (taking a job writes; RQ's loop would quit
         on the refusal): once workers and drainers free memory, or an operator makes room, it
         goes on. A stop requested meanwhile ends the wait (None: no job)."""
+        return self.when_redis_has_room(
+            lambda: super(DeliveryWorker, self).dequeue_job_and_maintain_ttl(timeout, max_idle_time), "take a job"
+        )
+
+    def when_redis_has_room(self, call: Callable[[], Any], what: str) -> Any:
+        """`call`'s result, tried again with a growing pause while Redis refuses it for being
+        full; None once a stop is requested meanwhile."""
         pause = 0.5
         while True:
             try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                return call()
             except OutOfMemoryError:
                 if self._stop_requested:
                     return None
-                self.log.warning("Worker %s: Redis is full; waiting %.1f s for room to take a job", self.name, pause)
+                self.log.warning("Worker %s: Redis is full; waiting %.1f s for room to %s", self.name, pause, what)
                 time.sleep(pause)
                 pause = min(2 * pause, REDIS_FULL_PAUSE_MAX_SECONDS)
 

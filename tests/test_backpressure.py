@@ -127,3 +127,25 @@ def test_a_worker_rides_out_a_full_redis_and_delivers_once_there_is_room(client,
     finally:
         slow.close()
         server.stop()
+
+
+def test_a_worker_started_while_redis_is_full_waits_for_room_then_delivers(client, receiver, processes):
+    """A worker (re)started while Redis refuses writes does not exit at its registration: it
+    waits, registers once there is room, and delivers."""
+    server = start_redis()
+    use_redis(server.url)
+    try:
+        redis = capped(MAXMEMORY)
+        redis.config_set("maxmemory", int(redis.info("memory")["used_memory"]) // 2)  # full: writes refused
+        refused = oom_refusals(redis)
+        worker = processes.worker(REDIS_URL=server.url)
+        wait_until(lambda: oom_refusals(redis) >= refused + 2, 60, "the starting worker to meet Redis's refusals")
+        assert worker.poll() is None
+
+        redis.config_set("maxmemory", MAXMEMORY)
+        wait_until(lambda: redis.scard(keys.queue_workers(settings.POSTBACK_QUEUE)) == 1, 60, "the worker to register")
+        answer = ingest_json(client, {"endpoint": {"method": "GET", "url": receiver.url("/after")}, "data": [{}]})
+        wait_until(lambda: success_ids() >= set(answer.json()["postbacks"]), 60, "delivery once there is room")
+        assert worker.poll() is None
+    finally:
+        server.stop()
