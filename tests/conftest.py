@@ -23,6 +23,7 @@ import pytest
 import requests
 from django.conf import settings
 from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from redis import Redis
 
 from delivery import circuit, drain, hosts, transport
@@ -111,6 +112,15 @@ def use_redis(url: str) -> None:
     get_connection.cache_clear()
     get_queue.cache_clear()
     circuit.process_circuits.cache_clear()
+
+
+@pytest.fixture
+def latest_migrations_after() -> Iterator[None]:
+    """For a test that takes the database back to an older migration: whatever its outcome, the
+    tests after it find the schema of the latest migrations."""
+    yield
+    executor = MigrationExecutor(connection)
+    executor.migrate(executor.loader.graph.leaf_nodes())
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from delivery.hosts import host_of
 from delivery.models import DeliveryAttempt, DeliveryRollup, DeliverySeries
 from delivery.rollups import add_to_rollups
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("latest_migrations_after")]
 
 BEFORE_ROLLUPS = [("delivery", "0003_circuit_breaker_admin")]
 START = datetime(2026, 11, 27, 22, 58, 30, tzinfo=UTC)

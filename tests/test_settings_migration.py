@@ -16,6 +16,7 @@ def migrate(targets: list[tuple[str, str]]) -> MigrationExecutor:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("latest_migrations_after")
 @pytest.mark.parametrize(("before", "after"), [(56, 0), (20, 20)])
 def test_a_settings_row_holding_the_old_default_takes_the_new_one_and_a_tuned_one_is_kept(before, after):
     executor = migrate(BEFORE)
