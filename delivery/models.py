@@ -244,16 +244,15 @@ class DeliveryAttempt(models.Model):
     class Meta:
         ordering = ["-delivered_at", "-id"]
         permissions = [("replay_postback", "Can replay failed postbacks")]
-        constraints = [
-            # A try recorded again after a crash is kept once. A try that was really sent twice
-            # with different outcomes keeps both rows; a deferred try is recorded once, however
-            # often its circuit defers it. Also the index of every lookup by postback id: the
-            # postback page, admin's search, replay, a worker's look at the log before sending.
-            models.UniqueConstraint(fields=["postback_id", "attempt", "outcome"], name="one_row_per_try_outcome"),
-        ]
         # Each index serves a page (docs/decisions.md, "Indexes kept to what the pages read";
-        # `manage.py queryplans` shows which query uses which).
+        # `manage.py queryplans` shows which query uses which). On PostgreSQL the table is
+        # partitioned by day (`delivery.partitions`) and each partition has these indexes.
         indexes = [
+            # Every lookup by postback id: the postback page, admin's search, replay, a worker's
+            # look at the log before sending, and the check that keeps a try recorded once
+            # (`delivery.recording.insert_new_attempts`: a partitioned table cannot hold a
+            # unique constraint without its partition key).
+            models.Index(fields=["postback_id", "attempt", "outcome"], name="attempt_postback_try"),
             # Admin's list, newest first, and its date filter; prunehistory's oldest rows.
             models.Index(fields=["delivered_at"], name="attempt_delivered_at"),
             # The newest failures of a range (dashboard's "why", admin's outcome filter, bulk replay).

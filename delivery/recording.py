@@ -18,18 +18,21 @@ failures only, or none); the log line carries it whatever the setting.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
+from delivery import partitions
 from delivery.models import DeliveryAttempt, Outcome, ResponseBodyPolicy
 from delivery.rollups import add_to_rollups
 from delivery.transport import Response
@@ -133,31 +136,81 @@ def insert_new_attempts(rows: Sequence[Record], chunk: int = 500, bodies: str = 
     Each row keeps its response body only if the `bodies` policy says so (the Records keep
     theirs, for the log).
 
+    A try is recorded once per outcome: written again after a crash, or deferred again while
+    its circuit stays open, it adds no row. The INSERT itself looks for the try (within
+    RECORDED_WITHIN before the row's start, so that on PostgreSQL it reads one or two day
+    partitions), because a partitioned table cannot hold a unique constraint on it. Two
+    workers writing the same try at the same instant (only after a lost lease) could both
+    write it: the log is at least once, like delivery.
+
     Django's bulk_create(ignore_conflicts=True) cannot say which rows it skipped, and the
     rollups must not count a skipped one; preparing values field by field also cost more than
     the SQL itself.
     """
-    quote = connection.ops.quote_name
-    key = ", ".join(quote(name) for name in ("postback_id", "attempt", "outcome"))
-    columns = ", ".join(quote(field.name) for field in fields(Record))
-    row_sql = "(" + ", ".join(["%s"] * len(fields(Record))) + ")"
-    by_key = {(row.postback_id, row.attempt, row.outcome): row for row in rows}
+    firsts: dict[tuple[str, int, str], Record] = {}
+    for row in rows:
+        firsts.setdefault((row.postback_id, row.attempt, row.outcome), row)
+    unique = list(firsts.values())
     inserted: list[Record] = []
     with connection.cursor() as cursor:
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
+        for start in range(0, len(unique), chunk):
+            part = unique[start : start + chunk]
             cursor.execute(
-                f"INSERT INTO {quote(DeliveryAttempt._meta.db_table)} ({columns}) "
-                f"VALUES {', '.join([row_sql] * len(part))} ON CONFLICT ({key}) DO NOTHING RETURNING {key}",
+                _insert_sql(len(part)),
                 [value for row in part for value in _column_values(row, keeps_response_body(row, bodies))],
             )
-            inserted.extend(by_key[(pid, attempt, outcome)] for pid, attempt, outcome in cursor.fetchall())
+            inserted.extend(firsts[(pid, attempt, outcome)] for pid, attempt, outcome in cursor.fetchall())
     return inserted
 
 
+# How far back from a try's start the INSERT looks for the same try recorded before.
+RECORDED_WITHIN = timedelta(days=2)
+
+
+def _insert_sql(count: int) -> str:
+    """INSERT ... SELECT of `count` rows of VALUES (the Record's columns, then the time from
+    which to look for the try) that are not recorded yet, RETURNING the keys written."""
+    head, row_sql, tail = _insert_parts()
+    return f"{head}{', '.join([row_sql] * count)}{tail}"
+
+
+@functools.cache
+def _insert_parts() -> tuple[str, str, str]:
+    """The INSERT before its VALUES rows, one row, and what follows them. VALUES columns are
+    called column1, column2, ... on both databases."""
+    quote = connection.ops.quote_name
+    table = quote(DeliveryAttempt._meta.db_table)
+    names = [field.name for field in fields(Record)]
+    row_sql = "(" + ", ".join([_placeholder(name) for name in names] + [_placeholder("delivered_at")]) + ")"
+    column = {name: f"new.column{number}" for number, name in enumerate(names, start=1)}
+    since = f"new.column{len(names) + 1}"
+    same_try = " AND ".join(f"old.{quote(name)} = {column[name]}" for name in ("postback_id", "attempt", "outcome"))
+    head = (
+        f"INSERT INTO {table} ({', '.join(quote(name) for name in names)}) "
+        f"SELECT {', '.join(column.values())} FROM (VALUES "
+    )
+    tail = (
+        f") AS new WHERE NOT EXISTS (SELECT 1 FROM {table} AS old WHERE {same_try} "
+        f"AND old.{quote('delivered_at')} >= {since}) "
+        f"RETURNING {', '.join(quote(name) for name in ('postback_id', 'attempt', 'outcome'))}"
+    )
+    return head, row_sql, tail
+
+
+def _placeholder(name: str) -> str:
+    """A VALUES placeholder; on PostgreSQL cast to its column's type, which a column of NULLs
+    (every row deferred, say) would not otherwise have."""
+    if connection.vendor != "postgresql":
+        return "%s"
+    field = DeliveryAttempt._meta.get_field(name)
+    assert isinstance(field, Field)
+    return f"CAST(%s AS {field.db_type(connection)})"
+
+
 def _column_values(row: Record, with_body: bool) -> tuple[Any, ...]:
-    """A Record's values in its fields' order, as the database takes them; the response body
-    empty unless `with_body`."""
+    """A Record's values in its fields' order, as the database takes them, then the time from
+    which to look for the try recorded before; the response body empty unless `with_body`."""
+    adapt = connection.ops.adapt_datetimefield_value
     return (
         row.postback_id,
         row.attempt,
@@ -165,12 +218,13 @@ def _column_values(row: Record, with_body: bool) -> tuple[Any, ...]:
         row.url,
         row.host,
         row.request_body,
-        connection.ops.adapt_datetimefield_value(row.delivered_at),
+        adapt(row.delivered_at),
         row.response_code,
         row.response_time_ms,
         row.response_body if with_body else "",
         row.error,
         row.outcome,
+        adapt(row.delivered_at - RECORDED_WITHIN),
     )
 
 
@@ -202,6 +256,8 @@ def save_attempts(
 
 
 def _insert(rows: Sequence[Record], bodies: str) -> list[Record]:
+    # Before the rows' transaction: making a partition locks the whole log for a moment.
+    partitions.make_room_for(row.delivered_at for row in rows)
     try:
         return _insert_counted(rows, bodies)
     except (OperationalError, InterfaceError):

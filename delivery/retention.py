@@ -3,6 +3,11 @@
 `manage.py prunehistory` (a daily systemd timer in production) deletes in batches of
 BATCH rows, each its own short transaction: workers keep writing meanwhile, and a prune cut
 short by a restart simply goes on at the next run.
+
+On PostgreSQL the attempt log is partitioned by UTC day (`delivery.partitions`): a day wholly
+past retention is dropped whole, and the day the cutoff falls in is kept whole until the next
+run, so attempts are kept between ATTEMPT_RETENTION_DAYS and one day more. Only rows that sit
+in the DEFAULT partition are deleted row by row. The same run makes the partitions ahead.
 """
 
 from collections.abc import Callable
@@ -14,6 +19,7 @@ from django.db import transaction
 from django.db.models import Model, QuerySet
 from django.utils import timezone
 
+from delivery import partitions
 from delivery.models import AcceptedRollup, DeliveryAttempt, DeliveryRollup, DeliverySeries, RollupFold, Span
 
 BATCH = 10_000
@@ -43,7 +49,6 @@ def prune(retention: Retention, now: datetime | None = None, dry_run: bool = Fal
         return now - timedelta(days=days)
 
     targets: list[tuple[str, QuerySet[Model]]] = [
-        ("attempts", DeliveryAttempt.objects.filter(delivered_at__lt=before(retention.attempt_days))),
         ("minute rollups", DeliveryRollup.objects.filter(minute__lt=before(retention.minute_rollup_days))),
         (
             "minute series",
@@ -53,10 +58,29 @@ def prune(retention: Retention, now: datetime | None = None, dry_run: bool = Fal
         ("accepted counts", AcceptedRollup.objects.filter(minute__lt=before(retention.rollup_days))),
         ("fold marks", RollupFold.objects.filter(folded_at__lt=before(FOLD_MARK_DAYS))),
     ]
-    counts: dict[str, int] = {}
+    counts = {"attempts": prune_attempts(before(retention.attempt_days), dry_run)}
     for name, rows in targets:
         counts[name] = rows.count() if dry_run else delete_in_batches(rows)
     return counts
+
+
+def prune_attempts(cutoff: datetime, dry_run: bool = False) -> int:
+    """Attempts that started before `cutoff` deleted (or counted, when dry): on PostgreSQL the
+    day partitions wholly before it dropped, and rows of those days in the DEFAULT partition
+    deleted. Returns the rows."""
+    if not partitions.partitioned():
+        rows = DeliveryAttempt.objects.filter(delivered_at__lt=cutoff)
+        return rows.count() if dry_run else delete_in_batches(rows)
+    due = partitions.past(cutoff)
+    counted = sum(partitions.rows_in(partition) for partition in due)
+    if not dry_run:
+        for partition in due:
+            partitions.drop(partition)
+    kept_from = partitions.bounds(partitions.day_of(cutoff))[0]
+    strays = DeliveryAttempt.objects.filter(delivered_at__lt=kept_from)
+    if dry_run:
+        return counted + partitions.rows_in_default(before=kept_from)
+    return counted + delete_in_batches(strays)
 
 
 def delete_in_batches(rows: QuerySet[Model], progress: Callable[[int], None] = lambda n: None) -> int:
@@ -66,6 +90,8 @@ def delete_in_batches(rows: QuerySet[Model], progress: Callable[[int], None] = l
         if not ids:
             return deleted
         with transaction.atomic():
-            count, _ = rows.model._default_manager.filter(pk__in=ids).delete()
+            # The query's own filter stays: on a partitioned log it keeps the delete to the
+            # partitions it can touch.
+            count, _ = rows.filter(pk__in=ids).delete()
         deleted += count
         progress(deleted)

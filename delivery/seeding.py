@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.db import connection, transaction
 
-from delivery import rollups
+from delivery import partitions, rollups
 from delivery.models import DeliveryAttempt, Outcome
 
 MAX_ATTEMPTS = 5
@@ -218,6 +218,7 @@ def seed(
     rng = random.Random(seed_value)
     start = end - timedelta(days=days)
     generator = Generator(profiles(hosts, start.timestamp(), end.timestamp(), rng), start, end, rng)
+    partitions.make_room_for([*(start + timedelta(days=day) for day in range(math.ceil(days))), end])
     written = 0
     pending: list[Row] = []
     accepted: Counter[int] = Counter()

@@ -16,7 +16,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
-from delivery import collector
+from delivery import collector, partitions
 from delivery.drain import request_stop
 from delivery.full_redis import unless_redis_is_full
 from delivery.rollups import fold_accepted_now_and_then
@@ -190,6 +190,7 @@ class DeliveryWorker(SimpleWorker):
         """RQ's registration, waiting while Redis is full: a worker started then (by systemd
         after a crash, say) waits for room instead of exiting into the same refusal again."""
         self.when_redis_has_room(super().register_birth, "register")
+        partitions.make_ahead_if_possible()
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         """The next job, waiting while Redis is full (taking a job writes; RQ's loop would quit

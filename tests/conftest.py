@@ -26,7 +26,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from redis import Redis
 
-from delivery import circuit, drain, hosts, transport
+from delivery import circuit, drain, hosts, partitions, transport
 from delivery.models import DeliveryAttempt, Outcome
 from delivery.worker import DeliveryWorker
 from postbackproject import inbox, keys
@@ -140,6 +140,7 @@ def clean_redis(redis_server: RedisServer) -> Iterator[Redis]:
     hosts.process_limits().clear()  # no host earned anything yet
     circuit.process_circuits.cache_clear()  # a fresh view of the circuits, for the fresh Redis
     drain._stop.clear()
+    partitions.forget_known()  # a test's partitions went with its transaction
     yield get_connection()
 
 

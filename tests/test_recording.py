@@ -3,6 +3,7 @@ costs the others their records."""
 
 import dataclasses
 import json
+from datetime import timedelta
 
 import pytest
 from django.db import connection
@@ -145,3 +146,21 @@ def test_recording_the_same_try_twice_keeps_one_row():
 def test_a_record_has_every_column_of_an_attempt_row_but_its_id():
     columns = [field.column for field in DeliveryAttempt._meta.concrete_fields if not field.primary_key]
     assert [field.name for field in dataclasses.fields(Record)] == columns
+
+
+def test_a_try_twice_in_one_batch_keeps_one_row_and_counts_once():
+    written = save_attempts([row("twice"), row("twice"), row("other")])
+
+    assert sorted(record.postback_id for record in written) == ["other", "twice"]
+    assert DeliveryAttempt.objects.filter(postback_id="twice").count() == 1
+
+
+def test_a_try_deferred_again_a_day_later_keeps_its_first_row():
+    first = dataclasses.replace(row("deferred", code=None), outcome="deferred", response_time_ms=None)
+    again = dataclasses.replace(first, delivered_at=first.delivered_at + timedelta(days=1))
+    save_attempts([first])
+
+    assert save_attempts([again]) == []
+    assert list(DeliveryAttempt.objects.filter(postback_id="deferred").values_list("delivered_at", flat=True)) == [
+        first.delivered_at
+    ]

@@ -31,6 +31,7 @@ from django.utils import timezone
 from dashboard import views
 from dashboard.management.commands.dashboardtimings import ENDPOINTS
 from dashboard.ranges import PRESETS, preset
+from delivery import partitions
 from delivery.admin import DeliveryAttemptAdmin
 from delivery.models import AcceptedRollup, DeliveryAttempt, DeliveryRollup, DeliverySeries, Outcome
 from delivery.progress import recorded_tries
@@ -143,14 +144,31 @@ def explain(sql: str) -> tuple[list[str], list[str], float | None]:
             raw = cursor.fetchone()[0]
             [plan] = json.loads(raw) if isinstance(raw, str) else raw
             nodes = list(_nodes(plan["Plan"]))
+            parents = _partition_parents()
             scans = [node["Relation Name"] for node in nodes if node["Node Type"] == "Seq Scan"]
-            indexes = [node["Index Name"] for node in nodes if "Index Name" in node]
+            scans = [parents.get(name, name) for name in scans]
+            indexes = [parents.get(node["Index Name"], node["Index Name"]) for node in nodes if "Index Name" in node]
             return _tables(scans), sorted(set(indexes)), plan["Execution Time"]
         cursor.execute(f"EXPLAIN QUERY PLAN {sql}")
         details = [row[-1] for row in cursor.fetchall()]
     scans = [match[1] for line in details if (match := re.match(r"SCAN (\w+)(?! USING)", line))]
     indexes = [match[1] for line in details if (match := re.search(r"USING (?:COVERING )?INDEX (\w+)", line))]
     return _tables(scans), sorted(set(indexes)), None
+
+
+def _partition_parents() -> dict[str, str]:
+    """PostgreSQL's names for what plans read, by the names the model gives them: a table for
+    itself and each of its day partitions, an index for each partition's copy of it. The
+    DEFAULT partition stays itself: read whole, it is empty unless something went wrong."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT child.relname, root.relname FROM pg_class child "
+            "JOIN pg_class root ON root.oid = pg_partition_root(child.oid) "
+            "WHERE child.relispartition"
+        )
+        parents = dict(cursor.fetchall())
+    parents[partitions.DEFAULT] = partitions.DEFAULT
+    return parents
 
 
 def _tables(names: list[str]) -> list[str]:
