@@ -5,6 +5,7 @@ one table)."""
 
 import io
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -151,7 +152,7 @@ def test_prunehistory_says_what_it_would_drop_and_makes_the_days_ahead():
     assert today + timedelta(days=partitions.AHEAD_DAYS) in days()
 
 
-def snapshot(model: type) -> list[tuple[object, ...]]:
+def snapshot(model: Any) -> list[tuple[Any, ...]]:
     fields = [field.attname for field in model._meta.concrete_fields]
     return sorted(model.objects.values_list(*fields))
 
