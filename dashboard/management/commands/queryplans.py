@@ -158,13 +158,14 @@ def explain(sql: str) -> tuple[list[str], list[str], float | None]:
 
 def _partition_parents() -> dict[str, str]:
     """PostgreSQL's names for what plans read, by the names the model gives them: a table for
-    itself and each of its day partitions, an index for each partition's copy of it. The
-    DEFAULT partition stays itself: read whole, it is empty unless something went wrong."""
+    each of its day partitions that holds rows, an index for each partition's copy of it.
+    Empty partitions (the days ahead) and the DEFAULT partition (empty unless something went
+    wrong) keep their own names: the planner reads an empty table whole, at no cost."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT child.relname, root.relname FROM pg_class child "
             "JOIN pg_class root ON root.oid = pg_partition_root(child.oid) "
-            "WHERE child.relispartition"
+            "WHERE child.relispartition AND (child.relkind <> 'r' OR child.relpages > 0)"
         )
         parents = dict(cursor.fetchall())
     parents[partitions.DEFAULT] = partitions.DEFAULT
