@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from dashboard.ranges import Window
-from delivery.models import DeliveryAttempt, Outcome
+from delivery.models import DeliveryAttempt, Outcome, PostbackRequest
 
 FAILING = (Outcome.FAILED, Outcome.RETRY)
 # Failing attempts listed, newest first, and how many of the newest are read for the reasons.
@@ -19,7 +19,6 @@ _COLUMNS = (
     "postback_id",
     "attempt",
     "host",
-    "url",
     "delivered_at",
     "response_code",
     "error",
@@ -31,6 +30,11 @@ _COLUMNS = (
 def history(postback_id: str) -> list[DeliveryAttempt]:
     """Every attempt of one postback, first try first."""
     return list(DeliveryAttempt.objects.filter(postback_id=postback_id).order_by("attempt", "delivered_at", "id"))
+
+
+def request_of(postback_id: str) -> PostbackRequest | None:
+    """What the postback sends, as stored once for all its tries."""
+    return PostbackRequest.of([postback_id]).get(postback_id)
 
 
 def newest_failures(window: Window, host: str | None, limit: int) -> list[DeliveryAttempt]:

@@ -61,6 +61,8 @@ def postback(request: HttpRequest, postback_id: str) -> HttpResponse:
         "postback_id": postback_id,
         "tries": tries,
         "last": tries[-1],
+        # What it sends (stored once for all its tries); None if pruned before its attempts.
+        "sent": attempts.request_of(postback_id),
         # The error column only when a try has one: a delivered postback shows what came back.
         "any_error": any(row.error for row in tries),
         "time_zone": timezone.get_current_timezone_name(),

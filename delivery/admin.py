@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import models
@@ -19,7 +20,14 @@ from redis.exceptions import RedisError
 
 from delivery.circuit import close_circuits, open_circuits
 from delivery.forms import BulkReplayForm, DeliverySettingsForm, SigningSecretForm
-from delivery.models import CircuitBreaker, DeliveryAttempt, DeliverySettings, QueueMonitor, SigningSecret
+from delivery.models import (
+    CircuitBreaker,
+    DeliveryAttempt,
+    DeliverySettings,
+    PostbackRequest,
+    QueueMonitor,
+    SigningSecret,
+)
 from delivery.queue_pages import is_on_site, may_see_queue_pages
 from delivery.replay import failed_between, replay
 from postbackproject.numbers import PlainNumberInput
@@ -126,7 +134,22 @@ class MethodFilter(admin.SimpleListFilter):
         return [(method, method) for method in sorted(METHODS)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[DeliveryAttempt]) -> QuerySet[DeliveryAttempt]:
-        return queryset.filter(method=self.value()) if self.value() else queryset
+        if not self.value():
+            return queryset
+        return queryset.filter(
+            postback_id__in=PostbackRequest.objects.filter(method=self.value()).values("postback_id")
+        )
+
+
+class AttemptChangeList(ChangeList):
+    """The page's attempts with their postbacks' requests, read in one query for the page."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        rows: list[DeliveryAttempt] = list(self.result_list)
+        sent = PostbackRequest.of(row.postback_id for row in rows)
+        for row in rows:
+            row.sent = sent.get(row.postback_id)
 
 
 @admin.register(DeliveryAttempt)
@@ -145,6 +168,25 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     show_full_result_count = False  # COUNT(*) over millions of rows on every page is slow
     paginator = CappedPaginator
     actions = ["replay_postbacks"]
+
+    # The detail page: the attempt's own columns, then what its postback sends.
+    fields = [
+        "postback_id",
+        "attempt",
+        "host",
+        "delivered_at",
+        "response_code",
+        "response_time_ms",
+        "outcome",
+        "error",
+        "response_body",
+        "sent_request",
+        "sent_body",
+    ]
+    readonly_fields = ["sent_request", "sent_body"]
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return AttemptChangeList
 
     @admin.action(description="Replay the selected postbacks that failed for good", permissions=["replay"])
     def replay_postbacks(self, request: HttpRequest, queryset: QuerySet[DeliveryAttempt]) -> None:
@@ -234,7 +276,25 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     @admin.display(description="request")
     def request(self, obj: DeliveryAttempt) -> str:
         """The whole URL (up to 8 KiB) in a box of a few lines that scrolls."""
-        return format_html('<div class="long">{} {}</div>', obj.method, obj.url)
+        if obj.sent is None:
+            return "no longer kept"
+        return format_html('<div class="long">{} {}</div>', obj.sent.method, obj.sent.url)
+
+    @admin.display(description="request sent")
+    def sent_request(self, obj: DeliveryAttempt) -> str:
+        sent = self._sent(obj)
+        return f"{sent.method} {sent.url}" if sent else "no longer kept (retention)"
+
+    @admin.display(description="request body")
+    def sent_body(self, obj: DeliveryAttempt) -> str:
+        sent = self._sent(obj)
+        return sent.request_body if sent else ""
+
+    @staticmethod
+    def _sent(obj: DeliveryAttempt) -> PostbackRequest | None:
+        if obj.sent is None:
+            obj.sent = PostbackRequest.of([obj.postback_id]).get(obj.postback_id)
+        return obj.sent
 
     @admin.display(description="try", ordering="attempt")
     def try_number(self, obj: DeliveryAttempt) -> int:

@@ -2,6 +2,8 @@
 
 import logging
 import time
+from collections.abc import Iterable
+from datetime import timedelta
 from typing import ClassVar
 
 from django.conf import settings
@@ -225,21 +227,75 @@ class Outcome(models.TextChoices):
 FINAL_OUTCOMES = (Outcome.SUCCESS, Outcome.FAILED)
 
 
-class DeliveryAttempt(models.Model):
-    """One try at delivering one postback: what was sent and what came back."""
+# How far back from a try's start its earlier record is looked for: a try recorded again (after
+# a crash, or deferred again) and the request of its postback. On PostgreSQL that look reads the
+# one or two day partitions it needs, not all of them.
+RECORDED_WITHIN = timedelta(days=2)
+
+
+class PostbackRequest(models.Model):
+    """What a postback sends on every try, stored once beside its attempts (which name it by
+    postback id): the URL and body are most of an attempt's bytes, and a retry sends them
+    again unchanged.
+
+    Written with the postback's first recorded try. A try recorded more than RECORDED_WITHIN
+    (two days) after the postback's request row (a replay weeks later) writes the request
+    again, so the attempts of any day find their request within that window; retention keeps
+    requests that much longer than attempts (`delivery.retention`). On PostgreSQL the table is
+    partitioned by day of `first_at`, like the attempt log (`delivery.partitions`).
+    """
 
     postback_id = models.CharField(max_length=64)
-    attempt = models.PositiveSmallIntegerField(help_text="1 for the first try.")
     method = models.CharField(max_length=7)
     url = models.TextField(help_text="The URL as sent, placeholders replaced.")
     host = models.CharField(max_length=255, blank=True, help_text="The URL's host[:port], as circuits count it.")
     request_body = models.TextField(blank=True, help_text="The JSON body sent (POST, PUT, PATCH).")
+    first_at = models.DateTimeField(help_text="When the first try recorded with this row started.")
+
+    class Meta:
+        indexes = [
+            # Every lookup: the postback page, admin's attempt list and detail, replay, the
+            # check that writes a request once.
+            models.Index(fields=["postback_id", "first_at"], name="request_postback"),
+            # Retention on SQLite (PostgreSQL drops whole days).
+            models.Index(fields=["first_at"], name="request_first_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.postback_id}: {self.method} {self.url}"
+
+    @classmethod
+    def of(cls, postback_ids: Iterable[str]) -> dict[str, "PostbackRequest"]:
+        """The request of each of these postbacks that has one (the newest, where a replay
+        wrote it again): one query."""
+        found: dict[str, PostbackRequest] = {}
+        for row in cls.objects.filter(postback_id__in=set(postback_ids)).order_by("first_at", "id"):
+            found[row.postback_id] = row
+        return found
+
+
+class DeliveryAttempt(models.Model):
+    """One try at delivering one postback: when, and what came back. What was sent is the
+    postback's PostbackRequest, stored once for all its tries."""
+
+    postback_id = models.CharField(max_length=64)
+    attempt = models.PositiveSmallIntegerField(help_text="1 for the first try.")
+    host = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="The URL's host[:port], as circuits count it; kept on each attempt too, because "
+        "every per-host page and admin's search filter attempts by it.",
+    )
     delivered_at = models.DateTimeField(help_text="When the request started.")
     response_code = models.PositiveSmallIntegerField(null=True, blank=True)
     response_time_ms = models.FloatField(null=True, blank=True)
     response_body = models.TextField(blank=True)
     error = models.TextField(blank=True)
     outcome = models.CharField(max_length=8, choices=Outcome.choices)
+
+    # What the postback sends, where a page attached it (one query for a page of attempts).
+    # Not a column.
+    sent: PostbackRequest | None = None
 
     class Meta:
         ordering = ["-delivered_at", "-id"]

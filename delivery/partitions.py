@@ -2,7 +2,8 @@
 
 Retention on one big table deletes rows one by one: a day of a busy service is millions of
 deletes, the vacuum after them, and indexes that stay bloated. Partitioned by the day an
-attempt started (`delivered_at`), a day past retention goes with one DROP TABLE.
+attempt started (`delivered_at`), a day past retention goes with one DROP TABLE. The
+postbacks' requests (`PostbackRequest`) are partitioned the same way, by `first_at`.
 
 - Partitions are made ahead (today and the next AHEAD_DAYS) by every worker as it starts and
   by the daily `prunehistory`, and on demand before a worker writes rows of a day that has none
@@ -22,24 +23,49 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, connection, models, transaction
 from django.utils import timezone
 
-from delivery.models import DeliveryAttempt
+from delivery.models import DeliveryAttempt, PostbackRequest
 
 logger = logging.getLogger(__name__)
 
-PARENT = DeliveryAttempt._meta.db_table
-DEFAULT = f"{PARENT}_default"
 # Days of partitions made ahead of today: a worker writing just after midnight never waits for
 # one, and a daily timer that missed a few runs still finds them made.
 AHEAD_DAYS = 3
 LOCK_TIMEOUT = "5s"
-_NAME = re.compile(rf"^{re.escape(PARENT)}_p(\d{{8}})$")
 
-# Days whose partition this process has seen or made; rows of these days need no query.
-_known: set[date] = set()
+
+@dataclass(frozen=True)
+class Log:
+    """A table partitioned by UTC day of one of its columns."""
+
+    model: type[models.Model]
+    column: str
+
+    @property
+    def table(self) -> str:
+        return self.model._meta.db_table
+
+    @property
+    def default(self) -> str:
+        return f"{self.table}_default"
+
+    def name_of(self, day: date) -> str:
+        return f"{self.table}_p{day:%Y%m%d}"
+
+
+ATTEMPTS = Log(DeliveryAttempt, "delivered_at")
+REQUESTS = Log(PostbackRequest, "first_at")
+LOGS = (ATTEMPTS, REQUESTS)
+# The attempt log's own names, which operators and pages read.
+PARENT = ATTEMPTS.table
+DEFAULT = ATTEMPTS.default
+
+# (table, day) of the partitions this process has seen or made; rows of these need no query.
+_known: set[tuple[str, date]] = set()
 
 
 @dataclass(frozen=True)
@@ -49,7 +75,7 @@ class DayPartition:
 
 
 def partitioned() -> bool:
-    """Whether the attempt log is partitioned here (PostgreSQL) or one table (SQLite)."""
+    """Whether the logs are partitioned here (PostgreSQL) or one table each (SQLite)."""
     return connection.vendor == "postgresql"
 
 
@@ -64,42 +90,50 @@ def bounds(day: date) -> tuple[datetime, datetime]:
 
 
 def name_of(day: date) -> str:
-    return f"{PARENT}_p{day:%Y%m%d}"
+    """The attempt log's partition of that day."""
+    return ATTEMPTS.name_of(day)
 
 
-def existing() -> list[DayPartition]:
+def existing(log: Log = ATTEMPTS) -> list[DayPartition]:
     """The day partitions of the log, oldest first (the DEFAULT partition is not one)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT child.relname FROM pg_inherits JOIN pg_class child ON child.oid = pg_inherits.inhrelid "
             "WHERE pg_inherits.inhparent = %s::regclass",
-            [PARENT],
+            [log.table],
         )
         names = [row[0] for row in cursor.fetchall()]
+    pattern = re.compile(rf"^{re.escape(log.table)}_p(\d{{8}})$")
     found = [
         DayPartition(datetime.strptime(match[1], "%Y%m%d").date(), name)
         for name in names
-        if (match := _NAME.match(name))
+        if (match := pattern.match(name))
     ]
     return sorted(found, key=lambda partition: partition.day)
 
 
 def make_room_for(moments: Iterable[datetime]) -> None:
-    """Every day these rows fall on has its partition, made now if it was missing. Never
-    raises for a partition it could not make: the rows then go to the DEFAULT partition."""
+    """Every day these rows fall on has its partition in both logs, made now if it was
+    missing. Never raises for a partition it could not make: the rows then go to the DEFAULT
+    partition."""
     if not partitioned():
         return
-    days = {day_of(moment) for moment in moments} - _known
-    if days:
-        ensure(days)
+    days = {day_of(moment) for moment in moments}
+    for log in LOGS:
+        if missing := {day for day in days if (log.table, day) not in _known}:
+            ensure(missing, log)
 
 
 def make_ahead(today: date | None = None) -> list[date]:
-    """Partitions for yesterday, today and AHEAD_DAYS ahead; returns the days made now."""
+    """Partitions for yesterday, today and AHEAD_DAYS ahead, in both logs; returns the days
+    made now in the attempt log."""
     if not partitioned():
         return []
     today = today or day_of(timezone.now())
-    return ensure(today + timedelta(days=offset) for offset in range(-1, AHEAD_DAYS + 1))
+    days = [today + timedelta(days=offset) for offset in range(-1, AHEAD_DAYS + 1)]
+    made = ensure(days, ATTEMPTS)
+    ensure(days, REQUESTS)
+    return made
 
 
 def make_ahead_if_possible() -> None:
@@ -111,56 +145,50 @@ def make_ahead_if_possible() -> None:
         logger.warning("could not make the attempt log's partitions ahead; writes will make them", exc_info=True)
 
 
-def ensure(days: Iterable[date]) -> list[date]:
+def ensure(days: Iterable[date], log: Log = ATTEMPTS) -> list[date]:
     """Make the partitions these days lack; returns the days made (those that could not be are
     logged, and their rows go to the DEFAULT partition meanwhile)."""
     wanted = set(days)
-    present = {partition.day for partition in existing()}
-    _known.update(present & wanted)
+    present = {partition.day for partition in existing(log)}
+    _known.update((log.table, day) for day in present & wanted)
     made = []
     for day in sorted(wanted - present):
         try:
-            _create(day)
+            _create(log, day)
         except DatabaseError:
-            logger.warning(
-                "could not make the attempt log's partition for %s; its rows go to %s", day, DEFAULT, exc_info=True
-            )
+            logger.warning("could not make %s's partition for %s; its rows go to %s", log.table, day, log.default)
             continue
-        _known.add(day)
+        _known.add((log.table, day))
         made.append(day)
     return made
 
 
-def _create(day: date) -> None:
+def _create(log: Log, day: date) -> None:
     """The day's partition; rows of that day already in the DEFAULT partition are moved into
     it (PostgreSQL refuses to make a partition whose rows sit in the DEFAULT one)."""
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-        cursor.execute(f"SELECT 1 FROM {DEFAULT} WHERE delivered_at >= %s AND delivered_at < %s LIMIT 1", bounds(day))
+        cursor.execute(f"SELECT 1 FROM {log.default} WHERE {_in_day(log, day)} LIMIT 1")
         if cursor.fetchone() is None:
-            cursor.execute(f"CREATE TABLE IF NOT EXISTS {name_of(day)} PARTITION OF {PARENT} {_range(day)}")
+            cursor.execute(f"CREATE TABLE IF NOT EXISTS {log.name_of(day)} PARTITION OF {log.table} {_range(day)}")
         else:
-            _create_from_default(cursor, day)
+            _create_from_default(cursor, log, day)
 
 
-def _create_from_default(cursor: object, day: date) -> None:
+def _create_from_default(cursor: Any, log: Log, day: date) -> None:
     """Move the day's rows out of the DEFAULT partition into a new table, then attach that
     table as the day's partition (its CHECK lets the attach skip a scan)."""
-    name, (start, end) = name_of(day), bounds(day)
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in DeliveryAttempt._meta.concrete_fields)
-    statements = [
-        (f"CREATE TABLE {name} (LIKE {PARENT} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)", []),
-        (
-            f"WITH moved AS (DELETE FROM {DEFAULT} WHERE delivered_at >= %s AND delivered_at < %s "
-            f"RETURNING {columns}) INSERT INTO {name} ({columns}) SELECT {columns} FROM moved",
-            [start, end],
-        ),
-        (f"ALTER TABLE {name} ADD CONSTRAINT {name}_day CHECK (delivered_at {_range_check(start, end)})", []),
-        (f"ALTER TABLE {PARENT} ATTACH PARTITION {name} {_range(day)}", []),
-        (f"ALTER TABLE {name} DROP CONSTRAINT {name}_day", []),
-    ]
-    for sql, params in statements:
-        cursor.execute(sql, params)  # type: ignore[attr-defined]
+    name = log.name_of(day)
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in log.model._meta.concrete_fields)
+    for sql in [
+        f"CREATE TABLE {name} (LIKE {log.table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+        f"WITH moved AS (DELETE FROM {log.default} WHERE {_in_day(log, day)} RETURNING {columns}) "
+        f"INSERT INTO {name} ({columns}) SELECT {columns} FROM moved",
+        f"ALTER TABLE {name} ADD CONSTRAINT {name}_day CHECK ({_in_day(log, day)})",
+        f"ALTER TABLE {log.table} ATTACH PARTITION {name} {_range(day)}",
+        f"ALTER TABLE {name} DROP CONSTRAINT {name}_day",
+    ]:
+        cursor.execute(sql)
 
 
 def _range(day: date) -> str:
@@ -169,13 +197,14 @@ def _range(day: date) -> str:
     return f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
 
 
-def _range_check(start: datetime, end: datetime) -> str:
-    return f">= '{start.isoformat()}' AND delivered_at < '{end.isoformat()}'"
+def _in_day(log: Log, day: date) -> str:
+    start, end = bounds(day)
+    return f"{log.column} >= '{start.isoformat()}' AND {log.column} < '{end.isoformat()}'"
 
 
-def past(cutoff: datetime) -> list[DayPartition]:
+def past(cutoff: datetime, log: Log = ATTEMPTS) -> list[DayPartition]:
     """The day partitions that hold nothing at or after `cutoff`: whole days past it."""
-    return [partition for partition in existing() if bounds(partition.day)[1] <= cutoff]
+    return [partition for partition in existing(log) if bounds(partition.day)[1] <= cutoff]
 
 
 def rows_in(partition: DayPartition) -> int:
@@ -184,10 +213,10 @@ def rows_in(partition: DayPartition) -> int:
         return int(cursor.fetchone()[0])
 
 
-def rows_in_default(before: datetime) -> int:
-    """Rows in the DEFAULT partition that started before `before`."""
+def rows_in_default(before: datetime, log: Log = ATTEMPTS) -> int:
+    """Rows in the DEFAULT partition from before `before`."""
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT count(*) FROM {DEFAULT} WHERE delivered_at < %s", [before])
+        cursor.execute(f"SELECT count(*) FROM {log.default} WHERE {log.column} < %s", [before])
         return int(cursor.fetchone()[0])
 
 
@@ -196,7 +225,9 @@ def drop(partition: DayPartition) -> None:
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         cursor.execute(f"DROP TABLE {partition.name}")
-    _known.discard(partition.day)
+    _known.difference_update(
+        {(log.table, partition.day) for log in LOGS if partition.name == log.name_of(partition.day)}
+    )
 
 
 def forget_known() -> None:

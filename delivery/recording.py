@@ -1,4 +1,5 @@
-"""Recording attempts: one DeliveryAttempt row and one JSON log line per try.
+"""Recording attempts: one DeliveryAttempt row and one JSON log line per try, and one
+PostbackRequest row per postback (what it sends, stored once for all its tries).
 
 The log has a line for each row written, and for nothing else: a try recorded already (a
 deferred try deferred again keeps its first row; a try written again after a crash) adds no
@@ -24,16 +25,16 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection, transaction
-from django.db.models import Field
+from django.db.models import Field, Model
 from django.utils import timezone
 
 from delivery import partitions
-from delivery.models import DeliveryAttempt, Outcome, ResponseBodyPolicy
+from delivery.models import RECORDED_WITHIN, DeliveryAttempt, Outcome, PostbackRequest, ResponseBodyPolicy
 from delivery.rollups import add_to_rollups
 from delivery.transport import Response
 from postbackproject.metrics import DELIVERY_ATTEMPTS, DELIVERY_DEFERRALS, DELIVERY_DURATION
@@ -71,8 +72,8 @@ def storable(text: str, limit: int = TEXT_MAX_CHARS) -> str:
 
 @dataclass(slots=True)
 class Record:
-    """One try as recorded: the columns of a DeliveryAttempt row (all but its id), by the same
-    names and in the same order as the INSERT lists them."""
+    """One try as recorded: the columns of its DeliveryAttempt row and of its postback's
+    PostbackRequest row (`first_at` is the try's `delivered_at`), and every field of its log line."""
 
     postback_id: str
     attempt: int
@@ -132,16 +133,17 @@ def keeps_response_body(row: Record, policy: str) -> bool:
 
 
 def insert_new_attempts(rows: Sequence[Record], chunk: int = 500, bodies: str = ResponseBodyPolicy.ALL) -> list[Record]:
-    """INSERT the rows, skipping tries already recorded; returns the rows really inserted.
-    Each row keeps its response body only if the `bodies` policy says so (the Records keep
-    theirs, for the log).
+    """INSERT the rows, skipping tries already recorded, and the request of each postback not
+    recorded yet; returns the rows really inserted. Each row keeps its response body only if
+    the `bodies` policy says so (the Records keep theirs, for the log).
 
     A try is recorded once per outcome: written again after a crash, or deferred again while
     its circuit stays open, it adds no row. The INSERT itself looks for the try (within
     RECORDED_WITHIN before the row's start, so that on PostgreSQL it reads one or two day
     partitions), because a partitioned table cannot hold a unique constraint on it. Two
     workers writing the same try at the same instant (only after a lost lease) could both
-    write it: the log is at least once, like delivery.
+    write it: the log is at least once, like delivery. Requests are written the same way,
+    once per postback within RECORDED_WITHIN.
 
     Django's bulk_create(ignore_conflicts=True) cannot say which rows it skipped, and the
     rollups must not count a skipped one; preparing values field by field also cost more than
@@ -155,75 +157,104 @@ def insert_new_attempts(rows: Sequence[Record], chunk: int = 500, bodies: str = 
     with connection.cursor() as cursor:
         for start in range(0, len(unique), chunk):
             part = unique[start : start + chunk]
+            requests = list({row.postback_id: row for row in reversed(part)}.values())  # the first of each
             cursor.execute(
-                _insert_sql(len(part)),
-                [value for row in part for value in _column_values(row, keeps_response_body(row, bodies))],
+                NEW_REQUESTS.sql(len(requests)), [value for row in requests for value in _request_values(row)]
+            )
+            cursor.execute(
+                NEW_ATTEMPTS.sql(len(part)),
+                [value for row in part for value in _attempt_values(row, keeps_response_body(row, bodies))],
             )
             inserted.extend(firsts[(pid, attempt, outcome)] for pid, attempt, outcome in cursor.fetchall())
     return inserted
 
 
-# How far back from a try's start the INSERT looks for the same try recorded before.
-RECORDED_WITHIN = timedelta(days=2)
+class NewRows:
+    """An INSERT ... SELECT of VALUES rows that skips each row already recorded: one whose
+    `key` columns match a row whose `time` column is at or after the row's `since` (its last
+    VALUES column). VALUES columns are called column1, column2, ... on both databases."""
+
+    def __init__(self, model: type[Model], columns: tuple[str, ...], key: tuple[str, ...], time: str) -> None:
+        self.model, self.columns, self.key, self.time = model, columns, key, time
+
+    def sql(self, count: int) -> str:
+        head, row_sql, tail = self._parts
+        return f"{head}{', '.join([row_sql] * count)}{tail}"
+
+    @functools.cached_property
+    def _parts(self) -> tuple[str, str, str]:
+        quote = connection.ops.quote_name
+        table = quote(self.model._meta.db_table)
+        row_sql = "(" + ", ".join(self._placeholder(name) for name in (*self.columns, self.time)) + ")"
+        value = {name: f"new.column{number}" for number, name in enumerate(self.columns, start=1)}
+        since = f"new.column{len(self.columns) + 1}"
+        same = " AND ".join(f"old.{quote(name)} = {value[name]}" for name in self.key)
+        head = (
+            f"INSERT INTO {table} ({', '.join(quote(name) for name in self.columns)}) "
+            f"SELECT {', '.join(value.values())} FROM (VALUES "
+        )
+        tail = (
+            f") AS new WHERE NOT EXISTS (SELECT 1 FROM {table} AS old WHERE {same} "
+            f"AND old.{quote(self.time)} >= {since}) RETURNING {', '.join(quote(name) for name in self.key)}"
+        )
+        return head, row_sql, tail
+
+    def _placeholder(self, name: str) -> str:
+        """A VALUES placeholder; on PostgreSQL cast to its column's type, which a column of
+        NULLs (every row deferred, say) would not otherwise have."""
+        if connection.vendor != "postgresql":
+            return "%s"
+        field = self.model._meta.get_field(name)
+        assert isinstance(field, Field)
+        return f"CAST(%s AS {field.db_type(connection)})"
 
 
-def _insert_sql(count: int) -> str:
-    """INSERT ... SELECT of `count` rows of VALUES (the Record's columns, then the time from
-    which to look for the try) that are not recorded yet, RETURNING the keys written."""
-    head, row_sql, tail = _insert_parts()
-    return f"{head}{', '.join([row_sql] * count)}{tail}"
+# The columns each table takes from a Record (a Record has them all, for the log line).
+ATTEMPT_COLUMNS = (
+    "postback_id",
+    "attempt",
+    "host",
+    "delivered_at",
+    "response_code",
+    "response_time_ms",
+    "response_body",
+    "error",
+    "outcome",
+)
+REQUEST_COLUMNS = ("postback_id", "method", "url", "host", "request_body", "first_at")
+NEW_ATTEMPTS = NewRows(DeliveryAttempt, ATTEMPT_COLUMNS, ("postback_id", "attempt", "outcome"), "delivered_at")
+NEW_REQUESTS = NewRows(PostbackRequest, REQUEST_COLUMNS, ("postback_id",), "first_at")
 
 
-@functools.cache
-def _insert_parts() -> tuple[str, str, str]:
-    """The INSERT before its VALUES rows, one row, and what follows them. VALUES columns are
-    called column1, column2, ... on both databases."""
-    quote = connection.ops.quote_name
-    table = quote(DeliveryAttempt._meta.db_table)
-    names = [field.name for field in fields(Record)]
-    row_sql = "(" + ", ".join([_placeholder(name) for name in names] + [_placeholder("delivered_at")]) + ")"
-    column = {name: f"new.column{number}" for number, name in enumerate(names, start=1)}
-    since = f"new.column{len(names) + 1}"
-    same_try = " AND ".join(f"old.{quote(name)} = {column[name]}" for name in ("postback_id", "attempt", "outcome"))
-    head = (
-        f"INSERT INTO {table} ({', '.join(quote(name) for name in names)}) "
-        f"SELECT {', '.join(column.values())} FROM (VALUES "
-    )
-    tail = (
-        f") AS new WHERE NOT EXISTS (SELECT 1 FROM {table} AS old WHERE {same_try} "
-        f"AND old.{quote('delivered_at')} >= {since}) "
-        f"RETURNING {', '.join(quote(name) for name in ('postback_id', 'attempt', 'outcome'))}"
-    )
-    return head, row_sql, tail
-
-
-def _placeholder(name: str) -> str:
-    """A VALUES placeholder; on PostgreSQL cast to its column's type, which a column of NULLs
-    (every row deferred, say) would not otherwise have."""
-    if connection.vendor != "postgresql":
-        return "%s"
-    field = DeliveryAttempt._meta.get_field(name)
-    assert isinstance(field, Field)
-    return f"CAST(%s AS {field.db_type(connection)})"
-
-
-def _column_values(row: Record, with_body: bool) -> tuple[Any, ...]:
-    """A Record's values in its fields' order, as the database takes them, then the time from
-    which to look for the try recorded before; the response body empty unless `with_body`."""
+def _attempt_values(row: Record, with_body: bool) -> tuple[Any, ...]:
+    """The row's ATTEMPT_COLUMNS as the database takes them, then the time from which to look
+    for the try recorded before; the response body empty unless `with_body`."""
     adapt = connection.ops.adapt_datetimefield_value
     return (
         row.postback_id,
         row.attempt,
-        row.method,
-        row.url,
         row.host,
-        row.request_body,
         adapt(row.delivered_at),
         row.response_code,
         row.response_time_ms,
         row.response_body if with_body else "",
         row.error,
         row.outcome,
+        adapt(row.delivered_at - RECORDED_WITHIN),
+    )
+
+
+def _request_values(row: Record) -> tuple[Any, ...]:
+    """The row's REQUEST_COLUMNS (first sent: this try's start), then the time from which to
+    look for the request recorded before."""
+    adapt = connection.ops.adapt_datetimefield_value
+    return (
+        row.postback_id,
+        row.method,
+        row.url,
+        row.host,
+        row.request_body,
+        adapt(row.delivered_at),
         adapt(row.delivered_at - RECORDED_WITHIN),
     )
 

@@ -13,7 +13,7 @@ from datetime import date, datetime, time, timedelta
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
-from delivery.models import DeliveryAttempt, Outcome
+from delivery.models import DeliveryAttempt, Outcome, PostbackRequest
 from postbackproject import inbox
 from postbackproject.postback import METHODS_WITH_BODY, Try
 
@@ -98,14 +98,24 @@ def failed_between(since: datetime, until: datetime | None = None, host: str = "
     if host:
         rows = rows.filter(host=host)
     if url_prefix:
-        rows = rows.filter(url__startswith=url_prefix)
+        sent = PostbackRequest.objects.filter(url__startswith=url_prefix).values("postback_id")
+        rows = rows.filter(postback_id__in=sent)
     return set(rows.order_by().values_list("postback_id", flat=True).distinct())
 
 
-def replay_try(last: DeliveryAttempt) -> Try:
-    """One postback's replay: the final URL and body it was last sent with."""
-    body = last.request_body if last.method in METHODS_WITH_BODY else None
-    return Try(last.postback_id, last.attempt + 1, last.attempt, last.method, last.url, body)
+def replay_try(last: DeliveryAttempt, sent: PostbackRequest) -> Try:
+    """One postback's replay: the final URL and body it was sent with, numbered after its
+    last attempt."""
+    body = sent.request_body if sent.method in METHODS_WITH_BODY else None
+    return Try(last.postback_id, last.attempt + 1, last.attempt, sent.method, sent.url, body)
+
+
+def replay_tries(postback_ids: list[str]) -> list[Try]:
+    """The replays of the failed ones among these postbacks (those whose request is still
+    kept: without it there is nothing to send)."""
+    failed = failed_postbacks(postback_ids)
+    sent = PostbackRequest.of(row.postback_id for row in failed)
+    return [replay_try(row, sent[row.postback_id]) for row in failed if row.postback_id in sent]
 
 
 def replay(postback_ids: Iterable[str]) -> int:
@@ -117,7 +127,7 @@ def replay(postback_ids: Iterable[str]) -> int:
     ids = sorted(set(postback_ids))
     queued = 0
     for start in range(0, len(ids), REPLAY_CHUNK):
-        tries = [replay_try(row) for row in failed_postbacks(ids[start : start + REPLAY_CHUNK])]
+        tries = replay_tries(ids[start : start + REPLAY_CHUNK])
         if tries:
             inbox.schedule_tries([(item, 0.0) for item in tries])  # due now, by Redis's clock
         queued += len(tries)

@@ -20,7 +20,7 @@ from django.db.models import Model, QuerySet
 from django.utils import timezone
 
 from delivery import partitions
-from delivery.models import AcceptedRollup, DeliveryAttempt, DeliveryRollup, DeliverySeries, RollupFold, Span
+from delivery.models import RECORDED_WITHIN, AcceptedRollup, DeliveryRollup, DeliverySeries, RollupFold, Span
 
 BATCH = 10_000
 # A fold's mark guards against counting a staged fold twice; a staged fold is finished within
@@ -58,29 +58,43 @@ def prune(retention: Retention, now: datetime | None = None, dry_run: bool = Fal
         ("accepted counts", AcceptedRollup.objects.filter(minute__lt=before(retention.rollup_days))),
         ("fold marks", RollupFold.objects.filter(folded_at__lt=before(FOLD_MARK_DAYS))),
     ]
-    counts = {"attempts": prune_attempts(before(retention.attempt_days), dry_run)}
+    attempts_before = before(retention.attempt_days)
+    counts = {
+        "attempts": prune_attempts(attempts_before, dry_run),
+        # Kept longer: every attempt still kept finds its request within RECORDED_WITHIN.
+        "requests": prune_requests(attempts_before - RECORDED_WITHIN, dry_run),
+    }
     for name, rows in targets:
         counts[name] = rows.count() if dry_run else delete_in_batches(rows)
     return counts
 
 
 def prune_attempts(cutoff: datetime, dry_run: bool = False) -> int:
-    """Attempts that started before `cutoff` deleted (or counted, when dry): on PostgreSQL the
+    """Attempts that started before `cutoff` deleted (or counted, when dry); returns the rows."""
+    return prune_log(partitions.ATTEMPTS, cutoff, dry_run)
+
+
+def prune_requests(cutoff: datetime, dry_run: bool = False) -> int:
+    """Requests first sent before `cutoff` deleted (or counted, when dry); returns the rows."""
+    return prune_log(partitions.REQUESTS, cutoff, dry_run)
+
+
+def prune_log(log: partitions.Log, cutoff: datetime, dry_run: bool) -> int:
+    """The log's rows from before `cutoff` deleted (or counted, when dry): on PostgreSQL the
     day partitions wholly before it dropped, and rows of those days in the DEFAULT partition
     deleted. Returns the rows."""
+    older = log.model._default_manager.filter(**{f"{log.column}__lt": cutoff})
     if not partitions.partitioned():
-        rows = DeliveryAttempt.objects.filter(delivered_at__lt=cutoff)
-        return rows.count() if dry_run else delete_in_batches(rows)
-    due = partitions.past(cutoff)
+        return older.count() if dry_run else delete_in_batches(older)
+    due = partitions.past(cutoff, log)
     counted = sum(partitions.rows_in(partition) for partition in due)
     if not dry_run:
         for partition in due:
             partitions.drop(partition)
     kept_from = partitions.bounds(partitions.day_of(cutoff))[0]
-    strays = DeliveryAttempt.objects.filter(delivered_at__lt=kept_from)
     if dry_run:
-        return counted + partitions.rows_in_default(before=kept_from)
-    return counted + delete_in_batches(strays)
+        return counted + partitions.rows_in_default(kept_from, log)
+    return counted + delete_in_batches(log.model._default_manager.filter(**{f"{log.column}__lt": kept_from}))
 
 
 def delete_in_batches(rows: QuerySet[Model], progress: Callable[[int], None] = lambda n: None) -> int:

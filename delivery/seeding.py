@@ -14,14 +14,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Model
 
 from delivery import partitions, rollups
-from delivery.models import DeliveryAttempt, Outcome
+from delivery.models import DeliveryAttempt, Outcome, PostbackRequest
 
 MAX_ATTEMPTS = 5
 CHUNK = 50_000
+# A row as generated: the columns of its attempt and of its postback's request.
 _COLUMNS = [
     "postback_id",
     "attempt",
@@ -36,6 +39,10 @@ _COLUMNS = [
     "error",
     "outcome",
 ]
+_ATTEMPT_COLUMNS = [name for name in _COLUMNS if name not in ("method", "url", "request_body")]
+_REQUEST_COLUMNS = ["postback_id", "method", "url", "host", "request_body", "delivered_at"]
+_ATTEMPT_INDEXES = [_COLUMNS.index(name) for name in _ATTEMPT_COLUMNS]
+_REQUEST_INDEXES = [_COLUMNS.index(name) for name in _REQUEST_COLUMNS]
 Row = tuple[str, int, str, str, str, str, datetime, int | None, float | None, str, str, str]
 
 
@@ -263,8 +270,21 @@ def write_chunk(rows: list[Row], accepted: Counter[int]) -> int:
 
 
 def _insert(rows: list[Row]) -> None:
-    table = connection.ops.quote_name(DeliveryAttempt._meta.db_table)
-    columns = ", ".join(connection.ops.quote_name(name) for name in _COLUMNS)
+    """The attempt rows, and a request row for each postback (from its first row: a
+    postback's rows are all in one chunk)."""
+    firsts: dict[str, Row] = {}
+    for row in rows:
+        firsts.setdefault(row[0], row)
+    attempts = [tuple(row[index] for index in _ATTEMPT_INDEXES) for row in rows]
+    requests = [tuple(row[index] for index in _REQUEST_INDEXES) for row in firsts.values()]
+    _copy(DeliveryAttempt, _ATTEMPT_COLUMNS, attempts)
+    _copy(PostbackRequest, [*_REQUEST_COLUMNS[:-1], "first_at"], requests)
+
+
+def _copy(model: type[Model], names: list[str], rows: list[tuple[Any, ...]]) -> None:
+    """COPY on PostgreSQL, executemany elsewhere."""
+    table = connection.ops.quote_name(model._meta.db_table)
+    columns = ", ".join(connection.ops.quote_name(name) for name in names)
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
@@ -273,8 +293,8 @@ def _insert(rows: list[Row]) -> None:
             return
         adapt = connection.ops.adapt_datetimefield_value
         cursor.executemany(
-            f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})",
-            [(*row[:6], adapt(row[6]), *row[7:]) for row in rows],
+            f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(names))})",
+            [tuple(adapt(value) if isinstance(value, datetime) else value for value in row) for row in rows],
         )
 
 

@@ -27,7 +27,7 @@ from django.db.migrations.executor import MigrationExecutor
 from redis import Redis
 
 from delivery import circuit, drain, hosts, partitions, transport
-from delivery.models import DeliveryAttempt, Outcome
+from delivery.models import DeliveryAttempt, Outcome, PostbackRequest
 from delivery.worker import DeliveryWorker
 from postbackproject import inbox, keys
 from postbackproject.postback import Try
@@ -419,3 +419,8 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 def success_ids() -> set[str]:
     """Postbacks recorded as delivered."""
     return set(DeliveryAttempt.objects.filter(outcome=Outcome.SUCCESS).values_list("postback_id", flat=True))
+
+
+def sent_url(postback_id: str) -> str:
+    """The URL the postback was sent to, as its request row records it."""
+    return PostbackRequest.of([postback_id])[postback_id].url

@@ -14,9 +14,9 @@ from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
 from delivery import partitions
-from delivery.models import DeliveryAttempt
+from delivery.models import RECORDED_WITHIN, DeliveryAttempt, PostbackRequest
 from delivery.recording import save_attempts
-from delivery.retention import prune_attempts
+from delivery.retention import prune_attempts, prune_requests
 from tests.test_dashboard import attempt
 
 pytestmark = pytest.mark.django_db
@@ -34,11 +34,11 @@ def days() -> list[date]:
     return [partition.day for partition in partitions.existing()]
 
 
-def where(postback_id: str) -> str:
-    """The table (partition) that holds the postback's rows."""
+def where(postback_id: str, log: partitions.Log = partitions.ATTEMPTS) -> str:
+    """The table (partition) of the log that holds the postback's rows."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT DISTINCT tableoid::regclass::text FROM {partitions.PARENT} WHERE postback_id = %s", [postback_id]
+            f"SELECT DISTINCT tableoid::regclass::text FROM {log.table} WHERE postback_id = %s", [postback_id]
         )
         return ", ".join(row[0] for row in cursor.fetchall())
 
@@ -69,6 +69,8 @@ def test_rows_either_side_of_midnight_utc_go_to_their_own_days():
     assert where("before") == "delivery_deliveryattempt_p20310501"
     assert where("at") == "delivery_deliveryattempt_p20310502"
     assert where("local") == "delivery_deliveryattempt_p20310501"  # 23:30 UTC the day before
+    assert where("before", partitions.REQUESTS) == "delivery_postbackrequest_p20310501"
+    assert where("at", partitions.REQUESTS) == "delivery_postbackrequest_p20310502"
 
 
 @postgresql_only
@@ -88,9 +90,7 @@ def test_rows_that_went_to_the_default_partition_move_into_their_day_when_it_is_
     day = datetime(2034, 6, 1, 8, tzinfo=UTC)
     # Written through the ORM, which makes no partition: the DEFAULT one takes them.
     for n in range(3):
-        DeliveryAttempt.objects.create(
-            postback_id=f"stray-{n}", attempt=1, method="GET", url="http://h/", delivered_at=day, outcome="success"
-        )
+        DeliveryAttempt.objects.create(postback_id=f"stray-{n}", attempt=1, delivered_at=day, outcome="success")
     assert where("stray-0") == partitions.DEFAULT
 
     assert partitions.ensure([day.date()]) == [day.date()]
@@ -105,6 +105,7 @@ def test_retention_drops_whole_days_past_the_window_and_keeps_the_day_it_ends_in
     cutoff = datetime(2032, 3, 10, 15, tzinfo=UTC)
     save_attempts(
         [
+            attempt(datetime(2032, 3, 7, 12, tzinfo=UTC), postback="three-days-past"),
             attempt(datetime(2032, 3, 8, 12, tzinfo=UTC), postback="two-days-past"),
             attempt(datetime(2032, 3, 9, 23, 59, tzinfo=UTC), postback="day-past"),
             attempt(datetime(2032, 3, 10, 1, tzinfo=UTC), postback="same-day-before-cutoff"),
@@ -113,15 +114,15 @@ def test_retention_drops_whole_days_past_the_window_and_keeps_the_day_it_ends_in
         ]
     )
     DeliveryAttempt.objects.create(  # in the DEFAULT partition: deleted row by row
-        postback_id="stray", attempt=1, method="GET", url="http://h/", delivered_at=datetime(2020, 1, 1, tzinfo=UTC)
+        postback_id="stray", attempt=1, delivered_at=datetime(2020, 1, 1, tzinfo=UTC)
     )
     before = sorted(DeliveryAttempt.objects.values_list("postback_id", flat=True))
 
     assert [partition.day for partition in partitions.past(cutoff)][-2:] == [date(2032, 3, 8), date(2032, 3, 9)]
-    assert prune_attempts(cutoff, dry_run=True) == 3
+    assert prune_attempts(cutoff, dry_run=True) == 4
     assert sorted(DeliveryAttempt.objects.values_list("postback_id", flat=True)) == before
 
-    assert prune_attempts(cutoff) == 3
+    assert prune_attempts(cutoff) == 4
 
     assert sorted(DeliveryAttempt.objects.values_list("postback_id", flat=True)) == [
         "next-day",
@@ -130,6 +131,15 @@ def test_retention_drops_whole_days_past_the_window_and_keeps_the_day_it_ends_in
     ]
     assert date(2032, 3, 9) not in days()
     assert date(2032, 3, 10) in days()
+    # Requests are kept RECORDED_WITHIN longer: those of the two days before the cutoff stay.
+    assert prune_requests(cutoff - RECORDED_WITHIN) == 1
+    assert sorted(PostbackRequest.objects.values_list("postback_id", flat=True)) == [
+        "day-past",
+        "next-day",
+        "same-day-after-cutoff",
+        "same-day-before-cutoff",
+        "two-days-past",
+    ]
 
 
 @postgresql_only
@@ -186,7 +196,7 @@ def test_the_migration_keeps_every_row_and_field_and_can_be_undone():
     new = executor.loader.project_state(AFTER).apps.get_model("delivery", "DeliveryAttempt")
 
     assert snapshot(new) == rows
-    later = new.objects.create(postback_id="later", attempt=1, method="GET", url="http://h/", delivered_at=midnight)
+    later = new.objects.create(postback_id="later", attempt=1, delivered_at=midnight)
     assert later.pk > max(row[0] for row in rows)
     if connection.vendor == "postgresql":
         assert where("kept-0") == "delivery_deliveryattempt_p20300731"

@@ -4,13 +4,14 @@ costs the others their records."""
 import dataclasses
 import json
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from delivery.models import DeliveryAttempt, DeliverySettings
+from delivery.models import DeliveryAttempt, DeliverySettings, PostbackRequest
 from delivery.recording import Record, save_attempts, storable
 from delivery.settling import SETTLE_BATCH
 from tests.conftest import Reply, ingest_json, run_worker
@@ -125,15 +126,20 @@ def test_one_row_the_database_refuses_does_not_cost_the_others_theirs(caplog):
         assert "refused try 1 could not be recorded" in caplog.text
 
 
-def test_a_workers_batch_of_attempts_is_written_with_one_insert_and_one_per_rollup_table():
+def test_a_workers_batch_of_attempts_is_written_with_one_insert_per_table():
     rows = [dataclasses.replace(row(f"p{n}"), host=f"h{n % 20}.example") for n in range(SETTLE_BATCH)]
 
     with CaptureQueriesContext(connection) as queries:
         save_attempts(rows)
 
     inserts = [query["sql"].split()[2].strip('"') for query in queries if query["sql"].startswith("INSERT")]
-    assert inserts == ["delivery_deliveryattempt", "delivery_deliveryrollup", "delivery_deliveryseries"]
-    assert DeliveryAttempt.objects.count() == SETTLE_BATCH
+    assert inserts == [
+        "delivery_postbackrequest",
+        "delivery_deliveryattempt",
+        "delivery_deliveryrollup",
+        "delivery_deliveryseries",
+    ]
+    assert DeliveryAttempt.objects.count() == PostbackRequest.objects.count() == SETTLE_BATCH
 
 
 def test_recording_the_same_try_twice_keeps_one_row():
@@ -143,9 +149,37 @@ def test_recording_the_same_try_twice_keeps_one_row():
     assert DeliveryAttempt.objects.filter(postback_id="once").count() == 1
 
 
-def test_a_record_has_every_column_of_an_attempt_row_but_its_id():
-    columns = [field.column for field in DeliveryAttempt._meta.concrete_fields if not field.primary_key]
-    assert [field.name for field in dataclasses.fields(Record)] == columns
+def test_a_record_has_every_column_of_an_attempt_row_and_of_its_request_row_but_their_ids():
+    def columns(model: Any) -> set[str]:
+        return {field.column for field in model._meta.concrete_fields if not field.primary_key}
+
+    recorded = {field.name for field in dataclasses.fields(Record)}
+    assert columns(DeliveryAttempt) | (columns(PostbackRequest) - {"first_at"}) == recorded
+
+
+def test_a_postback_tried_three_times_stores_its_request_once():
+    first = dataclasses.replace(row("thrice"), method="POST", url="http://h/x?a=1", request_body='{"a":1}')
+    tries = [
+        dataclasses.replace(first, attempt=n, outcome=outcome, delivered_at=first.delivered_at + timedelta(minutes=n))
+        for n, outcome in [(1, "retry"), (2, "retry"), (3, "success")]
+    ]
+    for item in tries:
+        save_attempts([item])
+
+    assert DeliveryAttempt.objects.filter(postback_id="thrice").count() == 3
+    [sent] = PostbackRequest.objects.filter(postback_id="thrice")
+    assert (sent.method, sent.url, sent.host, sent.request_body) == ("POST", "http://h/x?a=1", "h", '{"a":1}')
+    assert sent.first_at == tries[0].delivered_at
+
+
+def test_a_try_long_after_its_request_was_stored_stores_it_again_and_the_newest_is_read():
+    first = row("replayed")
+    later = dataclasses.replace(first, attempt=2, delivered_at=first.delivered_at + timedelta(days=20))
+    save_attempts([first])
+    save_attempts([later])
+
+    assert PostbackRequest.objects.filter(postback_id="replayed").count() == 2
+    assert PostbackRequest.of(["replayed"])["replayed"].first_at == later.delivered_at
 
 
 def test_a_try_twice_in_one_batch_keeps_one_row_and_counts_once():

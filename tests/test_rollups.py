@@ -67,8 +67,6 @@ def attempt(postback_id: str, host: str, when: datetime, code: int | None = 200,
     return DeliveryAttempt(
         postback_id=postback_id,
         attempt=1,
-        method="GET",
-        url=f"http://{host}/",
         host=host,
         delivered_at=when,
         response_code=code,

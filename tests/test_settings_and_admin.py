@@ -10,7 +10,7 @@ from django.test import Client
 from django.utils import timezone
 
 from delivery.admin import CappedPaginator
-from delivery.models import DeliveryAttempt, DeliverySettings
+from delivery.models import DeliveryAttempt, DeliverySettings, PostbackRequest
 from ingestion.models import SenderKey
 
 pytestmark = pytest.mark.django_db
@@ -167,11 +167,12 @@ def test_the_attempt_log_is_searchable_by_postback_id_and_filterable(staff_clien
         DeliveryAttempt.objects.create(
             postback_id=pid,
             attempt=1,
-            method="GET",
-            url=f"http://example.com/{pid}",
             delivered_at=timezone.now(),
             response_code=200 if outcome == "success" else 404,
             outcome=outcome,
+        )
+        PostbackRequest.objects.create(
+            postback_id=pid, method="GET", url=f"http://example.com/{pid}", first_at=timezone.now()
         )
 
     found = staff_client.get("/admin/delivery/deliveryattempt/", {"q": "bbb"}).content.decode()
@@ -179,6 +180,10 @@ def test_the_attempt_log_is_searchable_by_postback_id_and_filterable(staff_clien
     filtered = staff_client.get("/admin/delivery/deliveryattempt/", {"outcome__exact": "success"}).content.decode()
     assert "http://example.com/aaa" in filtered and "http://example.com/bbb" not in filtered
     assert staff_client.get("/admin/delivery/deliveryattempt/add/").status_code == 403
+    detail = staff_client.get(
+        f"/admin/delivery/deliveryattempt/{DeliveryAttempt.objects.get(postback_id='aaa').pk}/change/"
+    )
+    assert "GET http://example.com/aaa" in detail.content.decode()
 
 
 def test_the_login_page_and_admin_carry_the_products_name(staff_client):
@@ -215,13 +220,17 @@ def test_the_attempt_list_shows_whole_ids_urls_and_why_and_links_to_the_postback
     DeliveryAttempt.objects.create(
         postback_id="e749424065794b0f9f3b2a8c1d5e6f70-12",
         attempt=2,
-        method="GET",
-        url="http://example.com/" + "x" * 200,
         host="example.com",
         delivered_at=timezone.now(),
         response_code=503,
         response_body="down for maintenance",
         outcome="retry",
+    )
+    PostbackRequest.objects.create(
+        postback_id="e749424065794b0f9f3b2a8c1d5e6f70-12",
+        method="GET",
+        url="http://example.com/" + "x" * 200,
+        first_at=timezone.now(),
     )
     page = staff_client.get("/admin/delivery/deliveryattempt/").content.decode()
     assert "HTTP 503: down for maintenance" in page
@@ -239,12 +248,13 @@ def test_the_attempt_list_filters_by_status_class_and_method_and_finds_a_host(st
         DeliveryAttempt.objects.create(
             postback_id=pid,
             attempt=1,
-            method=method,
-            url=f"http://{host}/{pid}",
             host=host,
             delivered_at=timezone.now(),
             response_code=code,
             outcome="success" if code == 200 else "failed",
+        )
+        PostbackRequest.objects.create(
+            postback_id=pid, method=method, url=f"http://{host}/{pid}", host=host, first_at=timezone.now()
         )
 
     def listed(**params: str) -> set[str]:
@@ -264,8 +274,6 @@ def test_the_attempt_list_counts_only_so_far(monkeypatch):
         DeliveryAttempt.objects.create(
             postback_id=f"p{n}",
             attempt=1,
-            method="GET",
-            url="http://e/",
             delivered_at=timezone.now(),
             outcome="success",
         )

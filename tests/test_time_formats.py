@@ -37,8 +37,6 @@ def attempt() -> DeliveryAttempt:
     return DeliveryAttempt.objects.create(
         postback_id="p-1",
         attempt=1,
-        method="GET",
-        url="http://a.example/x",
         host="a.example",
         delivered_at=STARTED,
         response_code=200,
