@@ -182,8 +182,9 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
         "response_body",
         "sent_request",
         "sent_body",
+        "sent_by",
     ]
-    readonly_fields = ["sent_request", "sent_body"]
+    readonly_fields = ["sent_request", "sent_body", "sent_by"]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return AttemptChangeList
@@ -289,6 +290,11 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     def sent_body(self, obj: DeliveryAttempt) -> str:
         sent = self._sent(obj)
         return sent.request_body if sent else ""
+
+    @admin.display(description="sender")
+    def sent_by(self, obj: DeliveryAttempt) -> str:
+        sent = self._sent(obj)
+        return sent.sender if sent else ""
 
     @staticmethod
     def _sent(obj: DeliveryAttempt) -> PostbackRequest | None:

@@ -50,6 +50,7 @@ class RequestEntry:
     template: Template
     objects: list[DataObject]
     payload_bytes: int
+    sender: str = ""
     made: int = 0
 
     @property
@@ -68,7 +69,7 @@ class RequestEntry:
             self.made += 1
             url, refusal = first_url(self.template, data, config, fits)
             body = dumps_data_object(data) if with_body else None
-            found.tries.append(Try(postback_id, 1, 0, self.method, url, body))
+            found.tries.append(Try(postback_id, 1, 0, self.method, url, body, self.sender))
             if refusal:
                 found.refused[postback_id] = refusal
             if time.perf_counter() >= until:
@@ -117,11 +118,15 @@ def entry_tries(entry: inbox.Entry, config: DeliverySettings) -> EntryTries:
 
 
 def read_request(document: object, payload_bytes: int) -> RequestEntry:
-    """A request entry `[request id, first index, method, URL template, [objects]]` (its JSON
-    text `payload_bytes` long), checked whole before any of its tries is made."""
-    if not isinstance(document, list) or len(document) != 5:
-        raise ValueError("a request entry has five fields")
-    request_id, start, method, template, objects = document
+    """A request entry `[request id, first index, method, URL template, [objects]]`, with its
+    sender as a sixth field when it has one (its JSON text `payload_bytes` long), checked whole
+    before any of its tries is made."""
+    if not isinstance(document, list) or len(document) not in (5, 6):
+        raise ValueError("a request entry has five fields, or six with its sender")
+    request_id, start, method, template, objects = document[:5]
+    sender = document[5] if len(document) == 6 else ""
+    if not isinstance(sender, str):
+        raise ValueError("a request entry's sender is text")
     if not isinstance(request_id, str) or not str(start).isdigit() or not is_method(method):
         raise ValueError("a request entry starts with its id, first index and method")
     if not isinstance(template, str) or not isinstance(objects, list):
@@ -132,7 +137,7 @@ def read_request(document: object, payload_bytes: int) -> RequestEntry:
         raise ValueError(f"a request entry's URL template cannot be sent: {exc}") from exc
     for data in objects:
         check_data_object(data)
-    return RequestEntry(request_id, int(start), method, compiled, objects, payload_bytes)
+    return RequestEntry(request_id, int(start), method, compiled, objects, payload_bytes, sender)
 
 
 def check_data_object(data: object) -> None:

@@ -250,6 +250,11 @@ class PostbackRequest(models.Model):
     url = models.TextField(help_text="The URL as sent, placeholders replaced.")
     host = models.CharField(max_length=255, blank=True, help_text="The URL's host[:port], as circuits count it.")
     request_body = models.TextField(blank=True, help_text="The JSON body sent (POST, PUT, PATCH).")
+    sender = models.CharField(
+        max_length=100,
+        blank=True,
+        help_text='Who sent the request: "key 12" for sender key 12, else the client\'s address.',
+    )
     first_at = models.DateTimeField(help_text="When the first try recorded with this row started.")
 
     class Meta:

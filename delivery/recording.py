@@ -87,6 +87,7 @@ class Record:
     response_body: str
     error: str
     outcome: str
+    sender: str = ""
 
 
 def attempt_record(item: Try, host: str, response: Response, outcome: Outcome) -> Record:
@@ -103,6 +104,7 @@ def attempt_record(item: Try, host: str, response: Response, outcome: Outcome) -
         storable(response.body),
         storable(response.error, ERROR_MAX_CHARS),
         str(outcome),
+        item.sender,
     )
 
 
@@ -122,6 +124,7 @@ def deferral_record(item: Try, host: str, reason: str, until: datetime) -> Recor
         "",
         error,
         str(Outcome.DEFERRED),
+        item.sender,
     )
 
 
@@ -221,7 +224,7 @@ ATTEMPT_COLUMNS = (
     "error",
     "outcome",
 )
-REQUEST_COLUMNS = ("postback_id", "method", "url", "host", "request_body", "first_at")
+REQUEST_COLUMNS = ("postback_id", "method", "url", "host", "request_body", "sender", "first_at")
 NEW_ATTEMPTS = NewRows(DeliveryAttempt, ATTEMPT_COLUMNS, ("postback_id", "attempt", "outcome"), "delivered_at")
 NEW_REQUESTS = NewRows(PostbackRequest, REQUEST_COLUMNS, ("postback_id",), "first_at")
 
@@ -254,6 +257,7 @@ def _request_values(row: Record) -> tuple[Any, ...]:
         row.url,
         row.host,
         row.request_body,
+        row.sender,
         adapt(row.delivered_at),
         adapt(row.delivered_at - RECORDED_WITHIN),
     )
@@ -369,4 +373,5 @@ def _log_fields(row: Record) -> dict[str, object]:
         "response_body": row.response_body,
         "error": row.error,
         "outcome": row.outcome,
+        "sender": row.sender,
     }

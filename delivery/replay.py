@@ -107,7 +107,7 @@ def replay_try(last: DeliveryAttempt, sent: PostbackRequest) -> Try:
     """One postback's replay: the final URL and body it was sent with, numbered after its
     last attempt."""
     body = sent.request_body if sent.method in METHODS_WITH_BODY else None
-    return Try(last.postback_id, last.attempt + 1, last.attempt, sent.method, sent.url, body)
+    return Try(last.postback_id, last.attempt + 1, last.attempt, sent.method, sent.url, body, sent.sender)
 
 
 def replay_tries(postback_ids: list[str]) -> list[Try]:

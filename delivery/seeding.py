@@ -41,6 +41,8 @@ _COLUMNS = [
 ]
 _ATTEMPT_COLUMNS = [name for name in _COLUMNS if name not in ("method", "url", "request_body")]
 _REQUEST_COLUMNS = ["postback_id", "method", "url", "host", "request_body", "delivered_at"]
+# Seeded postbacks come from a handful of sender keys.
+_SENDERS = [f"key {n}" for n in range(1, 6)]
 _ATTEMPT_INDEXES = [_COLUMNS.index(name) for name in _ATTEMPT_COLUMNS]
 _REQUEST_INDEXES = [_COLUMNS.index(name) for name in _REQUEST_COLUMNS]
 Row = tuple[str, int, str, str, str, str, datetime, int | None, float | None, str, str, str]
@@ -276,9 +278,11 @@ def _insert(rows: list[Row]) -> None:
     for row in rows:
         firsts.setdefault(row[0], row)
     attempts = [tuple(row[index] for index in _ATTEMPT_INDEXES) for row in rows]
-    requests = [tuple(row[index] for index in _REQUEST_INDEXES) for row in firsts.values()]
+    requests = [
+        (*(row[index] for index in _REQUEST_INDEXES), _SENDERS[len(row[4]) % len(_SENDERS)]) for row in firsts.values()
+    ]
     _copy(DeliveryAttempt, _ATTEMPT_COLUMNS, attempts)
-    _copy(PostbackRequest, [*_REQUEST_COLUMNS[:-1], "first_at"], requests)
+    _copy(PostbackRequest, [*_REQUEST_COLUMNS[:-1], "first_at", "sender"], requests)
 
 
 def _copy(model: type[Model], names: list[str], rows: list[tuple[Any, ...]]) -> None:

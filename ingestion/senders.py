@@ -54,21 +54,31 @@ class Refused(Exception):
         self.headers = headers
 
 
-def admit(request: HttpRequest, address: str) -> list[RateLimit]:
-    """The rate limits to charge this request against; Refused with 401 when its key is wrong,
-    or missing while keys are required."""
+@dataclass(frozen=True)
+class Admission:
+    """A request let in: the rate limits to charge it against, and who sent it, as its
+    postbacks record it ("key 12" for sender key 12, else the client's address)."""
+
+    rate_limits: list[RateLimit]
+    sender: str
+
+
+def admit(request: HttpRequest, address: str) -> Admission:
+    """Who sent the request and what limits it is charged against; Refused with 401 when its
+    key is wrong, or missing while keys are required."""
     presented = presented_key(request)
     if presented is None:
         if settings.INGEST_REQUIRE_SENDER_KEY:
             raise unauthorized("a sender key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         if settings.INGEST_RATE_LIMIT_PER_ADDRESS <= 0:
-            return []  # no limit: the address need not be parsed
-        return limits(RateLimit.per_address(address_bucket(address), settings.INGEST_RATE_LIMIT_PER_ADDRESS))
+            return Admission([], address)  # no limit: the address need not be parsed
+        per_address = RateLimit.per_address(address_bucket(address), settings.INGEST_RATE_LIMIT_PER_ADDRESS)
+        return Admission(limits(per_address), address)
     known = KeyTable.keys().get(hash_key(presented))
     if known is None or not known.active:
         raise unauthorized("the sender key is not valid (unknown or revoked)", 'error="invalid_token"')
     per_second = settings.INGEST_RATE_LIMIT_PER_KEY if known.rate_limit is None else known.rate_limit
-    return limits(RateLimit.per_sender_key(known.id, per_second))
+    return Admission(limits(RateLimit.per_sender_key(known.id, per_second)), f"key {known.id}")
 
 
 def presented_key(request: HttpRequest) -> str | None:

@@ -86,7 +86,7 @@ def take(request: HttpRequest) -> Answer:
         answer.response["Allow"] = "POST"
         return answer
     try:
-        rate_limits = senders.admit(request, client_address(request))
+        admission = senders.admit(request, client_address(request))
     except senders.Refused as exc:
         return refused(exc)
 
@@ -107,11 +107,13 @@ def take(request: HttpRequest) -> Answer:
         return error(400, str(exc), field=exc.field)
 
     request_id = uuid.uuid4().hex
-    entries = request_entries(request_id, parsed.method, parsed.url, parsed.data_texts, config.batch_size)
+    entries = request_entries(
+        request_id, parsed.method, parsed.url, parsed.data_texts, config.batch_size, admission.sender
+    )
     try:
         if (reason := memory_gauge.full_reason(adding=sum(len(entry.encode()) for entry in entries))) is not None:
             return unavailable(reason)
-        append_request(entries, len(parsed.data_texts), rate_limits)
+        append_request(entries, len(parsed.data_texts), admission.rate_limits)
     except senders.RateLimited as exc:
         return refused(senders.too_many(exc))
     except BacklogFull:

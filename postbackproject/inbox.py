@@ -148,16 +148,20 @@ def new_drainer_id() -> str:
 # --- entries -----------------------------------------------------------------------------
 
 
-def request_entries(request_id: str, method: str, url: str, data_texts: list[str], per_entry: int) -> list[str]:
-    """A request as stream entries: `[request id, first index, method, URL template, [objects]]`.
+def request_entries(
+    request_id: str, method: str, url: str, data_texts: list[str], per_entry: int, sender: str = ""
+) -> list[str]:
+    """A request as stream entries: `[request id, first index, method, URL template, [objects]]`,
+    and its sender after them when there is one (`ingestion.senders.Admission`).
 
     Data objects go in as the JSON text ingestion made of them (numbers as written), not as
     strings inside JSON, which would escape every quote. Postback ids are `<request id>-<index>`,
     so the entry need not carry one per postback.
     """
     head = f"{json.dumps(method)},{json.dumps(url, ensure_ascii=False)}"
+    tail = f",{json.dumps(sender, ensure_ascii=False)}" if sender else ""
     return [
-        f'["{request_id}",{start},{head},[{",".join(data_texts[start : start + per_entry])}]]'
+        f'["{request_id}",{start},{head},[{",".join(data_texts[start : start + per_entry])}]{tail}]'
         for start in range(0, len(data_texts), per_entry)
     ]
 

@@ -46,21 +46,28 @@ class Try:
     method: str
     url: str  # final, as it goes on the wire
     body: str | None  # the data object's JSON text, for methods that send one
+    sender: str = ""  # who sent the request (`ingestion.senders.Admission`), "" if unknown
 
     @property
     def try_in_series(self) -> int:
         return self.attempt - self.offset
 
     def to_json(self) -> str:
-        fields = [self.postback_id, self.attempt, self.offset, self.method, self.url, self.body]
+        fields: list[object] = [self.postback_id, self.attempt, self.offset, self.method, self.url, self.body]
+        if self.sender:
+            fields.append(self.sender)
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_fields(cls, fields: object) -> "Try":
-        """The inverse of to_json's list; ValueError for anything else (Redis is not trusted)."""
-        if not isinstance(fields, list) or len(fields) != 6:
-            raise ValueError(f"a try is six fields, not {fields!r:.100}")
-        postback_id, attempt, offset, method, url, body = fields
+        """The inverse of to_json's list (six fields, or seven with the sender); ValueError for
+        anything else (Redis is not trusted)."""
+        if not isinstance(fields, list) or len(fields) not in (6, 7):
+            raise ValueError(f"a try is six or seven fields, not {fields!r:.100}")
+        postback_id, attempt, offset, method, url, body = fields[:6]
+        sender = fields[6] if len(fields) == 7 else ""
+        if not isinstance(sender, str):
+            raise ValueError(f"a try's sender is text: {fields!r:.100}")
         numbers = (attempt, offset)
         if not all(isinstance(n, (int, str)) and str(n).isdigit() for n in numbers) or int(offset) >= int(attempt):
             raise ValueError(f"a try's attempt and offset are whole numbers, offset below attempt: {fields!r:.100}")
@@ -68,7 +75,7 @@ class Try:
             raise ValueError(f"a try has a postback id, a method and a URL: {fields!r:.100}")
         if body is not None and not isinstance(body, str):
             raise ValueError(f"a try's body is JSON text or null: {fields!r:.100}")
-        return cls(postback_id, int(attempt), int(offset), method, url, body)
+        return cls(postback_id, int(attempt), int(offset), method, url, body, sender)
 
 
 def _reject_constant(name: str) -> None:

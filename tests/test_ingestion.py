@@ -43,8 +43,8 @@ def test_it_accepts_the_sample_as_one_inbox_entry(client, path):
     body = response.json()
     assert body["accepted"] == 2
     assert len(body["postbacks"]) == 2 and len(set(body["postbacks"])) == 2
-    [[request_id, first, method, url, objects]] = inbox_entries()
-    assert (first, method, url) == (0, "GET", SAMPLE["endpoint"]["url"])
+    [[request_id, first, method, url, objects, sender]] = inbox_entries()
+    assert (first, method, url, sender) == (0, "GET", SAMPLE["endpoint"]["url"], "127.0.0.1")
     assert body["postbacks"] == [f"{request_id}-0", f"{request_id}-1"]
     assert objects == SAMPLE["data"]
 
@@ -92,7 +92,7 @@ def test_method_is_case_insensitive_and_stored_upper(client):
 def test_numbers_travel_as_written(client):
     raw = b'{"endpoint":{"method":"GET","url":"http://h/?a={a}"},"data":[{"a":1.50,"b":1e5,"c":true,"d":null}]}'
     assert client.generic("POST", "/i", raw).status_code == 202
-    assert raw_entries()[0].endswith(b',[{"a":1.50,"b":1e5,"c":true,"d":null}]]')
+    assert raw_entries()[0].endswith(b',[{"a":1.50,"b":1e5,"c":true,"d":null}],"127.0.0.1"]')
 
 
 def test_large_requests_are_split_into_entries_of_batch_size(client):
@@ -103,8 +103,8 @@ def test_large_requests_are_split_into_entries_of_batch_size(client):
 
     assert response.status_code == 202
     entries = inbox_entries()
-    assert [(first, len(objects)) for _, first, _, _, objects in entries] == [(0, 3), (3, 3), (6, 1)]
-    carried = [f"{rid}-{first + n}" for rid, first, _, _, objects in entries for n in range(len(objects))]
+    assert [(first, len(objects)) for _, first, _, _, objects, _ in entries] == [(0, 3), (3, 3), (6, 1)]
+    carried = [f"{rid}-{first + n}" for rid, first, _, _, objects, _ in entries for n in range(len(objects))]
     assert carried == response.json()["postbacks"]
 
 

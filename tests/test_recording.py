@@ -15,6 +15,7 @@ from delivery.models import DeliveryAttempt, DeliverySettings, PostbackRequest
 from delivery.recording import Record, save_attempts, storable
 from delivery.settling import SETTLE_BATCH
 from tests.conftest import Reply, ingest_json, run_worker
+from tests.test_senders import issue
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -198,3 +199,16 @@ def test_a_try_deferred_again_a_day_later_keeps_its_first_row():
     assert list(DeliveryAttempt.objects.filter(postback_id="deferred").values_list("delivered_at", flat=True)) == [
         first.delivered_at
     ]
+
+
+def test_the_sender_of_a_request_is_recorded_with_its_postbacks(client, receiver):
+    key, plain = issue("test sender")
+    document = {"endpoint": {"method": "GET", "url": receiver.url("/s")}, "data": [{}]}
+    body = json.dumps(document).encode()
+    keyed = client.generic("POST", "/i", body, HTTP_AUTHORIZATION=f"Bearer {plain}").json()["postbacks"]
+    anonymous = ingest_json(client, document).json()["postbacks"]
+    run_worker()
+
+    sent = PostbackRequest.of([*keyed, *anonymous])
+    assert sent[keyed[0]].sender == f"key {key.pk}"
+    assert sent[anonymous[0]].sender == "127.0.0.1"

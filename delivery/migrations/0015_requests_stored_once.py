@@ -1,4 +1,5 @@
-"""Each postback's request (method, URL as sent, body, host) stored once in PostbackRequest,
+"""Each postback's request (method, URL as sent, body, host, and from now on its sender) stored
+once in PostbackRequest,
 and attempt rows narrowed to what each try adds (time, try, code, latency, outcome, error,
 response body).
 
@@ -61,11 +62,11 @@ def partition_requests(apps, schema_editor) -> None:
 
 
 def one_request_per_postback(apps, schema_editor) -> None:
-    """A request row for each postback, from its first attempt."""
+    """A request row for each postback, from its first attempt (its sender was not recorded)."""
     with schema_editor.connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {REQUESTS} (postback_id, method, url, host, request_body, first_at) "
-            "SELECT postback_id, method, url, host, request_body, delivered_at FROM ("
+            f"INSERT INTO {REQUESTS} (postback_id, method, url, host, request_body, sender, first_at) "
+            "SELECT postback_id, method, url, host, request_body, '', delivered_at FROM ("
             "  SELECT postback_id, method, url, host, request_body, delivered_at, "
             "  ROW_NUMBER() OVER (PARTITION BY postback_id ORDER BY delivered_at, id) AS number "
             f"  FROM {ATTEMPTS}"
@@ -101,6 +102,14 @@ class Migration(migrations.Migration):
                     ),
                 ),
                 ("request_body", models.TextField(blank=True, help_text="The JSON body sent (POST, PUT, PATCH).")),
+                (
+                    "sender",
+                    models.CharField(
+                        blank=True,
+                        help_text='Who sent the request: "key 12" for sender key 12, else the client\'s address.',
+                        max_length=100,
+                    ),
+                ),
                 ("first_at", models.DateTimeField(help_text="When the first try recorded with this row started.")),
             ],
             options={
