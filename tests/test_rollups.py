@@ -62,15 +62,20 @@ def test_rollups_add_up_to_the_attempts_they_summarise(client, receiver):
     assert latency == pytest.approx(DeliveryAttempt.objects.aggregate(s=Sum("response_time_ms"))["s"])
 
 
-def attempt(postback_id: str, host: str, when: datetime, code: int | None = 200, ms: float | None = 42.0):
+def attempt(postback_id: str, host: str, when: datetime, code: int | None = 200, ms: float | None = 42.0) -> Record:
     outcome = "success" if code and code < 300 else "failed"
-    return DeliveryAttempt(
+    return Record(
         postback_id=postback_id,
         attempt=1,
+        method="GET",
+        url=f"http://{host}/",
         host=host,
+        request_body="",
         delivered_at=when,
         response_code=code,
         response_time_ms=ms,
+        response_body="",
+        error="",
         outcome=outcome,
     )
 
