@@ -20,6 +20,7 @@ from django.db import DatabaseError
 from django.http import HttpResponse
 from openapi_spec_validator import validate
 
+from delivery.models import DeliverySettings
 from ingestion import senders
 from ingestion.validation import MAX_URL_LENGTH
 from ingestion.views import OPENAPI_DOCUMENT
@@ -73,6 +74,7 @@ def test_the_document_states_the_limits_the_code_enforces():
         settings.INGEST_MAX_PLACEHOLDERS,
         settings.INGEST_MAX_RENDERED_BYTES,
         settings.INGEST_MAX_QUEUED_JOBS,
+        DeliverySettings._meta.get_field("max_url_bytes").default,
     ):
         assert f"| {value:,} |" in limits
 
