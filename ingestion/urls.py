@@ -5,4 +5,5 @@ from ingestion import views
 urlpatterns = [
     path("ingest.php", views.ingest, name="ingest"),
     path("i", views.ingest, name="ingest-short"),
+    path("openapi.yaml", views.openapi, name="openapi"),
 ]

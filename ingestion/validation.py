@@ -81,7 +81,8 @@ def _parse_json(body: bytes) -> object:
 
 
 def _validate_method(method: object) -> str:
-    if not isinstance(method, str) or method.upper() not in METHODS:
+    # ASCII letters only: str.upper() turns the long s (U+017F) into S, U+FB05 and U+FB06 into ST.
+    if not isinstance(method, str) or not method.isascii() or method.upper() not in METHODS:
         raise InvalidRequest("endpoint.method", f"must be one of {', '.join(sorted(METHODS))}")
     return method.upper()
 

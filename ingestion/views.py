@@ -6,11 +6,13 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 
 import orjson
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_safe
 from redis.exceptions import RedisError
 
 from delivery.models import DeliverySettings
@@ -30,6 +32,9 @@ LOGGED_IDS = 100
 
 # Seconds a sender should wait before trying again after a 503.
 RETRY_AFTER_SECONDS = 5
+
+# The ingest API as senders read it (OpenAPI 3.1), served at /openapi.yaml.
+OPENAPI_DOCUMENT = settings.BASE_DIR / "docs" / "openapi.yaml"
 
 
 @dataclass(frozen=True)
@@ -165,3 +170,16 @@ def delivery_settings() -> DeliverySettings:
     """Settings for checking URLs and cutting batches: readable while the database is down
     (the last ones read, or the defaults), so ingestion keeps accepting."""
     return DeliverySettings.current()
+
+
+@require_safe
+def openapi(request: HttpRequest) -> HttpResponse:
+    """GET /openapi.yaml: the ingest API's OpenAPI document, to anyone (it says what the
+    senders' URLs accept and answer, nothing more)."""
+    return HttpResponse(openapi_document(), content_type="application/yaml")
+
+
+@cache
+def openapi_document() -> bytes:
+    """docs/openapi.yaml, read once per process."""
+    return OPENAPI_DOCUMENT.read_bytes()

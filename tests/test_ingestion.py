@@ -117,6 +117,7 @@ BAD_BODIES = [
     (b'{"endpoint": {"method": "GET", "url": "http://h/"}, "data": [{"a": NaN}]}', None, "not valid JSON"),
     (b'{"endpoint": {"method": "TRACE", "url": "http://h/"}, "data": [{}]}', "endpoint.method", "must be one of"),
     (b'{"endpoint": {"method": 1, "url": "http://h/"}, "data": [{}]}', "endpoint.method", "must be one of"),
+    (b'{"endpoint": {"method": "po\\u017ft", "url": "http://h/"}, "data": [{}]}', "endpoint.method", "must be one of"),
     (b'{"endpoint": {"method": "GET"}, "data": [{}]}', "endpoint.url", "non-empty string"),
     (b'{"endpoint": {"method": "GET", "url": "ftp://h/x"}, "data": [{}]}', "endpoint.url", "http"),
     (b'{"endpoint": {"method": "GET", "url": "/relative"}, "data": [{}]}', "endpoint.url", "http"),
