@@ -34,7 +34,8 @@ def backoff_seconds(try_in_series: int, config: DeliverySettings) -> float:
     ceiling = min(
         config.backoff_max_seconds, config.backoff_base_seconds * config.backoff_factor ** (try_in_series - 1)
     )
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    # Clamped: with the tiniest bases the sum of the two halves rounds past the ceiling.
+    return min(ceiling, ceiling / 2 + random.uniform(0, ceiling / 2))
 
 
 def retry_delay_seconds(try_in_series: int, retry_after: float | None, config: DeliverySettings) -> float:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from delivery.models import DeliverySettings, Outcome
@@ -58,6 +58,7 @@ def test_a_failure_without_an_answer_is_retried_only_when_it_may_go_away():
     factor=st.floats(min_value=1, max_value=100),
     longest=st.floats(min_value=0, max_value=7 * 86400),
 )
+@example(try_in_series=9, base=5e-324, factor=1.125, longest=1.0)  # the halves' sum rounded past it
 def test_backoff_waits_between_half_and_all_of_its_exponential_ceiling(try_in_series, base, factor, longest):
     config = DeliverySettings(backoff_base_seconds=base, backoff_factor=factor, backoff_max_seconds=longest)
     ceiling = min(longest, base * factor ** (try_in_series - 1))
