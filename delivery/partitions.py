@@ -20,9 +20,11 @@ SQLite, the embedded default, keeps one table: every function here is a no-op th
 
 import logging
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as clock_time
 from typing import Any
 
 from django.db import DatabaseError, connection, models, transaction
@@ -66,6 +68,10 @@ DEFAULT = ATTEMPTS.default
 
 # (table, day) of the partitions this process has seen or made; rows of these need no query.
 _known: set[tuple[str, date]] = set()
+# (table, day) of partitions this process could not make -> when it may try again (monotonic
+# seconds): a batch of rows must not wait LOCK_TIMEOUT again for each of them.
+_failed: dict[tuple[str, date], float] = {}
+RETRY_PAUSE_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ def day_of(moment: datetime) -> date:
 
 def bounds(day: date) -> tuple[datetime, datetime]:
     """The partition's range: from the day's UTC midnight up to (not including) the next."""
-    start = datetime.combine(day, time(), UTC)
+    start = datetime.combine(day, clock_time(), UTC)
     return start, start + timedelta(days=1)
 
 
@@ -152,11 +158,22 @@ def ensure(days: Iterable[date], log: Log = ATTEMPTS) -> list[date]:
     present = {partition.day for partition in existing(log)}
     _known.update((log.table, day) for day in present & wanted)
     made = []
+    now = time.monotonic()
     for day in sorted(wanted - present):
+        if _failed.get((log.table, day), 0.0) > now:
+            continue  # tried lately: its rows go to the DEFAULT partition until the pause ends
         try:
             _create(log, day)
-        except DatabaseError:
-            logger.warning("could not make %s's partition for %s; its rows go to %s", log.table, day, log.default)
+        except DatabaseError as exc:
+            _failed[(log.table, day)] = now + RETRY_PAUSE_SECONDS
+            logger.warning(
+                "could not make %s's partition for %s (%s); its rows go to %s, trying again in %d s",
+                log.table,
+                day,
+                str(exc).strip(),
+                log.default,
+                RETRY_PAUSE_SECONDS,
+            )
             continue
         _known.add((log.table, day))
         made.append(day)
@@ -168,6 +185,10 @@ def _create(log: Log, day: date) -> None:
     it (PostgreSQL refuses to make a partition whose rows sit in the DEFAULT one)."""
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        # The lock CREATE TABLE ... PARTITION OF takes anyway, taken first: two processes that
+        # read the DEFAULT partition first and then both asked for it would deadlock, one
+        # losing a second to the deadlock check and leaving its day unmade.
+        cursor.execute(f"LOCK TABLE {log.table} IN ACCESS EXCLUSIVE MODE")
         cursor.execute(f"SELECT 1 FROM {log.default} WHERE {_in_day(log, day)} LIMIT 1")
         if cursor.fetchone() is None:
             cursor.execute(f"CREATE TABLE IF NOT EXISTS {log.name_of(day)} PARTITION OF {log.table} {_range(day)}")
@@ -231,5 +252,7 @@ def drop(partition: DayPartition) -> None:
 
 
 def forget_known() -> None:
-    """Forget which partitions this process has seen (tests that drop or make them)."""
+    """Forget which partitions this process has seen or failed to make (tests that drop or
+    make them)."""
     _known.clear()
+    _failed.clear()

@@ -4,12 +4,13 @@ partitions a log in place keeping every row (that one runs on SQLite too, where 
 one table)."""
 
 import io
+import threading
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, connections
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
@@ -209,3 +210,33 @@ def test_the_migration_keeps_every_row_and_field_and_can_be_undone():
     executor.migrate(BEFORE)
     back = executor.loader.project_state(BEFORE).apps.get_model("delivery", "DeliveryAttempt")
     assert snapshot(back) == everything
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_two_processes_making_the_same_days_at_once_both_succeed(caplog):
+    """Workers start together and make the days ahead together: neither may lose its days to
+    a deadlock (each used to read the DEFAULT partition, then ask for the lock to create)."""
+    days = [date(2035, 4, 1) + timedelta(days=n) for n in range(4)]
+    start = threading.Barrier(2)
+    made: list[list[date]] = []
+
+    def make() -> None:
+        try:
+            start.wait(timeout=10)
+            made.append(partitions.ensure(days) + partitions.ensure(days, partitions.REQUESTS))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=make) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert "could not make" not in caplog.text
+    assert set(days) <= {p.day for p in partitions.existing()}
+    assert set(days) <= {p.day for p in partitions.existing(partitions.REQUESTS)}
+    for log in partitions.LOGS:
+        for day in days:
+            partitions.drop(partitions.DayPartition(day, log.name_of(day)))
