@@ -29,6 +29,7 @@ from delivery.models import (
     SigningSecret,
 )
 from delivery.queue_pages import is_on_site, may_see_queue_pages
+from delivery.recording import ATTEMPT_COLUMNS
 from delivery.replay import failed_between, replay
 from postbackproject.numbers import PlainNumberInput
 from postbackproject.postback import METHODS
@@ -170,20 +171,7 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     actions = ["replay_postbacks"]
 
     # The detail page: the attempt's own columns, then what its postback sends.
-    fields = [
-        "postback_id",
-        "attempt",
-        "host",
-        "delivered_at",
-        "response_code",
-        "response_time_ms",
-        "outcome",
-        "error",
-        "response_body",
-        "sent_request",
-        "sent_body",
-        "sent_by",
-    ]
+    fields = [*ATTEMPT_COLUMNS, "sent_request", "sent_body", "sent_by"]
     readonly_fields = ["sent_request", "sent_body", "sent_by"]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:

@@ -8,6 +8,8 @@ import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
+from delivery.recording import ATTEMPT_COLUMNS
+
 BEFORE = [("delivery", "0014_attempt_log_partitioned_by_day")]
 AFTER = [("delivery", "0015_requests_stored_once")]
 START = datetime(2030, 8, 1, 23, 59, tzinfo=UTC)
@@ -23,17 +25,7 @@ def attempts(apps: Any, *fields: str) -> list[tuple[Any, ...]]:
     return sorted(apps.get_model("delivery", "DeliveryAttempt").objects.values_list("id", *fields))
 
 
-KEPT = (
-    "postback_id",
-    "attempt",
-    "host",
-    "delivered_at",
-    "response_code",
-    "response_time_ms",
-    "response_body",
-    "error",
-    "outcome",
-)
+KEPT = ATTEMPT_COLUMNS
 
 
 @pytest.mark.django_db(transaction=True)
