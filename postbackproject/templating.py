@@ -1,4 +1,5 @@
-"""Turn a URL template and one data object into the URL to call, exactly as it is sent.
+"""Turn a URL template and one data object into the URL to call, exactly as it is sent (and a
+header template into the header's value: `render_text`, the same rules without the encoding).
 
 Each value is percent-encoded as a whole, so a value can never add a path segment, a query
 parameter or a fragment: `/` becomes `%2F`, `?` `%3F`, `&` `%26`. A value that is `.` or `..`
@@ -13,7 +14,7 @@ building it, how long an object's URL would be, so that ingestion refuses one ov
 
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import quote
@@ -135,10 +136,54 @@ def render_url(template: str, data: Mapping[str, Scalar], unmatched_default: str
     encoded once, however often the template names it.
     """
     compiled = compile_template(template)
-    encoded = {name: encode_value(_value_text(data, name, unmatched_default)) for name in compiled.uses}
-    pieces = list(compiled.pieces)
-    pieces[1::2] = [encoded[name] for name in compiled.pieces[1::2]]
-    return "".join(pieces)
+    return _fill(compiled.pieces, compiled.uses, data, unmatched_default, encode_value)
+
+
+@dataclass(frozen=True)
+class TextTemplate:
+    """A template of plain text (a header value), read once: its literal pieces and names in
+    turn (literal, name, ..., literal), as a URL template's."""
+
+    pieces: tuple[str, ...]
+    uses: Counter[str]
+    placeholders: int
+    literal_bytes: int  # UTF-8 bytes of the text around its placeholders
+
+
+@lru_cache(maxsize=1024)
+def compile_text(text: str) -> TextTemplate:
+    pieces = tuple(PLACEHOLDER.split(text))
+    names = pieces[1::2]
+    return TextTemplate(pieces, Counter(names), len(names), len("".join(pieces[0::2]).encode()))
+
+
+def render_text(template: str, data: Mapping[str, Scalar], unmatched_default: str) -> str:
+    """Replace every {name} in one pass with its value as plain text (not encoded), by the same
+    rules as `render_url`: numbers as written, true/false, the default for a missing or null
+    value, and a value holding "{other}" never expanded again."""
+    compiled = compile_text(template)
+    return _fill(compiled.pieces, compiled.uses, data, unmatched_default, str)
+
+
+def text_rendered_bytes(template: TextTemplate, data: Mapping[str, Scalar], unmatched_default: str) -> int:
+    """UTF-8 bytes of the text `render_text` would make, without building it."""
+    return template.literal_bytes + sum(
+        uses * len(_value_text(data, name, unmatched_default).encode()) for name, uses in template.uses.items()
+    )
+
+
+def _fill(
+    pieces: tuple[str, ...],
+    uses: Counter[str],
+    data: Mapping[str, Scalar],
+    unmatched_default: str,
+    encode: Callable[[str], str],
+) -> str:
+    """The pieces joined, each name replaced by its value made text and encoded once."""
+    encoded = {name: encode(_value_text(data, name, unmatched_default)) for name in uses}
+    filled = list(pieces)
+    filled[1::2] = [encoded[name] for name in pieces[1::2]]
+    return "".join(filled)
 
 
 def _value_text(data: Mapping[str, Scalar], name: str, unmatched_default: str) -> str:
