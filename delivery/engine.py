@@ -256,6 +256,7 @@ class Engine:
             body=body,
             headers=headers,
             host=work.host,
+            sender_headers=item.headers,
         )
         host.in_flight += 1
         if work.unproven:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from delivery.models import DeliverySettings
 from postbackproject import inbox
 from postbackproject.endpoints import InvalidEndpoint, check_authority, split_url
+from postbackproject.headers import NO_HEADERS, Headers, HeaderTemplates, check_rendered, has_control, templates_of
 from postbackproject.postback import (
     METHODS_WITH_BODY,
     DataObject,
@@ -51,6 +52,7 @@ class RequestEntry:
     objects: list[DataObject]
     payload_bytes: int
     sender: str = ""
+    headers: HeaderTemplates = NO_HEADERS
     made: int = 0
 
     @property
@@ -69,7 +71,9 @@ class RequestEntry:
             self.made += 1
             url, refusal = first_url(self.template, data, config, fits)
             body = dumps_data_object(data) if with_body else None
-            found.tries.append(Try(postback_id, 1, 0, self.method, url, body, self.sender))
+            headers = self.headers.render(data, config.unmatched_default)
+            refusal = refusal or unsendable_headers(headers)
+            found.tries.append(Try(postback_id, 1, 0, self.method, url, body, self.sender, headers))
             if refusal:
                 found.refused[postback_id] = refusal
             if time.perf_counter() >= until:
@@ -106,7 +110,10 @@ def read_entry(entry: inbox.Entry) -> ReadEntry:
     if entry.kind == "t":
         if not isinstance(document, list):
             raise ValueError("a tries entry is a list")
-        return TriesEntry([Try.from_fields(fields) for fields in document])
+        tries = [Try.from_fields(fields) for fields in document]
+        for item in tries:
+            check_rendered(item.headers)
+        return TriesEntry(tries)
     if entry.kind == "r":
         return read_request(document, len(entry.payload))
     raise ValueError(f"unknown entry kind {entry.kind!r}")
@@ -119,12 +126,13 @@ def entry_tries(entry: inbox.Entry, config: DeliverySettings) -> EntryTries:
 
 def read_request(document: object, payload_bytes: int) -> RequestEntry:
     """A request entry `[request id, first index, method, URL template, [objects]]`, with its
-    sender as a sixth field when it has one (its JSON text `payload_bytes` long), checked whole
-    before any of its tries is made."""
-    if not isinstance(document, list) or len(document) not in (5, 6):
-        raise ValueError("a request entry has five fields, or six with its sender")
+    sender as a sixth field and its sender's header templates (an object) as a seventh when it
+    has them (its JSON text `payload_bytes` long), checked whole before any of its tries is made."""
+    if not isinstance(document, list) or len(document) not in (5, 6, 7):
+        raise ValueError("a request entry has five fields, six with its sender, seven with its headers")
     request_id, start, method, template, objects = document[:5]
-    sender = document[5] if len(document) == 6 else ""
+    sender = document[5] if len(document) > 5 else ""
+    headers = document[6] if len(document) > 6 else None
     if not isinstance(sender, str):
         raise ValueError("a request entry's sender is text")
     if not isinstance(request_id, str) or not str(start).isdigit() or not is_method(method):
@@ -137,7 +145,8 @@ def read_request(document: object, payload_bytes: int) -> RequestEntry:
         raise ValueError(f"a request entry's URL template cannot be sent: {exc}") from exc
     for data in objects:
         check_data_object(data)
-    return RequestEntry(request_id, int(start), method, compiled, objects, payload_bytes, sender)
+    header_templates = templates_of(headers)  # a HeaderProblem is a ValueError
+    return RequestEntry(request_id, int(start), method, compiled, objects, payload_bytes, sender, header_templates)
 
 
 def check_data_object(data: object) -> None:
@@ -168,6 +177,15 @@ def first_url(template: Template, data: DataObject, config: DeliverySettings, fi
     except InvalidEndpoint as exc:
         return url, f"invalid URL: {exc}"
     return url, ""
+
+
+def unsendable_headers(headers: Headers) -> str:
+    """Why a postback's rendered headers must not be sent (a value ingestion checked may still
+    take the unmatched default, or come from an entry it did not write); empty when they may."""
+    for name, value in headers:
+        if has_control(value):
+            return f"invalid header: {name}'s value holds a control character (CR, LF, NUL...)"
+    return ""
 
 
 def too_long(length: int, config: DeliverySettings) -> str:

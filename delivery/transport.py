@@ -79,6 +79,40 @@ class Request:
     body: bytes | None
     headers: tuple[str, ...] = ()  # "Name: value" lines added to the product's own (signatures)
     host: str = ""  # the URL's host[:port] (hosts.host_of), when the caller knows it already
+    # The sender's headers (`endpoint.headers`, rendered): below the product's own, see header_lines.
+    sender_headers: tuple[tuple[str, str], ...] = ()
+
+
+def header_lines(request: Request, with_body: bool) -> list[str | bytes]:
+    """Every header line a request carries, merged here and nowhere else. Layers in order, the
+    first to name a header (in any case) winning:
+
+    1. the product's own: X-Postback-Id and -Attempt, the signatures, "Expect:" (no
+       100-continue wait before a body);
+    2. (a destination's headers, when destinations come, go here: over the sender's);
+    3. the sender's (`endpoint.headers`), checked at ingestion and again when read from Redis;
+    4. the product's defaults a sender may replace: Content-Type for a body, and libcurl's
+       User-Agent and Accept, which a line of the same name replaces.
+
+    A sender's empty value goes as "Name;", libcurl's way of sending a header with no value
+    ("Name:" would remove it); a value beyond ASCII goes as UTF-8.
+    """
+    own = [f"X-Postback-Id: {request.postback_id}", f"X-Postback-Attempt: {request.attempt}", "Expect:"]
+    own.extend(request.headers)
+    defaults = ["Content-Type: application/json"] if with_body else []
+    if not request.sender_headers:
+        return [*own, *defaults]
+    lines: list[str | bytes] = list(own)
+    taken = {line.partition(":")[0].strip().lower() for line in own}
+    for name, value in request.sender_headers:
+        lowered = name.lower()
+        if lowered in taken:
+            continue
+        taken.add(lowered)
+        line = f"{name}: {value}" if value else f"{name};"
+        lines.append(line if line.isascii() else line.encode())
+    lines.extend(line for line in defaults if line.partition(":")[0].lower() not in taken)
+    return lines
 
 
 @dataclass(frozen=True)
@@ -233,11 +267,7 @@ class _Slot:
         handle = self.handle
         handle.setopt(pycurl.URL, request.url)
         self._set_timeouts(limits)
-        headers = [f"X-Postback-Id: {request.postback_id}", f"X-Postback-Attempt: {request.attempt}", "Expect:"]
-        if self._set_method(request):
-            headers.append("Content-Type: application/json")
-        headers.extend(request.headers)
-        handle.setopt(pycurl.HTTPHEADER, headers)  # "Expect:": no 100-continue wait before a body
+        handle.setopt(pycurl.HTTPHEADER, header_lines(request, self._set_method(request)))
 
     def _set_timeouts(self, limits: Limits) -> None:
         timeouts = limits.curl_timeouts_ms

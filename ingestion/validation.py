@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from postbackproject.endpoints import InvalidEndpoint, check_authority, split_url
+from postbackproject.headers import HeaderProblem, HeaderTemplates, has_control, templates_of
 from postbackproject.postback import (
     METHODS,
     METHODS_WITH_BODY,
@@ -35,6 +36,7 @@ class IngestRequest:
     method: str
     url: str  # the URL template as delivery renders it (any fragment dropped: never sent)
     data_texts: list[str]  # each data object as compact JSON, ready for the queue
+    headers: dict[str, str] | None = None  # the sender's header templates (`endpoint.headers`)
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,13 @@ def parse_body(body: bytes, limits: Limits) -> IngestRequest:
         raise InvalidRequest("endpoint", "must be an object with 'method' and 'url'")
     method = _validate_method(endpoint.get("method"))
     template = _validate_url(endpoint.get("url"), limits.max_placeholders)
+    headers = _validate_headers(endpoint.get("headers"), template, limits.max_placeholders)
     objects = _validate_data(document.get("data"), limits.max_data_objects)
+    _check_header_values(objects, headers)
     data_texts = [_data_text(index, item) for index, item in enumerate(objects)]
     body_bytes = _utf8_length(data_texts) if method in METHODS_WITH_BODY else 0
-    _check_rendered_sizes(body, template, objects, body_bytes, limits)
-    return IngestRequest(method, template.text, data_texts)
+    _check_rendered_sizes(body, template, headers, objects, body_bytes, limits)
+    return IngestRequest(method, template.text, data_texts, dict(headers.items) or None)
 
 
 def _parse_json(body: bytes) -> object:
@@ -110,6 +114,35 @@ def _validate_url(url: object, max_placeholders: int) -> Template:
     return template
 
 
+def _validate_headers(headers: object, template: Template, max_placeholders: int) -> HeaderTemplates:
+    """The sender's headers (`postbackproject.headers` has the rules), whose placeholders count
+    with the URL's against max_placeholders."""
+    try:
+        checked = templates_of(headers)
+    except HeaderProblem as exc:
+        raise InvalidRequest(exc.field, exc.message) from exc
+    if checked.placeholders and template.placeholders + checked.placeholders > max_placeholders:
+        raise InvalidRequest(
+            "endpoint.headers",
+            f"has {checked.placeholders} placeholders, and the URL {template.placeholders}; at most "
+            f"{max_placeholders} are accepted in all (INGEST_MAX_PLACEHOLDERS is {max_placeholders})",
+        )
+    return checked
+
+
+def _check_header_values(objects: list[DataObject], headers: HeaderTemplates) -> None:
+    """400 naming the first value a header would take that cannot stand in a header line."""
+    for index, item in enumerate(objects if headers.uses else ()):
+        for name in headers.uses:
+            value = item.get(name)
+            if isinstance(value, str) and has_control(value):
+                raise InvalidRequest(
+                    f"data[{index}].{name}",
+                    "fills a placeholder of endpoint.headers, and a header value cannot hold CR, LF, NUL "
+                    "or other control characters",
+                )
+
+
 @lru_cache(maxsize=1024)
 def checked_template(url: str) -> Template:
     """A template whose host and port can be sent to (senders repeat theirs: cached)."""
@@ -120,25 +153,35 @@ def checked_template(url: str) -> Template:
 
 
 def _check_rendered_sizes(
-    body: bytes, template: Template, objects: list[DataObject], body_bytes: int, limits: Limits
+    body: bytes,
+    template: Template,
+    headers: HeaderTemplates,
+    objects: list[DataObject],
+    body_bytes: int,
+    limits: Limits,
 ) -> None:
     """400 naming the first object whose URL would pass max_url_bytes, or the request when its
-    URLs and bodies together would pass max_rendered_bytes. Both are told from each value's
-    encoded length, without rendering; most requests pass on bounds, with no look at each object
-    (no value takes more than 4 bytes a character in UTF-8, nor more bytes than the body)."""
+    URLs, headers and bodies together would pass max_rendered_bytes. Both are told from each
+    value's encoded length, without rendering; most requests pass on bounds, with no look at each
+    object (no value takes more than 4 bytes a character in UTF-8, nor more bytes than the body)."""
     longest_value = min(len(body), 4 * _longest_value_characters(objects))
-    if always_fits(template, longest_value, limits.unmatched_default, limits.max_url_bytes) and (
-        body_bytes + all_urls_bound(template, len(objects), len(body), limits.unmatched_default)
+    default = limits.unmatched_default
+    if always_fits(template, longest_value, default, limits.max_url_bytes) and (
+        body_bytes
+        + all_urls_bound(template, len(objects), len(body), default)
+        + headers.all_bound(len(objects), len(body), default)
         <= limits.max_rendered_bytes
     ):
         return
     total = body_bytes
     for index, item in enumerate(objects):
         total += _checked_rendered_length(index, template, item, limits)
+        if headers.items:
+            total += headers.rendered_bytes(item, default)
     if total > limits.max_rendered_bytes:
         raise InvalidRequest(
             "data",
-            f"the postbacks of this request would be {total} bytes once rendered (URLs and bodies); "
+            f"the postbacks of this request would be {total} bytes once rendered (URLs, headers and bodies); "
             f"at most {limits.max_rendered_bytes} are accepted per request "
             f"(INGEST_MAX_RENDERED_BYTES is {limits.max_rendered_bytes})",
         )

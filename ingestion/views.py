@@ -113,7 +113,7 @@ def take(request: HttpRequest) -> Answer:
 
     request_id = uuid.uuid4().hex
     entries = request_entries(
-        request_id, parsed.method, parsed.url, parsed.data_texts, config.batch_size, admission.sender
+        request_id, parsed.method, parsed.url, parsed.data_texts, config.batch_size, admission.sender, parsed.headers
     )
     try:
         if (reason := memory_gauge.full_reason(adding=sum(len(entry.encode()) for entry in entries))) is not None:

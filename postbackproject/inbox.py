@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,17 +149,26 @@ def new_drainer_id() -> str:
 
 
 def request_entries(
-    request_id: str, method: str, url: str, data_texts: list[str], per_entry: int, sender: str = ""
+    request_id: str,
+    method: str,
+    url: str,
+    data_texts: list[str],
+    per_entry: int,
+    sender: str = "",
+    headers: Mapping[str, str] | None = None,
 ) -> list[str]:
     """A request as stream entries: `[request id, first index, method, URL template, [objects]]`,
-    and its sender after them when there is one (`ingestion.senders.Admission`).
+    then its sender when there is one or headers follow ("" for none), then the sender's header
+    templates (`endpoint.headers`, an object) when there are some.
 
     Data objects go in as the JSON text ingestion made of them (numbers as written), not as
     strings inside JSON, which would escape every quote. Postback ids are `<request id>-<index>`,
     so the entry need not carry one per postback.
     """
     head = f"{json.dumps(method)},{json.dumps(url, ensure_ascii=False)}"
-    tail = f",{json.dumps(sender, ensure_ascii=False)}" if sender else ""
+    tail = f",{json.dumps(sender, ensure_ascii=False)}" if sender or headers else ""
+    if headers:
+        tail += f",{json.dumps(headers, ensure_ascii=False, separators=(',', ':'))}"
     return [
         f'["{request_id}",{start},{head},[{",".join(data_texts[start : start + per_entry])}]{tail}]'
         for start in range(0, len(data_texts), per_entry)

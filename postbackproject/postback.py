@@ -47,27 +47,37 @@ class Try:
     url: str  # final, as it goes on the wire
     body: str | None  # the data object's JSON text, for methods that send one
     sender: str = ""  # who sent the request (`ingestion.senders.Admission`), "" if unknown
+    # The sender's headers (`endpoint.headers`) rendered for this postback: names and values,
+    # sent on every try (`postbackproject.headers`).
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def try_in_series(self) -> int:
         return self.attempt - self.offset
 
     def to_json(self) -> str:
+        """`[id, attempt, offset, method, url, body]`, then the sender when there is one or
+        headers follow, then the headers as an object when there are some."""
         fields: list[object] = [self.postback_id, self.attempt, self.offset, self.method, self.url, self.body]
-        if self.sender:
+        if self.sender or self.headers:
             fields.append(self.sender)
+        if self.headers:
+            fields.append(dict(self.headers))
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_fields(cls, fields: object) -> "Try":
-        """The inverse of to_json's list (six fields, or seven with the sender); ValueError for
-        anything else (Redis is not trusted)."""
-        if not isinstance(fields, list) or len(fields) not in (6, 7):
-            raise ValueError(f"a try is six or seven fields, not {fields!r:.100}")
+        """The inverse of to_json's list (six fields, seven with the sender, eight with the
+        headers; a ninth, text, is read and left aside: a later field this version does not
+        use); ValueError for anything else (Redis is not trusted)."""
+        if not isinstance(fields, list) or not 6 <= len(fields) <= 9:
+            raise ValueError(f"a try is six to nine fields, not {fields!r:.100}")
         postback_id, attempt, offset, method, url, body = fields[:6]
-        sender = fields[6] if len(fields) == 7 else ""
-        if not isinstance(sender, str):
+        sender, headers, later = [*fields[6:], *("", {}, "")[len(fields) - 6 :]]
+        if not isinstance(sender, str) or not isinstance(later, str):
             raise ValueError(f"a try's sender is text: {fields!r:.100}")
+        if not isinstance(headers, dict) or not all(type(v) is str for v in headers.values()):
+            raise ValueError(f"a try's headers map names to text: {fields!r:.100}")
         numbers = (attempt, offset)
         if not all(isinstance(n, (int, str)) and str(n).isdigit() for n in numbers) or int(offset) >= int(attempt):
             raise ValueError(f"a try's attempt and offset are whole numbers, offset below attempt: {fields!r:.100}")
@@ -75,7 +85,7 @@ class Try:
             raise ValueError(f"a try has a postback id, a method and a URL: {fields!r:.100}")
         if body is not None and not isinstance(body, str):
             raise ValueError(f"a try's body is JSON text or null: {fields!r:.100}")
-        return cls(postback_id, int(attempt), int(offset), method, url, body, sender)
+        return cls(postback_id, int(attempt), int(offset), method, url, body, sender, tuple(headers.items()))
 
 
 def _reject_constant(name: str) -> None:
