@@ -255,6 +255,12 @@ class PostbackRequest(models.Model):
         blank=True,
         help_text='Who sent the request: "key 12" for sender key 12, else the client\'s address.',
     )
+    headers = models.JSONField(
+        default=dict,
+        db_default={},
+        blank=True,
+        help_text="The sender's headers (endpoint.headers) as sent, placeholders replaced: names to values.",
+    )
     first_at = models.DateTimeField(help_text="When the first try recorded with this row started.")
 
     class Meta:

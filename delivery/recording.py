@@ -88,6 +88,7 @@ class Record:
     error: str
     outcome: str
     sender: str = ""
+    headers: tuple[tuple[str, str], ...] = ()  # the sender's, as sent
 
 
 def attempt_record(item: Try, host: str, response: Response, outcome: Outcome) -> Record:
@@ -105,6 +106,7 @@ def attempt_record(item: Try, host: str, response: Response, outcome: Outcome) -
         storable(response.error, ERROR_MAX_CHARS),
         str(outcome),
         item.sender,
+        item.headers,
     )
 
 
@@ -125,6 +127,7 @@ def deferral_record(item: Try, host: str, reason: str, until: datetime) -> Recor
         error,
         str(Outcome.DEFERRED),
         item.sender,
+        item.headers,
     )
 
 
@@ -224,7 +227,7 @@ ATTEMPT_COLUMNS = (
     "error",
     "outcome",
 )
-REQUEST_COLUMNS = ("postback_id", "method", "url", "host", "request_body", "sender", "first_at")
+REQUEST_COLUMNS = ("postback_id", "method", "url", "host", "request_body", "sender", "headers", "first_at")
 NEW_ATTEMPTS = NewRows(DeliveryAttempt, ATTEMPT_COLUMNS, ("postback_id", "attempt", "outcome"), "delivered_at")
 NEW_REQUESTS = NewRows(PostbackRequest, REQUEST_COLUMNS, ("postback_id",), "first_at")
 
@@ -258,9 +261,18 @@ def _request_values(row: Record) -> tuple[Any, ...]:
         row.host,
         row.request_body,
         row.sender,
+        _headers_json(row.headers),
         adapt(row.delivered_at),
         adapt(row.delivered_at - RECORDED_WITHIN),
     )
+
+
+def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
+    """The sender's headers as the JSON column takes them (an object, `{}` for none), with text
+    every database accepts."""
+    if not headers:
+        return "{}"
+    return json.dumps({storable(name): storable(value) for name, value in headers}, ensure_ascii=False)
 
 
 def save_attempts(
@@ -374,4 +386,6 @@ def _log_fields(row: Record) -> dict[str, object]:
         "error": row.error,
         "outcome": row.outcome,
         "sender": row.sender,
+        # Names only: values may hold a receiver's credentials, which no log line should carry.
+        "header_names": [name for name, _ in row.headers],
     }

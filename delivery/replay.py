@@ -104,10 +104,11 @@ def failed_between(since: datetime, until: datetime | None = None, host: str = "
 
 
 def replay_try(last: DeliveryAttempt, sent: PostbackRequest) -> Try:
-    """One postback's replay: the final URL and body it was sent with, numbered after its
-    last attempt."""
+    """One postback's replay: the final URL, body and sender's headers it was sent with,
+    numbered after its last attempt."""
     body = sent.request_body if sent.method in METHODS_WITH_BODY else None
-    return Try(last.postback_id, last.attempt + 1, last.attempt, sent.method, sent.url, body, sent.sender)
+    headers = tuple(sent.headers.items()) if isinstance(sent.headers, dict) else ()
+    return Try(last.postback_id, last.attempt + 1, last.attempt, sent.method, sent.url, body, sent.sender, headers)
 
 
 def replay_tries(postback_ids: list[str]) -> list[Try]:
