@@ -73,7 +73,9 @@ class Try:
         if not isinstance(fields, list) or not 6 <= len(fields) <= 9:
             raise ValueError(f"a try is six to nine fields, not {fields!r:.100}")
         postback_id, attempt, offset, method, url, body = fields[:6]
-        sender, headers, later = [*fields[6:], *("", {}, "")[len(fields) - 6 :]]
+        sender = fields[6] if len(fields) > 6 else ""
+        headers = fields[7] if len(fields) > 7 else {}
+        later = fields[8] if len(fields) > 8 else ""
         if not isinstance(sender, str) or not isinstance(later, str):
             raise ValueError(f"a try's sender is text: {fields!r:.100}")
         if not isinstance(headers, dict) or not all(type(v) is str for v in headers.values()):
