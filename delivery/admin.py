@@ -14,7 +14,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.formats import date_format
 from django.utils.functional import cached_property
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.timezone import localtime
 from redis.exceptions import RedisError
 
@@ -171,8 +171,8 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     actions = ["replay_postbacks"]
 
     # The detail page: the attempt's own columns, then what its postback sends.
-    fields = [*ATTEMPT_COLUMNS, "sent_request", "sent_body", "sent_by"]
-    readonly_fields = ["sent_request", "sent_body", "sent_by"]
+    fields = [*ATTEMPT_COLUMNS, "sent_request", "sent_body", "sent_headers", "sent_by"]
+    readonly_fields = ["sent_request", "sent_body", "sent_headers", "sent_by"]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return AttemptChangeList
@@ -278,6 +278,16 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
     def sent_body(self, obj: DeliveryAttempt) -> str:
         sent = self._sent(obj)
         return sent.request_body if sent else ""
+
+    @admin.display(description="sender's headers")
+    def sent_headers(self, obj: DeliveryAttempt) -> str:
+        """The headers the sender gave (endpoint.headers), as sent: a table that scrolls
+        sideways in its own box on a narrow screen."""
+        sent = self._sent(obj)
+        if sent is None or not sent.headers:
+            return "none"
+        rows = format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", sent.headers.items())
+        return format_html('<div class="scroll-x"><table id="sender-headers">{}</table></div>', rows)
 
     @admin.display(description="sender")
     def sent_by(self, obj: DeliveryAttempt) -> str:
