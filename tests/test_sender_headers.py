@@ -21,7 +21,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 PATHS = ["/ingest.php", "/i"]
 
 
-def document(receiver, headers: object, data: list[dict[str, object]] | None = None, method: str = "GET") -> dict:
+def document(
+    receiver, headers: object, data: list[dict[str, object]] | None = None, method: str = "GET"
+) -> dict[str, object]:
     return {
         "endpoint": {"method": method, "url": receiver.url("/h?n={n}"), "headers": headers},
         "data": data if data is not None else [{"n": "1"}],
