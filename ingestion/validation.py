@@ -60,7 +60,7 @@ def parse_body(body: bytes, limits: Limits) -> IngestRequest:
         raise InvalidRequest("endpoint", "must be an object with 'method' and 'url'")
     method = _validate_method(endpoint.get("method"))
     template = _validate_url(endpoint.get("url"), limits.max_placeholders)
-    headers = _validate_headers(endpoint.get("headers"), template, limits.max_placeholders)
+    headers = _validate_headers(endpoint.get("headers", {}), template, limits.max_placeholders)
     objects = _validate_data(document.get("data"), limits.max_data_objects)
     _check_header_values(objects, headers)
     data_texts = [_data_text(index, item) for index, item in enumerate(objects)]
@@ -118,7 +118,7 @@ def _validate_headers(headers: object, template: Template, max_placeholders: int
     """The sender's headers (`postbackproject.headers` has the rules), whose placeholders count
     with the URL's against max_placeholders."""
     try:
-        checked = templates_of(headers)
+        checked = templates_of(headers if headers is not None else [])  # null is no object either
     except HeaderProblem as exc:
         raise InvalidRequest(exc.field, exc.message) from exc
     if checked.placeholders and template.placeholders + checked.placeholders > max_placeholders:

@@ -15,6 +15,7 @@ from delivery.transport import Request, header_lines
 from postbackproject import inbox
 from postbackproject.postback import Try
 from tests.conftest import Reply, deliver_everything, ingest_json, run_worker, scheduled_retries
+from tests.test_openapi import assert_documented
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,6 +71,7 @@ REFUSED = [
     ({"X-A": ["x"]}, "endpoint.headers.X-A"),
     ({"X-A": "1", "x-a": "2"}, "endpoint.headers.x-a"),
     (["X-A: 1"], "endpoint.headers"),
+    (None, "endpoint.headers"),
     ("X-A: 1", "endpoint.headers"),
     ({f"X-H{n}": "v" for n in range(33)}, "endpoint.headers"),
     ({"X-Big": "v" * (8 * 1024)}, "endpoint.headers"),
@@ -85,6 +87,14 @@ def test_headers_not_a_senders_to_set_are_refused_naming_the_field(client, recei
     assert response.json()["field"] == field
     assert response.json()["error"].startswith(f"{field}: ")
     assert inbox.waiting_counts()["entries"] == 0
+
+
+@pytest.mark.parametrize(("headers", "status"), [({"Host": "x"}, 400), ({"X-A": "a\nb"}, 400), ({"X-A": "{n}"}, 202)])
+def test_answers_about_headers_keep_to_the_published_document(client, receiver, headers, status):
+    body = json.dumps(document(receiver, headers)).encode()
+    response = client.generic("POST", "/ingest.php", body)
+    assert response.status_code == status
+    assert_documented(response, body)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -118,7 +128,7 @@ def test_header_placeholders_count_with_the_urls_against_the_limit(client, recei
 @pytest.mark.parametrize("path", PATHS)
 def test_rendered_headers_count_against_the_rendered_bytes_of_a_request(client, receiver, path, settings):
     data = [{"n": n, "v": "x" * 1000} for n in range(10)]
-    without = ingest_json(client, document(receiver, None, data), path)
+    without = ingest_json(client, document(receiver, {}, data), path)
     settings.INGEST_MAX_RENDERED_BYTES = 8000  # the URLs alone take far less; the headers 10 * 3 KB
     refused = ingest_json(client, document(receiver, {"X-V": "{v}{v}{v}"}, data), path)
 
@@ -195,7 +205,7 @@ def test_a_sender_may_replace_content_type_user_agent_and_accept(client, receive
 
 
 def test_without_headers_of_the_sender_the_products_defaults_go(client, receiver):
-    ingest_json(client, document(receiver, None, method="POST"))
+    ingest_json(client, document(receiver, {}, method="POST"))
     run_worker()
     [request] = receiver.requests
     assert request.headers["Content-Type"] == "application/json"
@@ -274,7 +284,7 @@ def test_headers_are_recorded_with_the_request_and_their_names_in_the_log_line(c
 
 
 def test_a_postback_without_headers_records_none(client, receiver):
-    [pid] = ingest_json(client, document(receiver, None)).json()["postbacks"]
+    [pid] = ingest_json(client, document(receiver, {})).json()["postbacks"]
     run_worker()
     assert PostbackRequest.objects.get(postback_id=pid).headers == {}
 
