@@ -295,7 +295,9 @@ def test_every_page_fits_a_phone_and_a_desk_and_writes_times_one_way(site, clien
     long_url = receiver.url(
         "/postback/" + "segment/" * 30 + "?campaign={c}&" + "&".join(f"k{n}=v{n}" for n in range(20))
     )
-    document = {"endpoint": {"method": "POST", "url": long_url}, "data": [{"c": "spring"}, {"c": "autumn"}]}
+    headers = {"Authorization": "Bearer " + "t0k3n" * 40, "X-Campaign-" + "long-name-" * 6: "campaign {c} " * 12}
+    endpoint = {"method": "POST", "url": long_url, "headers": headers}
+    document = {"endpoint": endpoint, "data": [{"c": "spring"}, {"c": "autumn"}]}
     assert ingest_json(client, document).status_code == 202
     deliver_everything()
     failed = DeliveryAttempt.objects.get(outcome="failed")
@@ -336,6 +338,7 @@ def test_every_page_fits_a_phone_and_a_desk_and_writes_times_one_way(site, clien
 
     page.goto(f"{site.url}/dashboard/postbacks/{failed.postback_id}/")
     assert_fits_and_writes_times_one_way(page, "a failed postback's page")
+    expect(page.locator("#sender-headers")).to_contain_text("campaign spring")
     page.goto(f"{site.url}/dashboard/postbacks/{delivered.postback_id}/")
     assert_fits_and_writes_times_one_way(page, "a delivered postback's page")
     expect(page.locator("#attempts thead")).to_contain_text("Response body")
