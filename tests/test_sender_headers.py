@@ -6,6 +6,8 @@ import json
 
 import pytest
 from django.contrib.auth.models import User
+from hypothesis import given
+from hypothesis import strategies as st
 from standardwebhooks import Webhook
 
 from delivery import entries
@@ -13,7 +15,8 @@ from delivery.models import DeliveryAttempt, DeliverySettings, PostbackRequest, 
 from delivery.replay import replay
 from delivery.transport import Request, header_lines
 from postbackproject import inbox
-from postbackproject.postback import Try
+from postbackproject.headers import templates_of
+from postbackproject.postback import JsonNumber, Try, dumps_data_object
 from tests.conftest import Reply, deliver_everything, ingest_json, run_worker, scheduled_retries
 from tests.test_openapi import assert_documented
 
@@ -406,3 +409,29 @@ def test_request_entries_of_every_shape_are_read(document):
 def test_a_request_entry_with_headers_ingestion_would_refuse_is_refused(headers):
     with pytest.raises(ValueError):
         entries.read_request(["r", 0, "GET", "http://x/", [{}], "", headers], 100)
+
+
+# --- the header templates' lengths, told without rendering ---------------------------------
+
+HEADER_TEXT = st.text(alphabet=st.sampled_from("ab é\U0001f600{}\t/%"), max_size=20)
+HEADER_VALUES = st.one_of(st.text(max_size=10).map(str), st.integers().map(lambda n: JsonNumber(str(n))))
+
+
+@given(
+    values=st.lists(HEADER_TEXT, min_size=1, max_size=4),
+    objects=st.lists(
+        st.dictionaries(st.sampled_from(["a", "b", "c"]), st.one_of(st.none(), st.booleans(), HEADER_VALUES)),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_header_lengths_told_ahead_are_the_lengths_rendered_and_never_above_the_bound(values, objects):
+    templates = templates_of({f"X-{n}": value for n, value in enumerate(values)})
+    value_bytes = sum(len(dumps_data_object(item).encode()) for item in objects)
+    total = 0
+    for item in objects:
+        rendered = templates.render(item, "dé")
+        length = sum(len(name.encode()) + len(value.encode()) for name, value in rendered)
+        assert templates.rendered_bytes(item, "dé") == length
+        total += length
+    assert total <= templates.all_bound(len(objects), value_bytes, "dé")
