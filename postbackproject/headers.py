@@ -115,6 +115,8 @@ def templates_of(headers: object) -> HeaderTemplates:
         return NO_HEADERS
     if not isinstance(headers, dict):
         raise HeaderProblem(FIELD, "must be an object of header names to string values")
+    if not headers:
+        return NO_HEADERS  # most requests: nothing to read, nothing made
     if len(headers) > MAX_HEADERS:
         raise HeaderProblem(FIELD, f"has {len(headers)} headers; at most {MAX_HEADERS} are accepted")
     seen: set[str] = set()
