@@ -338,7 +338,7 @@ def test_every_page_fits_a_phone_and_a_desk_and_writes_times_one_way(site, clien
 
     page.goto(f"{site.url}/dashboard/postbacks/{failed.postback_id}/")
     assert_fits_and_writes_times_one_way(page, "a failed postback's page")
-    expect(page.locator("#sender-headers")).to_contain_text("campaign spring")
+    expect(page.locator("#sender-headers")).to_contain_text("X-Campaign-long-name-")
     page.goto(f"{site.url}/dashboard/postbacks/{delivered.postback_id}/")
     assert_fits_and_writes_times_one_way(page, "a delivered postback's page")
     expect(page.locator("#attempts thead")).to_contain_text("Response body")
