@@ -51,6 +51,7 @@ class RequestEntry:
     objects: list[DataObject]
     payload_bytes: int
     sender: str = ""
+    traceparent: str = ""  # the entry's `tp`: the ingest request's span
     made: int = 0
 
     @property
@@ -69,7 +70,7 @@ class RequestEntry:
             self.made += 1
             url, refusal = first_url(self.template, data, config, fits)
             body = dumps_data_object(data) if with_body else None
-            found.tries.append(Try(postback_id, 1, 0, self.method, url, body, self.sender))
+            found.tries.append(Try(postback_id, 1, 0, self.method, url, body, self.sender, self.traceparent))
             if refusal:
                 found.refused[postback_id] = refusal
             if time.perf_counter() >= until:
@@ -108,7 +109,9 @@ def read_entry(entry: inbox.Entry) -> ReadEntry:
             raise ValueError("a tries entry is a list")
         return TriesEntry([Try.from_fields(fields) for fields in document])
     if entry.kind == "r":
-        return read_request(document, len(entry.payload))
+        request = read_request(document, len(entry.payload))
+        request.traceparent = entry.traceparent
+        return request
     raise ValueError(f"unknown entry kind {entry.kind!r}")
 
 

@@ -32,6 +32,10 @@ def is_method(value: object) -> bool:
     return isinstance(value, str) and value in METHODS
 
 
+# A try's seventh to ninth fields when it has fewer: no sender, no headers, no trace.
+_ABSENT: tuple[object, ...] = ("", {}, "")
+
+
 @dataclass(frozen=True)
 class Try:
     """One request to make for one postback: a first try, a retry, a deferral or a replay.
@@ -47,27 +51,34 @@ class Try:
     url: str  # final, as it goes on the wire
     body: str | None  # the data object's JSON text, for methods that send one
     sender: str = ""  # who sent the request (`ingestion.senders.Admission`), "" if unknown
+    traceparent: str = ""  # the W3C traceparent of the ingest request's span, "" if untraced
 
     @property
     def try_in_series(self) -> int:
         return self.attempt - self.offset
 
     def to_json(self) -> str:
+        """`[id, attempt, offset, method, URL, body]`, then the sender when there is one; a traced
+        try has nine fields: the sender ("" if none), the sender's headers (an object; `{}`
+        here) and the traceparent."""
         fields: list[object] = [self.postback_id, self.attempt, self.offset, self.method, self.url, self.body]
-        if self.sender:
+        if self.traceparent:
+            fields += [self.sender, {}, self.traceparent]
+        elif self.sender:
             fields.append(self.sender)
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_fields(cls, fields: object) -> "Try":
-        """The inverse of to_json's list (six fields, or seven with the sender); ValueError for
-        anything else (Redis is not trusted)."""
-        if not isinstance(fields, list) or len(fields) not in (6, 7):
-            raise ValueError(f"a try is six or seven fields, not {fields!r:.100}")
+        """The inverse of to_json's list (six to nine fields); ValueError for anything else
+        (Redis is not trusted)."""
+        if not isinstance(fields, list) or len(fields) not in (6, 7, 8, 9):
+            raise ValueError(f"a try is six to nine fields, not {fields!r:.100}")
         postback_id, attempt, offset, method, url, body = fields[:6]
-        sender = fields[6] if len(fields) == 7 else ""
-        if not isinstance(sender, str):
-            raise ValueError(f"a try's sender is text: {fields!r:.100}")
+        extra = [*fields[6:], *_ABSENT[len(fields) - 6 :]]
+        sender, headers, traceparent = extra[0], extra[1], extra[2]
+        if not isinstance(sender, str) or not isinstance(headers, dict) or not isinstance(traceparent, str):
+            raise ValueError(f"a try's sender and traceparent are text, its headers an object: {fields!r:.100}")
         numbers = (attempt, offset)
         if not all(isinstance(n, (int, str)) and str(n).isdigit() for n in numbers) or int(offset) >= int(attempt):
             raise ValueError(f"a try's attempt and offset are whole numbers, offset below attempt: {fields!r:.100}")
@@ -75,7 +86,7 @@ class Try:
             raise ValueError(f"a try has a postback id, a method and a URL: {fields!r:.100}")
         if body is not None and not isinstance(body, str):
             raise ValueError(f"a try's body is JSON text or null: {fields!r:.100}")
-        return cls(postback_id, int(attempt), int(offset), method, url, body, sender)
+        return cls(postback_id, int(attempt), int(offset), method, url, body, sender, traceparent)
 
 
 def _reject_constant(name: str) -> None:
