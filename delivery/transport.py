@@ -79,6 +79,7 @@ class Request:
     body: bytes | None
     headers: tuple[str, ...] = ()  # "Name: value" lines added to the product's own (signatures)
     host: str = ""  # the URL's host[:port] (hosts.host_of), when the caller knows it already
+    traceparent: str = ""  # the W3C traceparent header to send (the attempt's span), if any
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ class _Slot:
         if self._set_method(request):
             headers.append("Content-Type: application/json")
         headers.extend(request.headers)
+        if request.traceparent:
+            headers.append(f"traceparent: {request.traceparent}")
         handle.setopt(pycurl.HTTPHEADER, headers)  # "Expect:": no 100-continue wait before a body
 
     def _set_timeouts(self, limits: Limits) -> None:
