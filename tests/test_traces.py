@@ -189,6 +189,24 @@ def test_a_failed_attempt_is_an_error_span(client, receiver, spans):
     assert attempt.status.status_code is StatusCode.ERROR
 
 
+def test_tries_deferred_by_an_open_circuit_are_spans_of_their_own_in_the_ingest_trace(client, receiver, spans):
+    DeliverySettings(circuit_failure_threshold=1, max_in_flight_per_host=1).save()
+    receiver.default = Reply(503)
+    ingest_json(client, postback(receiver, count=3))
+
+    run_worker()
+
+    [ingest] = by_kind(spans, SpanKind.SERVER)
+    attempts = by_kind(spans, SpanKind.CLIENT)
+    outcomes = sorted(attributes(span)["postback.outcome"] for span in attempts)
+    assert outcomes == ["deferred", "deferred", "retry"]  # the circuit opened after the first failure
+    for span in attempts:
+        assert_child_and_linked(span, ingest)
+    deferred = [span for span in attempts if attributes(span)["postback.outcome"] == "deferred"]
+    assert all("http.response.status_code" not in attributes(span) for span in deferred)
+    assert all(span.status.status_code is StatusCode.UNSET for span in deferred)
+
+
 def test_traces_are_off_by_default(client, receiver, settings):
     settings.OTEL_TRACES = False
     tracing.reset()
