@@ -83,7 +83,12 @@ def ingest(request: HttpRequest) -> HttpResponse:
     """POST /ingest.php and /i: the body is raw JSON, whatever the Content-Type says."""
     started = time.perf_counter()
     span = tracing.start_ingest(request)  # None while traces are off
-    answer = take(request, tracing.traceparent(span))
+    try:
+        answer = take(request, tracing.traceparent(span))
+    except Exception as exc:  # answered 500 by Django's handler: the span says so too
+        if span is not None:
+            tracing.end_ingest(span, 500, "", 0, "", exc)
+        raise
     log_request(request, answer, time.perf_counter() - started)
     count_request(answer)
     if span is not None:

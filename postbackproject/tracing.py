@@ -122,10 +122,16 @@ def start_ingest(request: HttpRequest) -> Span | None:
     )
 
 
-def end_ingest(span: Span, status: int, request_id: str, postbacks: int, sender: str) -> None:
+def end_ingest(
+    span: Span, status: int, request_id: str, postbacks: int, sender: str, exc: Exception | None = None
+) -> None:
     """The answer on the ingest span, which ends. An answer of 500 or above is an error (a
-    refusal of the sender's request is not: that is the server doing its job)."""
+    refusal of the sender's request is not: that is the server doing its job), with the
+    exception that caused it if there was one."""
     from opentelemetry.trace import StatusCode
+
+    if exc is not None:
+        span.record_exception(exc)
 
     span.set_attribute("http.response.status_code", status)
     span.set_attribute("postback.count", postbacks)

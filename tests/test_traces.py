@@ -105,6 +105,21 @@ def test_a_refused_request_is_a_span_with_its_status_and_no_error(client, spans)
     assert ingest.status.status_code is StatusCode.UNSET
 
 
+def test_a_request_that_breaks_the_view_is_an_error_span(client, receiver, spans, monkeypatch):
+    def broken(*args: object) -> None:
+        raise RuntimeError("the inbox is on fire")
+
+    monkeypatch.setattr("ingestion.views.append_request", broken)
+    client.raise_request_exception = False
+    response = ingest_json(client, postback(receiver))
+
+    [ingest] = spans.get_finished_spans()
+    assert response.status_code == 500
+    assert attributes(ingest)["http.response.status_code"] == 500
+    assert ingest.status.status_code is StatusCode.ERROR
+    assert [event.name for event in ingest.events] == ["exception"]
+
+
 def test_a_sender_s_traceparent_is_continued(client, receiver, spans):
     sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     client.generic("POST", "/i", json.dumps(postback(receiver)).encode(), HTTP_TRACEPARENT=sent)
