@@ -31,7 +31,7 @@ from django.http import HttpRequest
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
@@ -66,11 +66,12 @@ def _configure() -> None:
     _install(BatchSpanProcessor(OTLPSpanExporter()))
 
 
-def _install(processor: object) -> None:
+def _install(processor: SpanProcessor) -> None:
+    """A provider of our own, sending every span through `processor`, named after the service
+    (OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES, else ours rather than `unknown_service`)."""
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace import TracerProvider
 
-    assert isinstance(processor, SpanProcessor)
     resource = Resource.create()
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
@@ -98,6 +99,7 @@ def reset() -> None:
 
 
 def provider() -> TracerProvider | None:
+    """This process's provider; None while traces are off or not yet wanted."""
     return _state.provider
 
 
