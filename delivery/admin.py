@@ -60,6 +60,7 @@ class DeliverySettingsAdmin(admin.ModelAdmin[DeliverySettings]):
         ),
         ("Queueing", {"fields": ["batch_size"]}),
         ("Signing", {"fields": ["sign_postbacks"]}),
+        ("Traces", {"fields": ["send_traceparent"]}),
     ]
 
     def changelist_view(

@@ -37,6 +37,7 @@ from delivery.hosts import (
 from delivery.models import DeliverySettings
 from delivery.signing import signature_headers
 from delivery.transport import Limits, Request, Response
+from postbackproject import tracing
 from postbackproject.postback import Try
 
 
@@ -68,6 +69,7 @@ class Work:
     host: str = ""
     probe: bool = False
     unproven: bool = False  # started within the unproven share
+    span: Any = None  # the attempt's span while traces are on, from its start to its record
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -220,7 +222,7 @@ class Engine:
             self._waiting -= 1
             work.probe = admission.probe
             work.unproven = unproven
-            self._start(work, host, limits, config.signing_secrets)
+            self._start(work, host, limits, config)
             if not admission.probe:
                 self._enter_rotation(name, host)
         return finished
@@ -241,13 +243,16 @@ class Engine:
             self._unproven_line.appendleft(name)
         return False
 
-    def _start(self, work: Work, host: _Host, limits: Limits, signing_secrets: tuple[str, ...]) -> None:
+    def _start(self, work: Work, host: _Host, limits: Limits, config: DeliverySettings) -> None:
         item = work.item
         body = item.body.encode() if item.body is not None else None
         headers: tuple[str, ...] = ()
-        if signing_secrets:
+        if config.signing_secrets:
             # Signed as it leaves: each try carries its own time, and receivers refuse old ones.
-            headers = tuple(signature_headers(item.postback_id, int(time.time()), body or b"", signing_secrets))
+            headers = tuple(signature_headers(item.postback_id, int(time.time()), body or b"", config.signing_secrets))
+        # The attempt's span starts as the request leaves; it ends when the try is recorded, at
+        # the time the transport measured (`delivery.settling`).
+        work.span = tracing.start_attempt(item.traceparent, item.method, work.host, item.attempt, item.postback_id)
         request = Request(
             postback_id=item.postback_id,
             attempt=item.attempt,
@@ -257,6 +262,7 @@ class Engine:
             headers=headers,
             host=work.host,
             sender_headers=item.headers,
+            traceparent=tracing.traceparent(work.span) if config.send_traceparent else "",
         )
         host.in_flight += 1
         if work.unproven:

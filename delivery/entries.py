@@ -53,6 +53,7 @@ class RequestEntry:
     payload_bytes: int
     sender: str = ""
     headers: HeaderTemplates = NO_HEADERS
+    traceparent: str = ""  # the entry's `tp`: the ingest request's span
     made: int = 0
 
     @property
@@ -73,7 +74,7 @@ class RequestEntry:
             body = dumps_data_object(data) if with_body else None
             headers = self.headers.render(data, config.unmatched_default)
             refusal = refusal or unsendable_headers(headers)
-            found.tries.append(Try(postback_id, 1, 0, self.method, url, body, self.sender, headers))
+            found.tries.append(Try(postback_id, 1, 0, self.method, url, body, self.sender, headers, self.traceparent))
             if refusal:
                 found.refused[postback_id] = refusal
             if time.perf_counter() >= until:
@@ -115,7 +116,9 @@ def read_entry(entry: inbox.Entry) -> ReadEntry:
             check_rendered(item.headers)
         return TriesEntry(tries)
     if entry.kind == "r":
-        return read_request(document, len(entry.payload))
+        request = read_request(document, len(entry.payload))
+        request.traceparent = entry.traceparent
+        return request
     raise ValueError(f"unknown entry kind {entry.kind!r}")
 
 

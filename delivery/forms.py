@@ -28,6 +28,7 @@ EDITABLE_FIELDS = [
     "circuit_failure_threshold",
     "circuit_open_seconds",
     "sign_postbacks",
+    "send_traceparent",
 ]
 
 

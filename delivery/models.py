@@ -127,6 +127,12 @@ class DeliverySettings(models.Model):
         help_text="Sign every request with the active signing secrets (Standard Webhooks headers "
         "webhook-id, webhook-timestamp, webhook-signature). Needs an active signing secret.",
     )
+    send_traceparent = models.BooleanField(
+        default=False,
+        help_text="Send each request with a W3C traceparent header naming its attempt's span, so "
+        "that a receiver's traces join ours. Takes effect while traces are on "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT set).",
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     # The active signing secrets when sign_postbacks is on, loaded with the settings by

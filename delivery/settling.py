@@ -26,7 +26,7 @@ from delivery.full_redis import unless_redis_is_full
 from delivery.models import DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.recording import Record, attempt_record, count_in_metrics, deferral_record, log_attempts, save_attempts
-from postbackproject import inbox
+from postbackproject import inbox, tracing
 from postbackproject.postback import Try
 
 # Finished tries are settled when this many have gathered, or the oldest has waited this long.
@@ -75,6 +75,18 @@ def host_reports(finished: list[Finished]) -> dict[str, HostReport]:
             report.add(bool(answered))
             report.probed = report.probed or item.work.probe
     return reports
+
+
+def end_span(item: Finished, row: Record) -> None:
+    """The attempt's span ends with what its row records (a try without one, deferred or
+    refused, gets its span now), while traces are on."""
+    work = item.work
+    if work.span is None and tracing.tracer() is None:
+        return
+    tried = work.item
+    facts = (tried.traceparent, tried.method, work.host, tried.attempt, tried.postback_id)
+    tracing.end_attempt(work.span, facts, row.outcome, row.response_code, row.response_time_ms, row.error)
+    work.span = None
 
 
 class Settler:
@@ -182,6 +194,7 @@ class Settler:
                     follow_ups.append(FollowUp(replace(tried, attempt=tried.attempt + 1), now + delay))
             self.counts[rows[-1].outcome] += 1
             self._one_done(item.work)
+            end_span(item, rows[-1])
         return rows, follow_ups
 
     def _one_done(self, work: Work) -> None:

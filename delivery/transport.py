@@ -81,14 +81,15 @@ class Request:
     host: str = ""  # the URL's host[:port] (hosts.host_of), when the caller knows it already
     # The sender's headers (`endpoint.headers`, rendered): below the product's own, see header_lines.
     sender_headers: tuple[tuple[str, str], ...] = ()
+    traceparent: str = ""  # the W3C traceparent header to send (the attempt's span), if any
 
 
 def header_lines(request: Request, with_body: bool) -> list[str | bytes]:
     """Every header line a request carries, merged here and nowhere else. Layers in order, the
     first to name a header (in any case) winning:
 
-    1. the product's own: X-Postback-Id and -Attempt, the signatures, "Expect:" (no
-       100-continue wait before a body);
+    1. the product's own: X-Postback-Id and -Attempt, the signatures, the traceparent when
+       sent, "Expect:" (no 100-continue wait before a body);
     2. (a destination's headers, when destinations come, go here: over the sender's);
     3. the sender's (`endpoint.headers`), checked at ingestion and again when read from Redis;
     4. the product's defaults a sender may replace: Content-Type for a body, and libcurl's
@@ -99,6 +100,8 @@ def header_lines(request: Request, with_body: bool) -> list[str | bytes]:
     """
     own = [f"X-Postback-Id: {request.postback_id}", f"X-Postback-Attempt: {request.attempt}", "Expect:"]
     own.extend(request.headers)
+    if request.traceparent:
+        own.append(f"traceparent: {request.traceparent}")
     defaults = ["Content-Type: application/json"] if with_body else []
     if not request.sender_headers:
         return [*own, *defaults]

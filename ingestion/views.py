@@ -20,6 +20,7 @@ from ingestion import senders
 from ingestion.body import read_body
 from ingestion.clients import client_address
 from ingestion.validation import InvalidRequest, Limits, parse_body
+from postbackproject import tracing
 from postbackproject.inbox import BacklogFull, NotReplicated, append_request, postback_id, request_entries
 from postbackproject.metrics import INGEST_REJECTED, INGESTED
 from postbackproject.queue import memory_gauge
@@ -44,6 +45,8 @@ class Answer:
     response: HttpResponse
     log: dict[str, object]
     accepted: int = 0  # postbacks taken in
+    request_id: str = ""  # when taken in
+    sender: str = ""
 
 
 def error(status: int, message: str, **extra: object) -> Answer:
@@ -63,7 +66,7 @@ def refused(exc: senders.Refused) -> Answer:
     return answer
 
 
-def accepted(request_id: str, count: int) -> Answer:
+def accepted(request_id: str, count: int, sender: str = "") -> Answer:
     """202 `{"accepted": N, "postbacks": [ids]}`, written directly: the ids need no escaping."""
     ids = [postback_id(request_id, index) for index in range(count)]
     quoted = ",".join(f'"{pid}"' for pid in ids)
@@ -71,21 +74,31 @@ def accepted(request_id: str, count: int) -> Answer:
     log: dict[str, object] = {"accepted": count, "request_id": request_id, "postback_ids": ids[:LOGGED_IDS]}
     if count > LOGGED_IDS:
         log["postback_ids_truncated"] = True
-    return Answer(HttpResponse(body, status=202, content_type="application/json"), log, accepted=count)
+    response = HttpResponse(body, status=202, content_type="application/json")
+    return Answer(response, log, accepted=count, request_id=request_id, sender=sender)
 
 
 @csrf_exempt
 def ingest(request: HttpRequest) -> HttpResponse:
     """POST /ingest.php and /i: the body is raw JSON, whatever the Content-Type says."""
     started = time.perf_counter()
-    answer = take(request)
+    span = tracing.start_ingest(request)  # None while traces are off
+    try:
+        answer = take(request, tracing.traceparent(span))
+    except Exception as exc:  # answered 500 by Django's handler: the span says so too
+        if span is not None:
+            tracing.end_ingest(span, 500, "", 0, "", exc)
+        raise
     log_request(request, answer, time.perf_counter() - started)
     count_request(answer)
+    if span is not None:
+        tracing.end_ingest(span, answer.response.status_code, answer.request_id, answer.accepted, answer.sender)
     return answer.response
 
 
-def take(request: HttpRequest) -> Answer:
-    """Validate the request and append it to the inbox, or say why not."""
+def take(request: HttpRequest, traceparent: str = "") -> Answer:
+    """Validate the request and append it to the inbox (with the trace its postbacks continue,
+    if any), or say why not."""
     if request.method != "POST":
         answer = error(405, "use POST with a raw JSON body")
         answer.response["Allow"] = "POST"
@@ -118,7 +131,7 @@ def take(request: HttpRequest) -> Answer:
     try:
         if (reason := memory_gauge.full_reason(adding=sum(len(entry.encode()) for entry in entries))) is not None:
             return unavailable(reason)
-        append_request(entries, len(parsed.data_texts), admission.rate_limits)
+        append_request(entries, len(parsed.data_texts), admission.rate_limits, traceparent)
     except senders.RateLimited as exc:
         return refused(senders.too_many(exc))
     except BacklogFull:
@@ -130,7 +143,7 @@ def take(request: HttpRequest) -> Answer:
     except RedisError as exc:
         logger.error("queue unavailable: %s", exc)
         return unavailable("queue unavailable, nothing was accepted")
-    return accepted(request_id, len(parsed.data_texts))
+    return accepted(request_id, len(parsed.data_texts), admission.sender)
 
 
 def log_request(request: HttpRequest, answer: Answer, seconds: float) -> None:

@@ -55,8 +55,11 @@ TRIES_PER_ENTRY = 100
 # Counts the postbacks accepted, per minute, for the dashboard. Rate limits are checked first,
 # in the same call, and charged only when the request is taken (GCRA: each limit's key holds
 # the time, in ms, at which its sender's allowance is whole again).
+# Entries carry the trace their postbacks continue, when there is one (field `tp`, a W3C
+# traceparent), beside the request (field `r`).
 # KEYS: inbox, leases, accepted, one per rate limit. ARGV: most entries waiting, postbacks,
-# number of rate limits, for each its interval and tolerance (ms), entries...
+# number of rate limits, for each its interval and tolerance (ms), the traceparent or "",
+# entries...
 # Returns {limit's number, ms to wait} (rate limited, nothing added), -1 (backlog full, nothing
 # added), 0, or the id of a drainer for the caller to start.
 _APPEND = """
@@ -74,9 +77,14 @@ if redis.call('XLEN', inbox) >= tonumber(ARGV[1]) then return -1 end
 for n = 1, limits do
   redis.call('SET', KEYS[3 + n], string.format('%.3f', charged[n]), 'PX', math.max(1, math.ceil(charged[n] - now)))
 end
-local first
-for i = 4 + 2 * limits, #ARGV do
-  local id = redis.call('XADD', inbox, '*', 'r', ARGV[i])
+local first, id
+local tp = ARGV[4 + 2 * limits]
+for i = 5 + 2 * limits, #ARGV do
+  if tp == '' then
+    id = redis.call('XADD', inbox, '*', 'r', ARGV[i])
+  else
+    id = redis.call('XADD', inbox, '*', 'r', ARGV[i], 'tp', tp)
+  end
   first = first or id
 end
 redis.call('HINCRBY', KEYS[3], math.floor(now / 60000) * 60, ARGV[2])
@@ -181,15 +189,19 @@ def postback_id(request_id: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One stream entry as read: its id, its kind ("r" request or "t" tries) and payload."""
+    """One stream entry as read: its id, its kind ("r" request or "t" tries) and payload, and
+    the trace its postbacks continue (a W3C traceparent; a request entry's field `tp`)."""
 
     id: str
     kind: str
     payload: bytes
+    traceparent: str = ""
 
 
 def entries_from_reply(items: list[Any]) -> list[Entry]:
-    """Entries from XREADGROUP (id, {field: value}) or a script's XCLAIM ([id, [field, value]])."""
+    """Entries from XREADGROUP (id, {field: value}) or a script's XCLAIM ([id, [field, value]]):
+    the first pair is the entry's kind and payload; a `tp` pair after it, its traceparent; any
+    other pair is ignored."""
     entries = []
     for item in items:
         if not item:
@@ -198,8 +210,12 @@ def entries_from_reply(items: list[Any]) -> list[Entry]:
         if isinstance(fields, dict):
             fields = [part for pair in fields.items() for part in pair]
         if fields:
-            entries.append(Entry(text(entry_id), text(fields[0]), fields[1]))
+            traceparent = next((text(fields[i + 1]) for i in range(2, len(fields) - 1, 2) if fields[i] in _TP), "")
+            entries.append(Entry(text(entry_id), text(fields[0]), fields[1], traceparent))
     return entries
+
+
+_TP = (b"tp", "tp")
 
 
 def text(value: bytes | str) -> str:
@@ -250,14 +266,14 @@ class NotReplicated(Exception):
     master, and will be delivered unless the master dies before a replica has it."""
 
 
-def append_request(entries: list[str], postbacks: int, limits: Sequence[RateLimit] = ()) -> None:
-    """Add a request's entries in one round trip, charging its rate limits; start a drainer if
-    none is alive.
+def append_request(entries: list[str], postbacks: int, limits: Sequence[RateLimit] = (), traceparent: str = "") -> None:
+    """Add a request's entries in one round trip, charging its rate limits, with the trace their
+    postbacks continue (a W3C traceparent, or none); start a drainer if none is alive.
 
     Raises RateLimited, BacklogFull or RedisError, and then nothing was added (unless the
     connection broke after Redis ran the script, which the caller cannot tell from a refusal).
     """
-    started = _append(entries, postbacks, limits)
+    started = _append(entries, postbacks, limits, traceparent)
     if isinstance(started, list):
         number, wait_ms = started
         raise RateLimited(limits[number - 1], wait_ms)
@@ -272,11 +288,12 @@ def append_request(entries: list[str], postbacks: int, limits: Sequence[RateLimi
             logger.warning("could not start drainer %s; the next sweep will", drainer, exc_info=True)
 
 
-def _append(entries: list[str], postbacks: int, limits: Sequence[RateLimit]) -> Any:
+def _append(entries: list[str], postbacks: int, limits: Sequence[RateLimit], traceparent: str) -> Any:
     """The append script, and with REDIS_WAIT_FOR_REPLICAS, WAIT in the same round trip."""
     names = [keys.INBOX, keys.LEASES, keys.ACCEPTED, *(limit.key for limit in limits)]
     args: list[str | int | float] = [settings.INGEST_MAX_QUEUED_JOBS, postbacks, len(limits)]
     args += [number for limit in limits for number in limit.script_args()]
+    args.append(traceparent)
     args += entries
     wanted = settings.REDIS_WAIT_FOR_REPLICAS
     if not wanted:

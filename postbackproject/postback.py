@@ -32,6 +32,10 @@ def is_method(value: object) -> bool:
     return isinstance(value, str) and value in METHODS
 
 
+# A try's seventh to ninth fields when it has fewer: no sender, no headers, no trace.
+_ABSENT: tuple[object, ...] = ("", {}, "")
+
+
 @dataclass(frozen=True)
 class Try:
     """One request to make for one postback: a first try, a retry, a deferral or a replay.
@@ -50,35 +54,34 @@ class Try:
     # The sender's headers (`endpoint.headers`) rendered for this postback: names and values,
     # sent on every try (`postbackproject.headers`).
     headers: tuple[tuple[str, str], ...] = ()
+    traceparent: str = ""  # the W3C traceparent of the ingest request's span, "" if untraced
 
     @property
     def try_in_series(self) -> int:
         return self.attempt - self.offset
 
     def to_json(self) -> str:
-        """`[id, attempt, offset, method, url, body]`, then the sender when there is one or
-        headers follow, then the headers as an object when there are some."""
+        """`[id, attempt, offset, method, URL, body]`, then as far as needed: the sender ("" if
+        none), the sender's headers (an object, `{}` if none), the traceparent."""
         fields: list[object] = [self.postback_id, self.attempt, self.offset, self.method, self.url, self.body]
-        if self.sender or self.headers:
-            fields.append(self.sender)
-        if self.headers:
-            fields.append(dict(self.headers))
+        later: list[object] = [self.sender, dict(self.headers), self.traceparent]
+        while later and later[-1] in _ABSENT:
+            later.pop()
+        fields += later
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_fields(cls, fields: object) -> "Try":
-        """The inverse of to_json's list (six fields, seven with the sender, eight with the
-        headers; a ninth, text, is read and left aside: a later field this version does not
-        use); ValueError for anything else (Redis is not trusted)."""
-        if not isinstance(fields, list) or not 6 <= len(fields) <= 9:
+        """The inverse of to_json's list (six to nine fields); ValueError for anything else
+        (Redis is not trusted)."""
+        if not isinstance(fields, list) or len(fields) not in (6, 7, 8, 9):
             raise ValueError(f"a try is six to nine fields, not {fields!r:.100}")
         postback_id, attempt, offset, method, url, body = fields[:6]
-        sender = fields[6] if len(fields) > 6 else ""
-        headers = fields[7] if len(fields) > 7 else {}
-        later = fields[8] if len(fields) > 8 else ""
-        if not isinstance(sender, str) or not isinstance(later, str):
-            raise ValueError(f"a try's sender is text: {fields!r:.100}")
-        if not isinstance(headers, dict) or not all(type(v) is str for v in headers.values()):
+        extra = [*fields[6:], *_ABSENT[len(fields) - 6 :]]
+        sender, headers, traceparent = extra[0], extra[1], extra[2]
+        if not isinstance(sender, str) or not isinstance(headers, dict) or not isinstance(traceparent, str):
+            raise ValueError(f"a try's sender and traceparent are text, its headers an object: {fields!r:.100}")
+        if not all(type(v) is str for v in headers.values()):
             raise ValueError(f"a try's headers map names to text: {fields!r:.100}")
         numbers = (attempt, offset)
         if not all(isinstance(n, (int, str)) and str(n).isdigit() for n in numbers) or int(offset) >= int(attempt):
@@ -87,7 +90,8 @@ class Try:
             raise ValueError(f"a try has a postback id, a method and a URL: {fields!r:.100}")
         if body is not None and not isinstance(body, str):
             raise ValueError(f"a try's body is JSON text or null: {fields!r:.100}")
-        return cls(postback_id, int(attempt), int(offset), method, url, body, sender, tuple(headers.items()))
+        headers_items = tuple(headers.items())
+        return cls(postback_id, int(attempt), int(offset), method, url, body, sender, headers_items, traceparent)
 
 
 def _reject_constant(name: str) -> None:

@@ -277,6 +277,15 @@ ROLLUP_RETENTION_DAYS: int = env.int("ROLLUP_RETENTION_DAYS", default=400)
 # /metrics answers only requests with "Authorization: Bearer <this>"; unset, it is a 404.
 # A request carrying "X-Profile: <this>" is profiled (postbackproject/profiling.py).
 METRICS_TOKEN: str = env.str("METRICS_TOKEN", default="")
+# Traces (postbackproject/tracing.py), on as the OpenTelemetry conventions say: when an OTLP
+# endpoint is set, unless OTEL_SDK_DISABLED is "true". The exporter reads the other OTEL_*
+# variables (headers, protocol details, sampler, OTEL_SERVICE_NAME) itself.
+OTEL_TRACES: bool = (
+    bool(
+        env.str("OTEL_EXPORTER_OTLP_ENDPOINT", default="") or env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", default="")
+    )
+    and env.str("OTEL_SDK_DISABLED", default="").strip().lower() != "true"
+)
 # Where profiles of requests and drain jobs are written.
 PROFILE_DIR = Path(env.str("PROFILE_DIR", default=str(VAR_DIR / "profiles")))
 

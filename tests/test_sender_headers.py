@@ -6,7 +6,7 @@ import json
 
 import pytest
 from django.contrib.auth.models import User
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from standardwebhooks import Webhook
 
@@ -342,6 +342,26 @@ def test_a_try_carries_its_headers_as_an_eighth_field_after_its_sender():
     assert Try.from_fields(fields) == item
 
 
+def test_a_traced_try_carries_its_headers_then_its_trace():
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    item = Try("p-0", 1, 0, "GET", "http://x/", None, "key 1", (("X-A", "1"),), traceparent)
+    fields = json.loads(item.to_json())
+
+    assert fields == ["p-0", 1, 0, "GET", "http://x/", None, "key 1", {"X-A": "1"}, traceparent]
+    assert Try.from_fields(fields) == item
+
+
+def test_the_traceparent_the_product_sends_wins_over_a_senders():
+    ours = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    request = Request(
+        "p-0", 1, "GET", "http://x/", None, sender_headers=(("Traceparent", "00-theirs-01"),), traceparent=ours
+    )
+
+    assert [line for line in header_lines(request, False) if str(line).lower().startswith("traceparent")] == [
+        f"traceparent: {ours}"
+    ]
+
+
 @pytest.mark.parametrize(
     "fields",
     [
@@ -417,6 +437,8 @@ HEADER_TEXT = st.text(alphabet=st.sampled_from("ab é\U0001f600{}\t/%"), max_siz
 HEADER_VALUES = st.one_of(st.text(max_size=10).map(str), st.integers().map(lambda n: JsonNumber(str(n))))
 
 
+# Generating the objects is slow on a busy machine: that is not the property under test.
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     values=st.lists(HEADER_TEXT, min_size=1, max_size=4),
     objects=st.lists(
