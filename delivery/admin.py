@@ -1,5 +1,6 @@
 """Admin: the delivery settings (one row), the read-only attempt log and the open circuits."""
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +34,10 @@ from delivery.recording import ATTEMPT_COLUMNS
 from delivery.replay import failed_between, replay
 from postbackproject.numbers import PlainNumberInput
 from postbackproject.postback import METHODS
+
+# A postback id is `<request id>-<index>`, letters, digits and dashes: a search term with a dot,
+# a colon or a bracket is a host.
+MAY_BE_POSTBACK_ID = re.compile(r"[\w-]+")
 
 
 @admin.register(DeliverySettings)
@@ -197,11 +202,18 @@ class DeliveryAttemptAdmin(admin.ModelAdmin[DeliveryAttempt]):
         self, request: HttpRequest, queryset: QuerySet[DeliveryAttempt], search_term: str
     ) -> tuple[QuerySet[DeliveryAttempt], bool]:
         """The attempts of a postback or to a host: equality, so that an index answers
-        (Django's own search lowercases or pattern-matches, which reads the whole table)."""
+        (Django's own search lowercases or pattern-matches, which reads the whole table).
+
+        A term that cannot be a postback id looks by host alone: "postback id or host" cannot
+        use the host index's time order, and with 50 million attempts PostgreSQL then walked
+        every failure in time order looking for one host's (1.5 s; by host alone, 24 ms)."""
         term = search_term.strip()
         if not term:
             return queryset, False
-        return queryset.filter(Q(postback_id=term) | Q(host=term.lower())), False
+        by_host = Q(host=term.lower())
+        if MAY_BE_POSTBACK_ID.fullmatch(term):
+            return queryset.filter(Q(postback_id=term) | by_host), False
+        return queryset.filter(by_host), False
 
     def get_urls(self) -> list[URLPattern]:
         replay_view = self.admin_site.admin_view(self.replay_view)

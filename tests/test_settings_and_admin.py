@@ -6,7 +6,9 @@ import re
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from delivery.admin import CappedPaginator
@@ -184,6 +186,22 @@ def test_the_attempt_log_is_searchable_by_postback_id_and_filterable(staff_clien
         f"/admin/delivery/deliveryattempt/{DeliveryAttempt.objects.get(postback_id='aaa').pk}/change/"
     )
     assert "GET http://example.com/aaa" in detail.content.decode()
+
+
+def test_a_search_for_a_host_looks_by_host_alone_and_a_postback_id_by_both(staff_client):
+    for pid, host in [("ccc-0", "a.example:8080"), ("ddd-0", "ccc-0")]:
+        DeliveryAttempt.objects.create(
+            postback_id=pid, attempt=1, delivered_at=timezone.now(), host=host, response_code=500, outcome="failed"
+        )
+
+    with CaptureQueriesContext(connection) as by_host:
+        found = staff_client.get("/admin/delivery/deliveryattempt/", {"q": "A.example:8080"}).content.decode()
+    listed = [q["sql"] for q in by_host.captured_queries if "delivery_deliveryattempt" in q["sql"]]
+    assert "ccc-0" in found and "ddd-0" not in found
+    # Host alone: the host index answers in time order (docs/performance.md, 50,000,000 attempts).
+    assert listed and all('"postback_id" =' not in sql for sql in listed)
+    both = staff_client.get("/admin/delivery/deliveryattempt/", {"q": "ccc-0"}).content.decode()
+    assert "ccc-0" in both and "ddd-0" in both  # the postback, and the host of that name
 
 
 def test_the_login_page_and_admin_carry_the_products_name(staff_client):
