@@ -1,0 +1,272 @@
+"""Hosts that fail as wholes: separate machines made of network namespaces, one of them cut off
+and killed under steady load, then brought back.
+
+The machines (tests/namespaces.py), on one switch in 10.77.0.0/24:
+- data (.2): Redis, and the suite's PostgreSQL database reached through a forwarder (the
+  machine's server listens on loopback of the root namespace only);
+- app1 (.11) and app2 (.12): each gunicorn and two workers, as production starts them;
+- load (.3): the receiver and the senders, in the suite's own process (`inside`).
+The receiver tells the application hosts apart by the address their requests come from.
+
+`python -m tests.test_machines measure` builds the same machines and measures what the veth
+links add to Redis and database round trips, and the postbacks/s delivered across them
+(docs/performance.md).
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from django.db import connection
+
+from delivery.models import DeliveryAttempt, Outcome
+from tests.conftest import Processes, Receiver, http_answers, success_ids, wait_until
+from tests.namespaces import Network, inside, why_namespaces_cannot_be_made
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(
+        connection.vendor != "postgresql", reason="hosts share one database over the network: PostgreSQL only"
+    ),
+]
+
+REDIS_PORT = 6380
+DATABASE_PORT = 5432
+WEB_PORT = 8000
+APPS = {"app1": 11, "app2": 12}
+WORKERS_PER_HOST = 2
+# Requests in flight per worker; a worker killed mid-batch sent at most this many, and has
+# as many replies back not yet recorded (tests/test_crashes.py: twice this per worker).
+CONCURRENCY = 4
+# The issue's promise: delivery carries on on the surviving host within this long of a cut.
+CARRY_ON_SECONDS = 30
+# Deadlines for what depends on this busy machine (processes starting, a backlog draining),
+# not speed checks.
+START_SECONDS = 90
+RECOVERY_SECONDS = 90
+
+# The brief's sample, sent to the receiver on the load host.
+SAMPLE_DATA = [{"key": "Azureus", "value": "Dendrobates"}, {"key": "Phyllobates", "value": "Terribilis"}]
+
+
+@dataclass
+class Machines:
+    network: Network
+    processes: Processes
+    receiver: Receiver
+    folder: Path
+    database: tuple[str, str, int, str]  # user, host, port, name: the suite's test database
+    running: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
+
+    @property
+    def load(self) -> str:
+        return self.network.namespace("load")
+
+    def address(self, host: str) -> str:
+        return self.network.hosts[host]
+
+    def web_url(self, host: str) -> str:
+        return f"http://{self.address(host)}:{WEB_PORT}"
+
+    def app_env(self, host: str, **overrides: str) -> dict[str, str]:
+        data = self.address("data")
+        user, _, _, name = self.database
+        metrics = self.folder / f"metrics-{host}"
+        metrics.mkdir(exist_ok=True)
+        return {
+            "DATABASE_URL": f"postgres://{user}@{data}:{DATABASE_PORT}/{name}",
+            "REDIS_URL": f"redis://{data}:{REDIS_PORT}/0",
+            "DELIVERY_ALLOW_NETWORKS": "10.77.0.0/24",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+            "ALLOWED_HOSTS": self.address(host),
+            "WEB_CONCURRENCY": "2",
+            "GUNICORN_ACCESS_LOG": "",
+            "DELIVERY_CONCURRENCY": str(CONCURRENCY),
+            **overrides,
+        }
+
+    def start_app(self, host: str, **overrides: str) -> None:
+        """gunicorn and the workers on the host, as production starts them."""
+        on = self.network.run(host, [])
+        env = self.app_env(host, **overrides)
+        self.processes.web(f"{self.address(host)}:{WEB_PORT}", on, **env)
+        self.running[host] = self.processes.started[-1:]
+        self.running[host] += [self.processes.worker(on, **env) for _ in range(WORKERS_PER_HOST)]
+
+    def wait_for_web(self, host: str) -> None:
+        with inside(self.load):
+            wait_until(
+                lambda: http_answers(f"{self.web_url(host)}/healthz"), timeout=START_SECONDS, what=f"{host}'s web"
+            )
+
+    def fail(self, host: str) -> None:
+        """The host gone at once: its cable pulled, then everything on it killed (what it sent
+        out before dying never gets an answer)."""
+        self.network.unplug(host)
+        for process in self.running.pop(host):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+    def last_to_deliver(self) -> str:
+        """The application host that sent the receiver's latest request."""
+        latest = self.receiver.requests[-1].client_address
+        return next(host for host in APPS if self.address(host) == latest)
+
+    def delivered_from(self, host: str, since: float) -> int:
+        address = self.address(host)
+        return sum(1 for r in list(self.receiver.requests) if r.client_address == address and r.received_at > since)
+
+
+@pytest.fixture
+def machines(processes: Processes, tmp_path: Path) -> Iterator[Machines]:
+    reason = why_namespaces_cannot_be_made()
+    if reason:
+        pytest.skip(reason)
+    network = Network()
+    receiver: Receiver | None = None
+    try:
+        network.start()
+        data = network.add_host("data", 2)
+        load = network.add_host("load", 3)
+        for host, number in APPS.items():
+            network.add_host(host, number)
+        params = connection.settings_dict
+        database = (params["USER"], params["HOST"] or "127.0.0.1", int(params["PORT"] or 5432), params["NAME"])
+        start_data_host(network, processes, tmp_path, database)
+        with inside(network.namespace("load")):
+            receiver = Receiver(host=load)
+        built = Machines(network, processes, receiver, tmp_path, database)
+        wait_until(lambda: redis_answers(network, data), timeout=START_SECONDS, what="Redis on the data host")
+        yield built
+    finally:
+        processes.stop_all()  # before the namespaces go: nothing left running in them
+        if receiver is not None:
+            receiver.close()
+        network.stop()
+
+
+def start_data_host(network: Network, processes: Processes, folder: Path, database: tuple[str, str, int, str]) -> None:
+    data = network.hosts["data"]
+    redis = subprocess.Popen(
+        network.run("data", ["redis-server", "--port", str(REDIS_PORT), "--bind", data, "--protected-mode", "no",
+                             "--save", "", "--appendonly", "no", "--dir", str(folder)]),
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    processes.started.append(redis)
+    _, host, port, _ = database
+    processes.run(["-m", "tests.proxy", network.namespace("data"), data, str(DATABASE_PORT), host, str(port)])
+
+
+def redis_answers(network: Network, address: str) -> bool:
+    argv = network.run("data", ["redis-cli", "-h", address, "-p", str(REDIS_PORT), "ping"])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip() == "PONG"
+
+
+class Sender(threading.Thread):
+    """A sender on the load host posting the sample to one web host, steadily, until stopped;
+    keeps the ids of every postback answered 202 (acknowledged), and when."""
+
+    def __init__(self, machines: Machines, host: str, every: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{machines.web_url(host)}/ingest.php"
+        self.namespace = machines.load
+        self.document = {
+            "endpoint": {"method": "GET", "url": machines.receiver.url("/data?key={key}&value={value}&foo={bar}")},
+            "data": SAMPLE_DATA,
+        }
+        self.every = every
+        self.accepted: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with inside(self.namespace), requests.Session() as session:
+            while not self.stop.wait(self.every):  # the pace of the load, not a wait for anything
+                try:
+                    response = session.post(self.url, json=self.document, timeout=(1, 5))
+                except requests.RequestException:
+                    continue  # not acknowledged: the sender would send it again
+                if response.status_code == 202:
+                    now = time.time()
+                    self.accepted += [(now, pid) for pid in response.json()["postbacks"]]
+
+    def ids(self, before: float = float("inf")) -> set[str]:
+        return {pid for at, pid in list(self.accepted) if at < before}
+
+    def accepted_since(self, since: float) -> int:
+        return sum(1 for at, _ in list(self.accepted) if at > since)
+
+
+@pytest.mark.timeout(400)
+def test_a_host_cut_off_and_killed_under_load_loses_nothing_and_comes_back(machines):
+    for host in APPS:
+        machines.start_app(host)
+    for host in APPS:
+        machines.wait_for_web(host)
+    senders = {host: Sender(machines, host) for host in APPS}
+    for sender in senders.values():
+        sender.start()
+    try:
+        started = time.time()
+        wait_until(
+            lambda: all(machines.delivered_from(host, started) >= 10 for host in APPS),
+            timeout=START_SECONDS,
+            what="both application hosts delivering",
+        )
+
+        # The host that is sending now: it dies with requests in flight.
+        victim = machines.last_to_deliver()
+        [survivor] = set(APPS) - {victim}
+        cut_at = time.time()
+        machines.fail(victim)
+        wait_until(
+            lambda: machines.delivered_from(survivor, cut_at) > 0,
+            timeout=CARRY_ON_SECONDS,
+            what=f"delivery to carry on on {survivor}",
+        )
+        carried_on = time.time() - cut_at
+        accepted_before_cut = senders["app1"].ids(cut_at) | senders["app2"].ids(cut_at)
+        wait_until(
+            lambda: success_ids() >= accepted_before_cut,
+            timeout=RECOVERY_SECONDS,
+            what=f"what {victim} held to be delivered by {survivor}",
+        )
+        caught_up = time.time() - cut_at
+
+        machines.network.plug(victim)
+        machines.start_app(victim)
+        back_at = time.time()
+        machines.wait_for_web(victim)
+        wait_until(
+            lambda: machines.delivered_from(victim, back_at) >= 10 and senders[victim].accepted_since(back_at) >= 10,
+            timeout=START_SECONDS,
+            what=f"{victim} to take requests and deliver again",
+        )
+    finally:
+        for sender in senders.values():
+            sender.stop.set()
+            sender.join(timeout=10)
+
+    accepted = senders["app1"].ids() | senders["app2"].ids()
+    wait_until(lambda: success_ids() >= accepted, timeout=RECOVERY_SECONDS, what="every postback answered 202")
+    sent = Counter(request.headers["X-Postback-Id"] for request in list(machines.receiver.requests))
+    duplicates = sum(times - 1 for times in sent.values())
+    # Sent twice at most: what the victim's workers had in flight, sent and not yet recorded.
+    assert duplicates <= WORKERS_PER_HOST * 2 * CONCURRENCY, machines.processes.output()
+    successes = Counter(DeliveryAttempt.objects.filter(outcome=Outcome.SUCCESS).values_list("postback_id", flat=True))
+    assert all(successes[pid] == 1 for pid in accepted)
+    by_host = Counter(request.client_address for request in machines.receiver.requests)
+    print(
+        f"\n{len(accepted)} postbacks acknowledged; delivered by {dict(by_host)}; {duplicates} sent twice; "
+        f"{victim} cut; {survivor} delivering {carried_on:.1f} s after, "
+        f"everything acknowledged before it {caught_up:.1f} s after"
+    )
