@@ -15,21 +15,30 @@ links add to Redis and database round trips, and the postbacks/s delivered acros
 
 import contextlib
 import os
+import shutil
 import signal
+import socket
+import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 from django.db import connection
+from redis import Redis
+from redis.exceptions import RedisError
 
+from benchmark.receiver import Behaviour, Listener
+from benchmark.receiver import Receiver as BenchmarkReceiver
 from delivery.models import DeliveryAttempt, Outcome
-from tests.conftest import Processes, Receiver, http_answers, success_ids, wait_until
+from tests.conftest import Processes, Received, Receiver, http_answers, success_ids, wait_until
 from tests.namespaces import Network, inside, why_namespaces_cannot_be_made
 
 pytestmark = [
@@ -38,6 +47,9 @@ pytestmark = [
         connection.vendor != "postgresql", reason="hosts share one database over the network: PostgreSQL only"
     ),
 ]
+
+# The suite's test database as the hosts reach it: user, host, port, name.
+Database = tuple[str, str, int, str]
 
 REDIS_PORT = 6380
 DATABASE_PORT = 5432
@@ -49,6 +61,8 @@ WORKERS_PER_HOST = 2
 CONCURRENCY = 4
 # The issue's promise: delivery carries on on the surviving host within this long of a cut.
 CARRY_ON_SECONDS = 30
+# Production's default DATABASE_IDLE_IN_TRANSACTION_SECONDS, which the hosts run with.
+IDLE_TRANSACTION_SECONDS = 10
 # Deadlines for what depends on this busy machine (processes starting, a backlog draining),
 # not speed checks.
 START_SECONDS = 90
@@ -62,10 +76,15 @@ SAMPLE_DATA = [{"key": "Azureus", "value": "Dendrobates"}, {"key": "Phyllobates"
 class Machines:
     network: Network
     processes: Processes
-    receiver: Receiver
     folder: Path
-    database: tuple[str, str, int, str]  # user, host, port, name: the suite's test database
+    database: Database
+    receiver: Receiver | None = None  # on the load host
     running: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
+
+    @property
+    def received(self) -> list[Received]:
+        assert self.receiver is not None
+        return list(self.receiver.requests)
 
     @property
     def load(self) -> str:
@@ -91,6 +110,7 @@ class Machines:
             "WEB_CONCURRENCY": "2",
             "GUNICORN_ACCESS_LOG": "",
             "DELIVERY_CONCURRENCY": str(CONCURRENCY),
+            "DATABASE_IDLE_IN_TRANSACTION_SECONDS": str(IDLE_TRANSACTION_SECONDS),  # not the suite's 0
             **overrides,
         }
 
@@ -118,12 +138,12 @@ class Machines:
 
     def last_to_deliver(self) -> str:
         """The application host that sent the receiver's latest request."""
-        latest = self.receiver.requests[-1].client_address
+        latest = self.received[-1].client_address
         return next(host for host in APPS if self.address(host) == latest)
 
     def delivered_from(self, host: str, since: float) -> int:
         address = self.address(host)
-        return sum(1 for r in list(self.receiver.requests) if r.client_address == address and r.received_at > since)
+        return sum(1 for r in self.received if r.client_address == address and r.received_at > since)
 
 
 @pytest.fixture
@@ -144,7 +164,7 @@ def machines(processes: Processes, tmp_path: Path) -> Iterator[Machines]:
         start_data_host(network, processes, tmp_path, database)
         with inside(network.namespace("load")):
             receiver = Receiver(host=load)
-        built = Machines(network, processes, receiver, tmp_path, database)
+        built = Machines(network, processes, tmp_path, database, receiver)
         wait_until(lambda: redis_answers(network, data), timeout=START_SECONDS, what="Redis on the data host")
         yield built
     finally:
@@ -154,11 +174,11 @@ def machines(processes: Processes, tmp_path: Path) -> Iterator[Machines]:
         network.stop()
 
 
-def start_data_host(network: Network, processes: Processes, folder: Path, database: tuple[str, str, int, str]) -> None:
+def start_data_host(network: Network, processes: Processes, folder: Path, database: Database) -> None:
     data = network.hosts["data"]
     redis = subprocess.Popen(
-        network.run("data", ["redis-server", "--port", str(REDIS_PORT), "--bind", data, "--protected-mode", "no",
-                             "--save", "", "--appendonly", "no", "--dir", str(folder)]),
+        network.run("data", ["redis-server", "--port", str(REDIS_PORT), "--bind", data, "127.0.0.1",
+                             "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", str(folder)]),
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
@@ -168,24 +188,28 @@ def start_data_host(network: Network, processes: Processes, folder: Path, databa
 
 
 def redis_answers(network: Network, address: str) -> bool:
-    argv = network.run("data", ["redis-cli", "-h", address, "-p", str(REDIS_PORT), "ping"])
-    return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip() == "PONG"
+    with inside(network.namespace("data")), Redis(host=address, port=REDIS_PORT, socket_timeout=1) as client:
+        try:
+            return bool(client.ping())
+        except RedisError:
+            return False
 
 
 class Sender(threading.Thread):
     """A sender on the load host posting the sample to one web host, steadily, until stopped;
     keeps the ids of every postback answered 202 (acknowledged), and when."""
 
-    def __init__(self, machines: Machines, host: str, every: float = 0.1) -> None:
+    def __init__(
+        self, machines: Machines, host: str, url: str, data: Sequence[Mapping[str, object]], every: float, most: int = 0
+    ) -> None:
         super().__init__(daemon=True)
         self.url = f"{machines.web_url(host)}/ingest.php"
         self.namespace = machines.load
-        self.document = {
-            "endpoint": {"method": "GET", "url": machines.receiver.url("/data?key={key}&value={value}&foo={bar}")},
-            "data": SAMPLE_DATA,
-        }
+        self.document = {"endpoint": {"method": "GET", "url": url}, "data": data}
         self.every = every
+        self.most = most  # requests acknowledged before it stops by itself (0: no end)
         self.accepted: list[tuple[float, str]] = []
+        self.acknowledged = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -198,6 +222,9 @@ class Sender(threading.Thread):
                 if response.status_code == 202:
                     now = time.time()
                     self.accepted += [(now, pid) for pid in response.json()["postbacks"]]
+                    self.acknowledged += 1
+                    if self.acknowledged == self.most:
+                        return
 
     def ids(self, before: float = float("inf")) -> set[str]:
         return {pid for at, pid in list(self.accepted) if at < before}
@@ -212,7 +239,9 @@ def test_a_host_cut_off_and_killed_under_load_loses_nothing_and_comes_back(machi
         machines.start_app(host)
     for host in APPS:
         machines.wait_for_web(host)
-    senders = {host: Sender(machines, host) for host in APPS}
+    assert machines.receiver is not None
+    sample = machines.receiver.url("/data?key={key}&value={value}&foo={bar}")
+    senders = {host: Sender(machines, host, sample, SAMPLE_DATA, every=0.1) for host in APPS}
     for sender in senders.values():
         sender.start()
     try:
@@ -258,15 +287,155 @@ def test_a_host_cut_off_and_killed_under_load_loses_nothing_and_comes_back(machi
 
     accepted = senders["app1"].ids() | senders["app2"].ids()
     wait_until(lambda: success_ids() >= accepted, timeout=RECOVERY_SECONDS, what="every postback answered 202")
-    sent = Counter(request.headers["X-Postback-Id"] for request in list(machines.receiver.requests))
+    sent = Counter(request.headers["X-Postback-Id"] for request in machines.received)
     duplicates = sum(times - 1 for times in sent.values())
     # Sent twice at most: what the victim's workers had in flight, sent and not yet recorded.
     assert duplicates <= WORKERS_PER_HOST * 2 * CONCURRENCY, machines.processes.output()
     successes = Counter(DeliveryAttempt.objects.filter(outcome=Outcome.SUCCESS).values_list("postback_id", flat=True))
     assert all(successes[pid] == 1 for pid in accepted)
-    by_host = Counter(request.client_address for request in machines.receiver.requests)
+    by_host = Counter(request.client_address for request in machines.received)
     print(
         f"\n{len(accepted)} postbacks acknowledged; delivered by {dict(by_host)}; {duplicates} sent twice; "
         f"{victim} cut; {survivor} delivering {carried_on:.1f} s after, "
         f"everything acknowledged before it {caught_up:.1f} s after"
     )
+
+
+# A transaction a host left open when it died: what the application holds, waiting for the
+# client's next statement, until PostgreSQL ends the session.
+HOLD_LOCK = """
+import time
+from django.db import connection, transaction
+with transaction.atomic():
+    connection.cursor().execute("SELECT pg_advisory_xact_lock(%s)", [LOCK])
+    time.sleep(600)
+"""
+LOCK = 7715
+
+
+def held(lock: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND granted", [lock])
+        return bool(cursor.fetchone()[0])
+
+
+@pytest.mark.timeout(300)
+def test_a_host_dying_inside_a_transaction_does_not_hold_its_locks(machines):
+    """Its PostgreSQL session never hears of the death (no packet gets out of a dead host, and
+    the server waits in silence for the next statement): without a limit on idle transactions,
+    the rollup rows it had locked would stop every other worker's recording for hours."""
+    on = machines.network.run("app1", [])
+    code = HOLD_LOCK.replace("[LOCK]", f"[{LOCK}]")
+    machines.running["app1"] = [
+        machines.processes.run(["manage.py", "shell", "-c", code], on, **machines.app_env("app1"))
+    ]
+    wait_until(lambda: held(LOCK), timeout=START_SECONDS, what="app1 to take the lock")
+
+    died_at = time.monotonic()
+    machines.fail("app1")
+
+    wait_until(lambda: not held(LOCK), timeout=IDLE_TRANSACTION_SECONDS + 20, what="the dead host's lock to go")
+    assert time.monotonic() - died_at >= IDLE_TRANSACTION_SECONDS - 1  # ended by the limit, not by a hang-up
+
+
+# --- what the links add: `python -m tests.test_machines measure` ------------------------------
+
+
+def median_ms(call: Callable[[], object], times: int) -> float:
+    samples = []
+    for _ in range(times):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1000
+
+
+def redis_round_trip(namespace: str, address: str, times: int) -> float:
+    with inside(namespace):
+        client = Redis(host=address, port=REDIS_PORT)
+        client.ping()
+        return median_ms(client.ping, times)
+
+
+def database_round_trip(namespace: str | None, address: str, port: int, database: Database, times: int) -> float:
+    user, _, _, name = database
+    with (
+        inside(namespace) if namespace else contextlib.nullcontext(),
+        psycopg.connect(host=address, port=port, user=user, dbname=name, autocommit=True) as db,
+        db.cursor() as cursor,
+    ):
+        return median_ms(lambda: cursor.execute("SELECT 1").fetchone(), times)
+
+
+def measure(times: int = 2000, requests_each: int = 50, objects: int = 100) -> None:
+    """Round trips from an application host over its veth link against loopback, and the
+    postbacks/s two application hosts deliver across the links (a fanout: requests of
+    `objects` postbacks sent to both web hosts at once, to the benchmark's receiver)."""
+    params = connection.settings_dict
+    database = (params["USER"], params["HOST"] or "127.0.0.1", int(params["PORT"] or 5432), params["NAME"])
+    folder = Path(tempfile.mkdtemp(prefix="postback-machines-"))
+    network, processes = Network(), Processes(folder)
+    try:
+        network.start()
+        data, load = network.add_host("data", 2), network.add_host("load", 3)
+        for host, number in APPS.items():
+            network.add_host(host, number)
+        start_data_host(network, processes, folder, database)
+        data_ns, app_ns = network.namespace("data"), network.namespace("app1")
+        loopback_port = DATABASE_PORT + 1
+        processes.run(["-m", "tests.proxy", data_ns, "127.0.0.1", str(loopback_port), database[1], str(database[2])])
+        wait_until(lambda: redis_answers(network, data), timeout=START_SECONDS, what="Redis on the data host")
+        with inside(app_ns):
+            wait_until(lambda: tcp_answers(data, DATABASE_PORT), timeout=30, what="the database forwarder")
+        figures = {
+            "Redis PING, loopback (on the data host)": redis_round_trip(data_ns, "127.0.0.1", times),
+            "Redis PING, veth (app host to data host)": redis_round_trip(app_ns, data, times),
+            "SELECT 1, loopback, direct": database_round_trip(None, database[1], database[2], database, times),
+            "SELECT 1, loopback, through the forwarder": database_round_trip(
+                data_ns, "127.0.0.1", loopback_port, database, times
+            ),
+            "SELECT 1, veth, through the forwarder": database_round_trip(app_ns, data, DATABASE_PORT, database, times),
+        }
+        for what, ms in figures.items():
+            print(f"{what}: {ms:.3f} ms (median of {times})")
+        machines = Machines(network, processes, folder, database)
+        rate = delivered_per_second(machines, load, requests_each, objects)
+        print(f"delivered across the links: {rate:,.0f} postbacks/s ({2 * requests_each} requests of {objects})")
+    finally:
+        processes.stop_all()
+        network.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def tcp_answers(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def delivered_per_second(machines: Machines, load: str, requests_each: int, objects: int) -> float:
+    """Both application hosts as production runs them, each sent `requests_each` requests at
+    once from the load host: postbacks delivered to the benchmark's receiver a second, from the
+    first request to the last delivery."""
+    for host in APPS:
+        machines.start_app(host, DELIVERY_CONCURRENCY="256", DELIVERY_DRAINER_IDLE_SECONDS="2")
+    for host in APPS:
+        machines.wait_for_web(host)
+    receiver = BenchmarkReceiver("machines", [Listener(load, 0, Behaviour())])
+    with inside(machines.load):
+        receiver.start()  # its process is made by this thread: on the load host
+    try:
+        data = [{"n": n} for n in range(objects)]
+        senders = [
+            Sender(machines, host, receiver.url("/fan?n={n}"), data, every=0.001, most=requests_each) for host in APPS
+        ]
+        started = time.time()
+        for sender in senders:
+            sender.start()
+        total = len(senders) * requests_each * objects
+        wait_until(lambda: receiver.received() >= total, timeout=600, what="every postback delivered")
+        return total / (time.time() - started)
+    finally:
+        receiver.stop()
