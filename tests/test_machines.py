@@ -79,6 +79,9 @@ class Machines:
     folder: Path
     database: Database
     receiver: Receiver | None = None  # on the load host
+    # Every application host's processes run on the data host instead, reaching Redis and the
+    # database over loopback (the measurement's baseline).
+    colocated: bool = False
     running: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
 
     @property
@@ -93,11 +96,16 @@ class Machines:
     def address(self, host: str) -> str:
         return self.network.hosts[host]
 
+    def web_address(self, host: str) -> str:
+        if self.colocated:
+            return f"{self.address('data')}:{WEB_PORT + list(APPS).index(host)}"
+        return f"{self.address(host)}:{WEB_PORT}"
+
     def web_url(self, host: str) -> str:
-        return f"http://{self.address(host)}:{WEB_PORT}"
+        return f"http://{self.web_address(host)}"
 
     def app_env(self, host: str, **overrides: str) -> dict[str, str]:
-        data = self.address("data")
+        data = "127.0.0.1" if self.colocated else self.address("data")
         user, _, _, name = self.database
         metrics = self.folder / f"metrics-{host}"
         metrics.mkdir(exist_ok=True)
@@ -106,7 +114,7 @@ class Machines:
             "REDIS_URL": f"redis://{data}:{REDIS_PORT}/0",
             "DELIVERY_ALLOW_NETWORKS": "10.77.0.0/24",
             "PROMETHEUS_MULTIPROC_DIR": str(metrics),
-            "ALLOWED_HOSTS": self.address(host),
+            "ALLOWED_HOSTS": self.web_address(host).partition(":")[0],
             "WEB_CONCURRENCY": "2",
             "GUNICORN_ACCESS_LOG": "",
             "DELIVERY_CONCURRENCY": str(CONCURRENCY),
@@ -116,9 +124,9 @@ class Machines:
 
     def start_app(self, host: str, **overrides: str) -> None:
         """gunicorn and the workers on the host, as production starts them."""
-        on = self.network.run(host, [])
+        on = self.network.run("data" if self.colocated else host, [])
         env = self.app_env(host, **overrides)
-        self.processes.web(f"{self.address(host)}:{WEB_PORT}", on, **env)
+        self.processes.web(self.web_address(host), on, **env)
         self.running[host] = self.processes.started[-1:]
         self.running[host] += [self.processes.worker(on, **env) for _ in range(WORKERS_PER_HOST)]
 
@@ -367,7 +375,7 @@ def database_round_trip(namespace: str | None, address: str, port: int, database
         return median_ms(lambda: cursor.execute("SELECT 1").fetchone(), times)
 
 
-def measure(times: int = 2000, requests_each: int = 50, objects: int = 100) -> None:
+def measure(times: int = 2000, requests_each: int = 100, objects: int = 100) -> None:
     """Round trips from an application host over its veth link against loopback, and the
     postbacks/s two application hosts deliver across the links (a fanout: requests of
     `objects` postbacks sent to both web hosts at once, to the benchmark's receiver)."""
@@ -382,7 +390,7 @@ def measure(times: int = 2000, requests_each: int = 50, objects: int = 100) -> N
             network.add_host(host, number)
         start_data_host(network, processes, folder, database)
         data_ns, app_ns = network.namespace("data"), network.namespace("app1")
-        loopback_port = DATABASE_PORT + 1
+        loopback_port = DATABASE_PORT
         processes.run(["-m", "tests.proxy", data_ns, "127.0.0.1", str(loopback_port), database[1], str(database[2])])
         wait_until(lambda: redis_answers(network, data), timeout=START_SECONDS, what="Redis on the data host")
         with inside(app_ns):
@@ -398,9 +406,11 @@ def measure(times: int = 2000, requests_each: int = 50, objects: int = 100) -> N
         }
         for what, ms in figures.items():
             print(f"{what}: {ms:.3f} ms (median of {times})")
-        machines = Machines(network, processes, folder, database)
-        rate = delivered_per_second(machines, load, requests_each, objects)
-        print(f"delivered across the links: {rate:,.0f} postbacks/s ({2 * requests_each} requests of {objects})")
+        for colocated in (False, True):
+            machines = Machines(network, processes, folder, database, colocated=colocated)
+            rate = delivered_per_second(machines, load, requests_each, objects)
+            where = "on the data host, over loopback" if colocated else "on their own hosts, over veth"
+            print(f"delivered, workers {where}: {rate:,.0f} postbacks/s ({2 * requests_each} requests of {objects})")
     finally:
         processes.stop_all()
         network.stop()
@@ -439,3 +449,9 @@ def delivered_per_second(machines: Machines, load: str, requests_each: int, obje
         return total / (time.time() - started)
     finally:
         receiver.stop()
+        for host in list(machines.running):
+            for process in machines.running.pop(host):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        with inside(machines.network.namespace("data")), Redis(host="127.0.0.1", port=REDIS_PORT) as redis:
+            redis.flushall()  # the killed drainers' leases with the rest
