@@ -8,8 +8,8 @@ The machines (tests/namespaces.py), on one switch in 10.77.0.0/24:
 - load (.3): the receiver and the senders, in the suite's own process (`inside`).
 The receiver tells the application hosts apart by the address their requests come from.
 
-`python -m tests.test_machines measure` builds the same machines and measures what the veth
-links add to Redis and database round trips, and the postbacks/s delivered across them
+`python -m tests.measure_machines` builds the same machines and measures what the veth links
+add to Redis and database round trips, and the postbacks/s delivered across them
 (docs/performance.md).
 """
 
