@@ -21,6 +21,8 @@ command -v promtool >/dev/null || apt_install prometheus
 command -v faketime >/dev/null || apt_install faketime
 # The browser test drives Debian's Chromium through Playwright (no browser download).
 [[ -x /usr/bin/chromium ]] || apt_install chromium
+# tests/test_machines.py builds hosts from network namespaces (as root, on PostgreSQL).
+command -v ip >/dev/null || apt_install iproute2
 ensure_venv requirements-dev.txt
 
 say "ruff"

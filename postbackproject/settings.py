@@ -119,6 +119,15 @@ if "DATABASE_URL" not in env:
 # Keep connections between requests; workers also close stale ones between jobs.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# A host that dies inside a transaction never says so: its PostgreSQL session waits for the
+# next statement, holding its locks (the shared rollup rows every worker's recording updates)
+# until TCP keepalive gives up, hours later. PostgreSQL ends a session idle in a transaction
+# this long (0: never); nothing here stays in a transaction between statements for a second.
+DATABASE_IDLE_IN_TRANSACTION_SECONDS: int = env.int("DATABASE_IDLE_IN_TRANSACTION_SECONDS", default=10)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DATABASE_IDLE_IN_TRANSACTION_SECONDS:
+    database_options = DATABASES["default"].setdefault("OPTIONS", {})
+    limit = f"-c idle_in_transaction_session_timeout={DATABASE_IDLE_IN_TRANSACTION_SECONDS * 1000}"
+    database_options["options"] = f"{database_options.get('options', '')} {limit}".strip()
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web process read while a worker writes attempts.
     DATABASES["default"]["OPTIONS"] = {

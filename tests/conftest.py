@@ -170,6 +170,7 @@ class Received:
     client_port: int  # tells connections apart: a kept-alive connection keeps its port
     received_at: float = 0.0  # Unix time the request was read (this machine's clock, Redis's too)
     tls_session_reused: bool | None = None  # HTTPS: whether the handshake resumed a session
+    client_address: str = ""  # tells hosts apart: the address the request came from
 
 
 class QuietHTTPServer(ThreadingHTTPServer):
@@ -185,7 +186,9 @@ class Receiver:
     """An HTTP server on loopback that records every request and answers from a script
     (then with `default`). Dripping replies stop dripping once `release` is set."""
 
-    def __init__(self, default: Reply | None = None, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, default: Reply | None = None, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.requests: list[Received] = []
         self.script: list[Reply] = []
         self.default = default or Reply()
@@ -208,6 +211,7 @@ class Receiver:
                         self.client_address[1],
                         time.time(),
                         getattr(self.connection, "session_reused", None),
+                        self.client_address[0],
                     )
                     receiver.requests.append(received)
                     reply = receiver.script.pop(0) if receiver.script else receiver.default
@@ -246,17 +250,18 @@ class Receiver:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer((host, 0), Handler)
         if tls is not None:  # HTTPS: each connection's handshake runs in its own thread
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
         self.server.daemon_threads = True
         self.scheme = "https" if tls is not None else "http"
+        self.host = host
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"{self.scheme}://{host}:{self.port}{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
     def answer(self, *replies: Reply) -> None:
         with self._lock:
@@ -374,22 +379,24 @@ class Processes:
         self.logs = logs
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def worker(self, **env: str | None) -> subprocess.Popen[bytes]:
+    def worker(self, on: list[str] | None = None, **env: str | None) -> subprocess.Popen[bytes]:
         """The production command: `manage.py rqworker postbacks --with-scheduler`."""
-        return self.run([str(BASE_DIR / "manage.py"), "rqworker", "postbacks", "--with-scheduler"], **env)
+        return self.run([str(BASE_DIR / "manage.py"), "rqworker", "postbacks", "--with-scheduler"], on, **env)
 
-    def web(self, **env: str | None) -> str:
-        """gunicorn as production runs it, on a free loopback port: its base URL (it may not
-        answer yet)."""
-        port = free_port()
+    def web(self, bind: str | None = None, on: list[str] | None = None, **env: str | None) -> str:
+        """gunicorn as production runs it, on a free loopback port unless bound elsewhere: its
+        base URL (it may not answer yet)."""
+        bind = bind or f"127.0.0.1:{free_port()}"
         argv = ["-m", "gunicorn", "postbackproject.wsgi:application", "-c", "deploy/gunicorn.conf.py"]
-        self.run(argv, GUNICORN_BIND=f"127.0.0.1:{port}", **env)
-        return f"http://127.0.0.1:{port}"
+        self.run(argv, on, GUNICORN_BIND=bind, **env)
+        return f"http://{bind}"
 
-    def run(self, argv: list[str], **env: str | None) -> subprocess.Popen[bytes]:
+    def run(self, argv: list[str], on: list[str] | None = None, **env: str | None) -> subprocess.Popen[bytes]:
+        """A Python script or module; `on` prefixes the command (`ip netns exec HOST`: run on
+        another host)."""
         log = (self.logs / f"process-{len(self.started)}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, *argv],
+            [*(on or []), sys.executable, *argv],
             cwd=BASE_DIR,
             env=service_env(**env),
             stdout=log,

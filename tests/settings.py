@@ -17,6 +17,9 @@ os.environ.setdefault("DELIVERY_CONCURRENCY", "4")
 os.environ.setdefault("INGEST_BACKLOG_CHECK_SECONDS", "0")
 # A burst worker's drain job leaves as soon as the inbox is empty.
 os.environ.setdefault("DELIVERY_DRAINER_IDLE_SECONDS", "0")
+# A test in a transaction (pytest-django's) may wait longer than production's limit on idle
+# transactions between two statements; tests/test_machines.py gives its hosts the default.
+os.environ.setdefault("DATABASE_IDLE_IN_TRANSACTION_SECONDS", "0")
 
 # Every process the suite starts counts into one folder, as web and workers do in production
 # (set before prometheus-client is first imported: it reads it then).
