@@ -300,3 +300,37 @@ def test_a_throttled_destination_is_marked_for_the_dashboard(client, receiver):
     assert len(receiver.requests) == 1  # the burst; the next fits ten seconds later
     assert time.monotonic() - started < 10
     assert throttled_destinations([destination.pk]) == {destination.pk}
+
+
+# --- dashboard ----------------------------------------------------------------------------------
+
+
+def test_the_host_table_and_host_view_show_each_destinations_rules_and_state(client, receiver, staff_client):
+    host = host_of_receiver(receiver)
+    paused = Destination.objects.create(
+        name="paused one", host=host, url_prefix="/v2/", paused=True, headers=[["Authorization", "Bearer s3cr3t"]]
+    )
+    limited = Destination.objects.create(name="slow", host=host, rate_per_second=0.1, rate_burst=1, max_attempts=2)
+    DestinationSecret.objects.create(destination=limited, label="own")
+    send(client, receiver.url("/x?n={n}"), count=2)
+    run_worker()  # the second postback waits for the rate: "slow" is throttled
+
+    body = staff_client.get("/dashboard/api/hosts", {"range": "1h", "host": host}).json()
+
+    [row] = [row for row in body["hosts"] if row["host"] == host]
+    shown = {d["name"]: d for d in row["destinations"]}
+    assert shown["paused one"]["paused"] and not shown["paused one"]["throttled"]
+    assert shown["slow"]["throttled"] and not shown["slow"]["paused"]
+    assert shown["slow"]["rules"] == ["at most 0.1/s, burst 1", "2 attempts", "own signing secrets"]
+    assert shown["paused one"]["rules"] == ["headers Authorization"]
+    assert shown["paused one"]["admin_url"] == f"/admin/delivery/destination/{paused.pk}/change/"
+    assert body["host_view"]["destinations"] == row["destinations"]
+    assert body["host_view"]["circuit"] == {"state": "closed"}
+    assert "s3cr3t" not in str(body)
+
+
+def test_a_destination_without_traffic_is_listed_in_the_host_table(staff_client):
+    Destination.objects.create(name="quiet", host="quiet.example")
+    body = staff_client.get("/dashboard/api/hosts", {"range": "1h"}).json()
+    assert [row["host"] for row in body["hosts"]] == ["quiet.example"]
+    assert body["hosts"][0]["attempts"] == 0
