@@ -8,9 +8,13 @@ import pytest
 from django.contrib.auth.models import User
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from delivery.destinations import Routes, path_of, throttled_destinations
+from delivery.destinations import RateLimit, Routes, Taken, path_of, throttled_destinations
+from delivery.engine import Engine, Work
+from delivery.hosts import RememberedLimits
 from delivery.models import DeliveryAttempt, DeliverySettings, Destination, DestinationSecret, Outcome, SigningSecret
+from postbackproject.postback import Try
 from tests.conftest import Reply, deliver_everything, ingest_json, run_worker, wait_until
+from tests.test_engine import FakeTransport, OpenGate, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -334,3 +338,63 @@ def test_a_destination_without_traffic_is_listed_in_the_host_table(staff_client)
     body = staff_client.get("/dashboard/api/hosts", {"range": "1h"}).json()
     assert [row["host"] for row in body["hosts"]] == ["quiet.example"]
     assert body["hosts"][0]["attempts"] == 0
+
+
+# --- the engine's choices (fake transport and throttle: no Redis, no receiver) ------------------
+
+
+class FakeThrottle:
+    """Grants `allowance` requests, then says the next fits at `fits_at`."""
+
+    def __init__(self, allowance: int, fits_at: float = 1000.0) -> None:
+        self.allowance = allowance
+        self.fits_at = fits_at
+
+    def take(self, limit: RateLimit) -> Taken:
+        if self.allowance > 0:
+            self.allowance -= 1
+            return Taken(True, 0.0)
+        return Taken(False, self.fits_at)
+
+    def now(self) -> float:
+        return 500.0
+
+
+def engine_rules(*destinations: Destination) -> DeliverySettings:
+    config = DeliverySettings()
+    config.routes = Routes([(row.host, row.url_prefix, row.rules(config, ())) for row in destinations])
+    return config
+
+
+def try_to(url: str, number: int) -> Work:
+    return Work(Try(f"p-{number}", 1, 0, "GET", url, None))
+
+
+def test_over_its_rate_a_destinations_waiting_postbacks_are_deferred_one_interval_apart_and_others_go():
+    limited = Destination(pk=1, name="limited", host="a.example", url_prefix="/slow", rate_per_second=10)
+    config = engine_rules(limited)
+    transport = FakeTransport()
+    engine = Engine(transport, OpenGate(), 64, RememberedLimits(), FakeThrottle(allowance=2))
+    engine.add([try_to("http://a.example/slow", n) for n in range(5)], config)
+    engine.add([try_to("http://a.example/fast", n) for n in range(5, 8)], config)
+
+    finished = run(engine, config)
+
+    assert [request.postback_id for request in transport.started] == ["p-0", "p-1", "p-5", "p-6", "p-7"]
+    deferred = [(item.work.item.postback_id, item.deferred_until) for item in finished if item.response is None]
+    assert deferred == [("p-2", 1000.0), ("p-3", 1000.1), ("p-4", 1000.2)]
+    assert all("over its rate limit" in item.reason for item in finished if item.response is None)
+
+
+def test_a_paused_destinations_postbacks_wait_in_order_and_nothing_else_does():
+    paused = Destination(pk=2, name="paused", host="a.example", paused=True, max_attempts=1)
+    config = engine_rules(paused)
+    transport = FakeTransport()
+    engine = Engine(transport, OpenGate(), 64, RememberedLimits(), FakeThrottle(allowance=0))
+    engine.add([try_to("http://a.example/x", n) for n in range(3)] + [try_to("http://b.example/x", 3)], config)
+
+    finished = run(engine, config)
+
+    assert [request.postback_id for request in transport.started] == ["p-3"]
+    waits = [item.deferred_until for item in finished if item.response is None]
+    assert len(waits) == 3 and waits == sorted(waits) and waits[0] > 500.0
