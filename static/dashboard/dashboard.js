@@ -273,7 +273,6 @@
       name.scope = "row";
       name.append(hostLink(h.host));
       row.append(name);
-      row.append(destinationsCell(h.destinations));
       for (const field of ["attempts", "delivered", "retried", "failed", "deferred"]) {
         row.append(cell("td", number.format(h[field])));
       }
@@ -281,6 +280,7 @@
       row.append(cell("td", formatValue(h.mean_ms, " ms")));
       row.append(cell("td", formatValue(h.p95_ms, " ms")));
       row.append(cell("td", circuitText(h.circuit), "circuit-" + h.circuit.state));
+      row.append(destinationsCell(h.destinations));
       return row;
     });
     document.querySelector("#table-hosts tbody").replaceChildren(...rows);
