@@ -398,3 +398,41 @@ def test_a_paused_destinations_postbacks_wait_in_order_and_nothing_else_does():
     assert [request.postback_id for request in transport.started] == ["p-3"]
     waits = [item.deferred_until for item in finished if item.response is None]
     assert len(waits) == 3 and waits == sorted(waits) and waits[0] > 500.0
+
+
+def test_admin_refuses_a_third_active_secret_on_a_destination(staff_client):
+    destination = Destination.objects.create(name="api", host="api.example.com")
+    for label in ("one", "two"):
+        DestinationSecret.objects.create(destination=destination, label=label)
+    rows = list(destination.secrets.order_by("id"))
+    form = destination_form(
+        **{
+            "secrets-TOTAL_FORMS": "3",
+            "secrets-INITIAL_FORMS": "2",
+            "secrets-0-id": str(rows[0].pk),
+            "secrets-0-label": "one",
+            "secrets-0-active": "on",
+            "secrets-1-id": str(rows[1].pk),
+            "secrets-1-label": "two",
+            "secrets-1-active": "on",
+            "secrets-2-label": "three",
+            "secrets-2-active": "on",
+        }
+    )
+
+    response = staff_client.post(f"/admin/delivery/destination/{destination.pk}/change/", form)
+
+    assert response.status_code == 200
+    assert b"At most 2 secrets of a destination can be active at once" in response.content
+    assert destination.secrets.count() == 2
+
+
+def test_a_destination_without_secrets_is_unsigned_while_signing_is_off(client, receiver):
+    SigningSecret.objects.create(label="global")
+    Destination.objects.create(name="plain", host=host_of_receiver(receiver))
+    send(client, receiver.url("/u"))
+
+    deliver_everything()
+
+    (request,) = receiver.requests
+    assert not {name.lower() for name in request.headers} & {"webhook-id", "webhook-signature"}
