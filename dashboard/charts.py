@@ -95,20 +95,27 @@ def codes(window: Window, host: str | None) -> dict[str, Any]:
     return chart(window, series, totals={item["key"]: sum(item["data"]) for item in series})
 
 
-def hosts(window: Window, circuits: dict[str, OpenCircuit]) -> dict[str, Any]:
-    """The destination hosts of the window, busiest first, with their circuit's state."""
+def hosts(
+    window: Window, circuits: dict[str, OpenCircuit], destinations: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """The destination hosts of the window, busiest first, with their circuit's state and
+    their destinations (hosts with an open circuit or a destination listed too)."""
     sums = aggregates.per_host(window)
     busiest = sorted(sums, key=lambda host: (-sum(sums[host].outcomes.values()), host))[:HOST_ROWS]
-    shown = [host for host in sorted(circuits) if host not in busiest] + busiest
+    ruled = sorted(set(circuits) | set(destinations))
+    shown = [host for host in ruled if host not in busiest] + busiest
     return {
         "window": window.describe(),
-        "hosts": [host_row(host, sums.get(host, Sums()), circuits.get(host)) for host in shown],
-        "total_hosts": len(set(sums) | set(circuits)),
+        "hosts": [
+            host_row(host, sums.get(host, Sums()), circuits.get(host), destinations.get(host, [])) for host in shown
+        ],
+        "total_hosts": len(set(sums) | set(ruled)),
     }
 
 
-def host_row(host: str, sums: Sums, circuit: OpenCircuit | None) -> dict[str, Any]:
+def host_row(host: str, sums: Sums, circuit: OpenCircuit | None, destinations: list[dict[str, Any]]) -> dict[str, Any]:
     return {
+        "destinations": destinations,
         "host": host,
         "attempts": sums.sent,
         "delivered": sums.outcomes[Outcome.SUCCESS],

@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_safe
 from redis.exceptions import RedisError
 
-from dashboard import attempts, charts, live
+from dashboard import attempts, charts, destinations, live
 from dashboard.ranges import RangeError, Window, window_from
 from delivery.replay import failed_postbacks
 
@@ -135,7 +135,11 @@ def hosts(request: HttpRequest, window: Window, host: str | None) -> dict[str, A
         circuits = live.circuits()
     except RedisError:
         circuits = {}  # the table still shows volumes; the live panel says Redis is down
-    return charts.hosts(window, circuits)
+    ruled = destinations.by_host()
+    found = charts.hosts(window, circuits, ruled)
+    if host is not None:  # the host view: its destinations' rules and state, and its circuit
+        found["host_view"] = {"destinations": ruled.get(host, []), "circuit": charts.circuit_state(circuits.get(host))}
+    return found
 
 
 @api

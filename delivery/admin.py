@@ -4,6 +4,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
@@ -20,11 +21,14 @@ from django.utils.timezone import localtime
 from redis.exceptions import RedisError
 
 from delivery.circuit import close_circuits, open_circuits
-from delivery.forms import BulkReplayForm, DeliverySettingsForm, SigningSecretForm
+from delivery.forms import BulkReplayForm, DeliverySettingsForm, DestinationForm, SigningSecretForm
 from delivery.models import (
+    OVERRIDE_FIELDS,
     CircuitBreaker,
     DeliveryAttempt,
     DeliverySettings,
+    Destination,
+    DestinationSecret,
     PostbackRequest,
     QueueMonitor,
     SigningSecret,
@@ -102,6 +106,56 @@ class SigningSecretAdmin(admin.ModelAdmin[SigningSecret]):
     def has_delete_permission(self, request: HttpRequest, obj: SigningSecret | None = None) -> bool:
         """Only retired secrets are deleted; an active one is deactivated first (the form's rules)."""
         return super().has_delete_permission(request, obj) and (obj is None or not obj.active)
+
+
+class DestinationSecretFormSet(forms.BaseInlineFormSet):  # type: ignore[type-arg]
+    """At most MAX_ACTIVE secrets of a destination are active: a rotation at a time."""
+
+    def clean(self) -> None:
+        super().clean()
+        active = [
+            form for form in self.forms if form.cleaned_data.get("active") and not form.cleaned_data.get("DELETE")
+        ]
+        if len(active) > DestinationSecret.MAX_ACTIVE:
+            raise forms.ValidationError(
+                f"At most {DestinationSecret.MAX_ACTIVE} secrets of a destination can be active at once."
+            )
+
+
+class DestinationSecretInline(admin.TabularInline[DestinationSecret, Destination]):
+    """A destination's own signing secrets, shown to staff (receivers need them); generated,
+    never typed in."""
+
+    model = DestinationSecret
+    formset = DestinationSecretFormSet
+    fields = ["label", "secret", "active", "created_at"]
+    readonly_fields = ["secret", "created_at"]
+    extra = 0
+
+
+@admin.register(Destination)
+class DestinationAdmin(admin.ModelAdmin[Destination]):
+    """Per-receiver rules; its extra headers' values are never shown (`DestinationForm`)."""
+
+    form = DestinationForm
+    formfield_overrides = {models.FloatField: {"widget": PlainNumberInput}}
+    inlines = [DestinationSecretInline]
+    list_display = ["name", "host", "url_prefix", "paused", "rate_per_second", "header_names"]
+    list_filter = ["paused"]
+    search_fields = ["name", "host"]
+    fieldsets = [
+        (None, {"fields": ["name", "host", "url_prefix", "paused"]}),
+        ("Rate limit", {"fields": ["rate_per_second", "rate_burst"]}),
+        ("Extra headers", {"fields": ["header_lines"]}),
+        (
+            "Own rules (blank: the global delivery settings)",
+            {"fields": list(OVERRIDE_FIELDS)},
+        ),
+    ]
+
+    @admin.display(description="extra headers")
+    def header_names(self, obj: Destination) -> str:
+        return ", ".join(name for name, _ in obj.header_pairs)
 
 
 class CappedPaginator(Paginator):  # type: ignore[type-arg]

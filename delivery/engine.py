@@ -21,11 +21,13 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Protocol
 
 from django.utils import timezone
 
-from delivery.circuit import Admission
+from delivery.circuit import Admission, process_circuits
+from delivery.destinations import RateLimit, RedisThrottle, Taken
 from delivery.hosts import (
     INITIAL_IN_FLIGHT,
     InFlightLimit,
@@ -34,7 +36,7 @@ from delivery.hosts import (
     process_limits,
     unproven_slots,
 )
-from delivery.models import DeliverySettings
+from delivery.models import DeliverySettings, Destination
 from delivery.signing import signature_headers
 from delivery.transport import Limits, Request, Response
 from postbackproject import tracing
@@ -54,6 +56,21 @@ class Sender(Protocol):
     def abandon(self) -> None: ...
 
 
+class Throttle(Protocol):
+    """What the engine needs of destinations' rate limits (`destinations.RedisThrottle`)."""
+
+    def take(self, limit: RateLimit) -> Taken: ...
+
+    def now(self) -> float: ...
+
+
+# A paused destination's postbacks are looked at again this often (seconds), so that they go
+# out soon after it is resumed. Tries deferred together are due this far apart (seconds), in
+# the order they arrived, so that they come back in it.
+PAUSED_RECHECK_SECONDS = 2.0
+IN_ORDER_SECONDS = 0.001
+
+
 class Gate(Protocol):
     """What the engine needs of the circuits (`delivery.circuit.Circuits`, or a fake)."""
 
@@ -70,6 +87,8 @@ class Work:
     probe: bool = False
     unproven: bool = False  # started within the unproven share
     span: Any = None  # the attempt's span while traces are on, from its start to its record
+    # The settings it goes by: its destination's rules, or the global settings (`Engine.add`).
+    config: DeliverySettings = None  # type: ignore[assignment]  # set as it joins the engine
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -117,9 +136,11 @@ class Engine:
         circuits: Gate,
         concurrency: int,
         remembered: RememberedLimits | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.transport = transport
         self.circuits = circuits
+        self.throttle = throttle
         self.concurrency = concurrency
         self._remembered = remembered if remembered is not None else process_limits()
         self._hosts: dict[str, _Host] = {}  # hosts with work waiting or in flight
@@ -145,6 +166,7 @@ class Engine:
 
     def add(self, works: Iterable[Work], config: DeliverySettings) -> None:
         for work in works:
+            work.config = config.rules_for(work.host, work.item.url)
             host = self._hosts.get(work.host) or self._open_host(work.host)
             host.waiting.append(work)
             self._waiting += 1
@@ -156,10 +178,9 @@ class Engine:
         finished = self._dispatch(config) if start else []
         if finished or (start and self._can_start_more()):
             timeout = 0.0
-        cap = self._cap(config)
         for token, response in self.transport.poll(timeout):
             assert isinstance(token, Work)
-            finished.append(self._landed(token, response, cap))
+            finished.append(self._landed(token, response))
         return finished
 
     def drop_waiting(self) -> list[Work]:
@@ -193,19 +214,19 @@ class Engine:
         return bool(self._rotation) and self.transport.in_flight < self.concurrency
 
     def _dispatch(self, config: DeliverySettings) -> list[Finished]:
-        """Give free connections to hosts in turn; defer the postbacks of open circuits."""
+        """Give free connections to hosts in turn; defer the postbacks of open circuits, paused
+        destinations and destinations over their rate limits."""
         finished: list[Finished] = []
-        limits = Limits(
-            connect_timeout=config.connect_timeout_seconds,
-            read_timeout=config.read_timeout_seconds,
-            total_timeout=config.total_timeout_seconds,
-            body_max_bytes=config.response_body_max_bytes,
-        )
-        cap = self._cap(config)
         while self._rotation and self.transport.in_flight < self.concurrency:
             name = self._rotation.popleft()
             host = self._hosts[name]
             host.queued = Queued.NO
+            if not host.waiting:
+                continue
+            rules = host.waiting[0].config
+            if rules.destination is not None and rules.destination.paused:
+                finished.extend(self._defer_paused(name, host, rules.destination))
+                continue
             admission = self.circuits.admission(name, config.total_timeout_seconds, config.circuit_open_seconds)
             if not admission.send:
                 if admission.defer_until:
@@ -213,16 +234,19 @@ class Engine:
                     self._close_host_if_idle(name, host)
                 # else its probe is out: the host waits for `reconsider()` after the answer
                 continue
-            if not host.limit.allows(host.in_flight, cap):
+            if not host.limit.allows(host.in_flight, self._cap(rules)):
                 continue  # back in rotation when one of its requests lands
             unproven = not host.limit.proven
             if unproven and not self._unproven_may_send(name, host):
+                continue
+            if not admission.probe and (held := self._over_rate(name, host, rules)):
+                finished.extend(held)
                 continue
             work = host.waiting.popleft()
             self._waiting -= 1
             work.probe = admission.probe
             work.unproven = unproven
-            self._start(work, host, limits, config)
+            self._start(work, host)
             if not admission.probe:
                 self._enter_rotation(name, host)
         return finished
@@ -243,8 +267,50 @@ class Engine:
             self._unproven_line.appendleft(name)
         return False
 
-    def _start(self, work: Work, host: _Host, limits: Limits, config: DeliverySettings) -> None:
+    def _defer_paused(self, name: str, host: _Host, destination: Destination) -> list[Finished]:
+        """A paused destination's postbacks wait, in the order they came, without a request."""
+        until = self._throttle().now() + PAUSED_RECHECK_SECONDS
+        reason = f"{destination.name} is paused"
+        return self._defer_destination(name, host, destination, until, IN_ORDER_SECONDS, reason)
+
+    def _over_rate(self, name: str, host: _Host, rules: DeliverySettings) -> list[Finished]:
+        """Charge the next request to its destination's rate limit; when the limit refuses,
+        its destination's waiting postbacks come back one emission interval apart from when
+        the next fits (nothing spent). Empty: send."""
+        destination = rules.destination
+        limit = destination.rate_limit if destination is not None else None
+        if destination is None or limit is None:
+            return []
+        taken = self._throttle().take(limit)
+        if taken.sent:
+            return []
+        reason = f"{destination.name} is over its rate limit of {limit.per_second:g}/s"
+        return self._defer_destination(name, host, destination, taken.fits_at, limit.interval_ms / 1000, reason)
+
+    def _defer_destination(
+        self, name: str, host: _Host, destination: Destination, until: float, apart: float, reason: str
+    ) -> list[Finished]:
+        deferred: list[Finished] = []
+        kept: deque[Work] = deque()
+        for work in host.waiting:
+            if work.config.destination is not None and work.config.destination.pk == destination.pk:
+                deferred.append(Finished(work, None, deferred_until=until + apart * len(deferred), reason=reason))
+            else:
+                kept.append(work)
+        host.waiting = kept
+        self._waiting -= len(deferred)
+        self._enter_rotation(name, host)
+        self._close_host_if_idle(name, host)
+        return deferred
+
+    def _throttle(self) -> Throttle:
+        if self.throttle is None:
+            self.throttle = process_throttle()
+        return self.throttle
+
+    def _start(self, work: Work, host: _Host) -> None:
         item = work.item
+        config = work.config
         body = item.body.encode() if item.body is not None else None
         headers: tuple[str, ...] = ()
         if config.signing_secrets:
@@ -262,18 +328,19 @@ class Engine:
             headers=headers,
             host=work.host,
             sender_headers=item.headers,
+            destination_headers=config.destination.header_pairs if config.destination is not None else (),
             traceparent=tracing.traceparent(work.span) if config.send_traceparent else "",
         )
         host.in_flight += 1
         if work.unproven:
             self._unproven_in_flight += 1
-        self.transport.start(request, limits, token=work)
+        self.transport.start(request, limits_of(config), token=work)
 
-    def _landed(self, work: Work, response: Response, cap: int) -> Finished:
+    def _landed(self, work: Work, response: Response) -> Finished:
         host = self._hosts[work.host]
         host.in_flight -= 1
         if response.status is not None:
-            host.limit.answered(host.in_flight, cap, response.elapsed_ms / 1000)
+            host.limit.answered(host.in_flight, self._cap(work.config), response.elapsed_ms / 1000)
         elif response.transient:
             host.limit.went_silent(host.in_flight)
         self._enter_rotation(work.host, host)
@@ -321,3 +388,23 @@ class Engine:
             return
         host.queued = Queued.ROTATION
         self._rotation.append(name)
+
+
+def limits_of(config: DeliverySettings) -> Limits:
+    """How long a request under these settings may take (kept with them: made once per
+    settings read, not per request)."""
+    limits = config.request_limits
+    if limits is None:
+        limits = config.request_limits = Limits(
+            connect_timeout=config.connect_timeout_seconds,
+            read_timeout=config.read_timeout_seconds,
+            total_timeout=config.total_timeout_seconds,
+            body_max_bytes=config.response_body_max_bytes,
+        )
+    return limits
+
+
+@cache
+def process_throttle() -> RedisThrottle:
+    """Destinations' rate limits on the process's Redis client and clock."""
+    return RedisThrottle(process_circuits().redis_clock)

@@ -8,8 +8,9 @@ from typing import Any
 from django import forms
 from django.conf import settings
 
-from delivery.models import DeliverySettings, SigningSecret
+from delivery.models import OVERRIDE_FIELDS, DeliverySettings, Destination, SigningSecret, normalised_host
 from delivery.replay import parse_since, parse_until
+from postbackproject.headers import templates_of
 
 EDITABLE_FIELDS = [
     "max_attempts",
@@ -76,6 +77,80 @@ class SigningSecretForm(forms.ModelForm[SigningSecret]):
                 "or turn off sign_postbacks under Delivery > Delivery settings."
             )
         return active
+
+
+# What the headers box shows in place of a saved value, which it never shows.
+SET = "(set)"
+
+
+class DestinationForm(forms.ModelForm[Destination]):
+    """A destination's rules. Its extra headers are typed as `Name: value` lines; a saved
+    value is never shown again (the line reads `Name: (set)`), and a line left so, or with
+    its value blank, keeps it."""
+
+    header_lines = forms.CharField(
+        label="Extra headers",
+        required=False,
+        strip=False,
+        widget=forms.Textarea(attrs={"rows": 4, "autocomplete": "off", "spellcheck": "false"}),
+        help_text=f"One `Name: value` a line, e.g. `Authorization: Bearer abc`. Saved values are never "
+        f"shown: `Name: {SET}` or `Name:` keeps the saved value, a new value replaces it, and a line "
+        "removed removes the header. The rules of senders' headers apply (no Host, Content-Length, "
+        "X-Postback-*, webhook-*, ...).",
+    )
+
+    class Meta:
+        model = Destination
+        fields = [  # never "headers": its values are not shown once saved
+            "name",
+            "host",
+            "url_prefix",
+            "paused",
+            "rate_per_second",
+            "rate_burst",
+            *OVERRIDE_FIELDS,
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial["header_lines"] = "\n".join(f"{name}: {SET}" for name, _ in self.instance.header_pairs)
+
+    def clean_host(self) -> str:
+        host = normalised_host(self.cleaned_data["host"])
+        if not host:
+            raise forms.ValidationError("Give a host, e.g. api.example.com or 10.0.0.5:8080.")
+        return host
+
+    def clean_url_prefix(self) -> str:
+        prefix: str = self.cleaned_data["url_prefix"]
+        if prefix and not prefix.startswith(("/", "?")):
+            raise forms.ValidationError('A prefix is the start of a URL\'s path: it begins with "/".')
+        return prefix
+
+    def clean_header_lines(self) -> list[list[str]]:
+        saved = {name.lower(): value for name, value in self.instance.header_pairs}
+        headers: dict[str, str] = {}
+        for number, line in enumerate(self.cleaned_data["header_lines"].splitlines(), 1):
+            if not line.strip():
+                continue
+            name, colon, value = line.partition(":")
+            name, value = name.strip(), value.strip()
+            if not colon:
+                raise forms.ValidationError(f"Line {number}: write `Name: value`.")
+            if value in ("", SET):
+                if name.lower() not in saved:
+                    raise forms.ValidationError(f"Line {number}: {name} has no saved value to keep; give one.")
+                value = saved[name.lower()]
+            headers[name] = value
+        try:
+            templates_of(headers)
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc).removeprefix("endpoint.headers").lstrip(".")) from exc
+        return [[name, value] for name, value in headers.items()]
+
+    def save(self, commit: bool = True) -> Destination:
+        self.instance.headers = self.cleaned_data["header_lines"]
+        return super().save(commit)
 
 
 class RangeEndField(forms.Field):

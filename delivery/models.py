@@ -1,16 +1,22 @@
 """Delivery records and the runtime settings that admins tune."""
 
+import copy
 import logging
 import time
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import DatabaseError, models
 
+from delivery.destinations import RateLimit, Routes
+from delivery.hosts import host_of
 from delivery.signing import new_secret
+
+if TYPE_CHECKING:
+    from delivery.transport import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +144,12 @@ class DeliverySettings(models.Model):
     # The active signing secrets when sign_postbacks is on, loaded with the settings by
     # `current()`, so that workers sign without a query per request. Not a column.
     signing_secrets: tuple[str, ...] = ()
+    # The destinations, loaded with the settings by `current()` (not columns): every
+    # destination's rules, each a copy of these settings with its overrides (`routes`); and on
+    # such a copy, the destination it is for.
+    routes: "Routes[DeliverySettings]" = Routes()
+    destination: "Destination | None" = None
+    request_limits: "Limits | None" = None  # made from these settings once (`engine.limits_of`)
 
     _cache: ClassVar[tuple[float, "DeliverySettings"] | None] = None
 
@@ -167,7 +179,7 @@ class DeliverySettings(models.Model):
         now = time.monotonic()
         if cached is None or now - cached[0] >= settings.DELIVERY_SETTINGS_CACHE_SECONDS:
             try:
-                cached = (now, cls.load().with_signing_secrets())
+                cached = (now, cls.load().with_signing_secrets().with_destinations())
             except DatabaseError:
                 logger.warning("delivery settings unreadable; using the last ones read", exc_info=True)
                 cached = (now, cached[1] if cached is not None else cls(pk=cls.SINGLETON_ID))
@@ -184,8 +196,41 @@ class DeliverySettings(models.Model):
                 logger.error("sign_postbacks is on but no signing secret is active: postbacks go out unsigned")
         return self
 
+    def with_destinations(self) -> "DeliverySettings":
+        """These settings with every destination's rules attached (two queries)."""
+        destinations = list(Destination.objects.all())
+        secrets: dict[int, list[str]] = {}
+        active = DestinationSecret.objects.filter(active=True).order_by("created_at", "id")
+        for destination_id, secret in active.values_list("destination", "secret"):
+            secrets.setdefault(destination_id, []).append(secret)
+        self.routes = Routes(
+            [(row.host, row.url_prefix, row.rules(self, tuple(secrets.get(row.pk, ())))) for row in destinations]
+        )
+        return self
 
-class SigningSecret(models.Model):
+    def rules_for(self, host: str, url: str) -> "DeliverySettings":
+        """The settings a postback to this URL goes by: its destination's, else these."""
+        return self.routes.match(host, url) or self
+
+
+class ReloadsSettings(models.Model):
+    """A row the cached settings carry (`DeliverySettings.current()`): saving or deleting one
+    drops this process's cache, so that it works with the change at once."""
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+        DeliverySettings._cache = None
+
+    def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
+        deleted = super().delete(*args, **kwargs)  # type: ignore[arg-type]
+        DeliverySettings._cache = None
+        return deleted
+
+
+class SigningSecret(ReloadsSettings):
     """A secret that signs postbacks (`delivery.signing`), shared with receivers.
 
     Generated here, never typed in. At most MAX_ACTIVE are active, so that a rotation can run:
@@ -206,20 +251,155 @@ class SigningSecret(models.Model):
     def __str__(self) -> str:
         return self.label
 
-    def save(self, *args: object, **kwargs: object) -> None:
-        super().save(*args, **kwargs)  # type: ignore[arg-type]
-        DeliverySettings._cache = None  # this process signs with the change at once
-
-    def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
-        deleted = super().delete(*args, **kwargs)  # type: ignore[arg-type]
-        DeliverySettings._cache = None
-        return deleted
-
     @classmethod
     def active_secrets(cls) -> tuple[str, ...]:
         """The secrets that sign now, oldest first (their order in the signature header)."""
         rows = cls.objects.filter(active=True).order_by("created_at", "id")
         return tuple(rows.values_list("secret", flat=True))
+
+
+def normalised_host(text: str) -> str:
+    """A destination's host as URLs name it (`hosts.host_of`): `host[:port]`, lower case, a
+    scheme's default port dropped when a URL is given."""
+    text = text.strip()
+    return host_of(text) if "://" in text else host_of("none://" + text)
+
+
+# A destination's own rules: each, set, replaces the delivery setting of the same name.
+OVERRIDE_FIELDS = (
+    "max_attempts",
+    "backoff_base_seconds",
+    "backoff_max_seconds",
+    "connect_timeout_seconds",
+    "total_timeout_seconds",
+    "max_in_flight_per_host",
+)
+
+
+class Destination(ReloadsSettings):
+    """Rules for the postbacks to one receiver: a host, optionally a URL prefix within it
+    (`delivery.destinations`). Each rule left blank is the global setting's.
+
+    Extra headers are stored in clear (they are sent), but admin never shows a saved value,
+    and they are never logged or recorded with attempts.
+    """
+
+    name = models.CharField(max_length=100, help_text='Whom this is for, e.g. "Ad network A".')
+    host = models.CharField(
+        max_length=255,
+        help_text="host[:port] as the host table shows it (a URL's default port left out), e.g. "
+        "api.example.com or 10.0.0.5:8080. A URL may be pasted: its host is kept.",
+    )
+    url_prefix = models.CharField(
+        max_length=1000,
+        blank=True,
+        default="",
+        help_text='Optional: only URLs on this host whose path starts with this, e.g. "/v2/". '
+        "The longest matching prefix wins over a shorter one and over the host alone.",
+    )
+    paused = models.BooleanField(
+        default=False,
+        help_text="Postbacks wait, spending no attempt, and go out in order of arrival once unpaused.",
+    )
+    rate_per_second = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01), MaxValueValidator(100000)],
+        help_text="Most requests a second to this destination, from all workers together. "
+        "Postbacks over it wait (no attempt spent). Blank: no limit.",
+    )
+    rate_burst = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(100000)],
+        help_text="Most requests at once within the rate. Blank: the rate's requests in a second (at least 1).",
+    )
+    headers = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Extra headers sent to this destination: [name, value] pairs. Over a sender's "
+        "header of the same name; under the product's own.",
+    )
+    max_attempts = models.PositiveSmallIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(50)]
+    )
+    backoff_base_seconds = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0), MaxValueValidator(86400)]
+    )
+    backoff_max_seconds = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0), MaxValueValidator(7 * 86400)]
+    )
+    connect_timeout_seconds = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.1), MaxValueValidator(60)]
+    )
+    total_timeout_seconds = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.1), MaxValueValidator(600)]
+    )
+    max_in_flight_per_host = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MaxValueValidator(100000)],
+        help_text="Most requests one worker keeps in flight to this host (0: no cap of its own).",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["host", "url_prefix"]
+        constraints = [models.UniqueConstraint(fields=["host", "url_prefix"], name="destination_host_prefix")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.host}{self.url_prefix})"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        self.host = normalised_host(self.host)
+        super().save(*args, **kwargs)
+
+    @property
+    def header_pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple((str(name), str(value)) for name, value in self.headers or ())
+
+    @property
+    def rate_limit(self) -> RateLimit | None:
+        if not self.rate_per_second:
+            return None
+        burst = self.rate_burst or max(1, int(self.rate_per_second))
+        return RateLimit(self.pk, self.rate_per_second, burst)
+
+    def overrides(self) -> dict[str, float | int]:
+        """The rules this destination sets itself: settings field -> value."""
+        return {field: getattr(self, field) for field in OVERRIDE_FIELDS if getattr(self, field) is not None}
+
+    def rules(self, config: DeliverySettings, secrets: tuple[str, ...]) -> DeliverySettings:
+        """The settings its postbacks go by: a copy of the global ones with its overrides, its
+        own signing secrets when it has any (else the global ones)."""
+        rules = copy.copy(config)
+        for field, value in self.overrides().items():
+            setattr(rules, field, value)
+        if secrets:
+            rules.signing_secrets = secrets
+        rules.routes = Routes()
+        rules.request_limits = None
+        rules.destination = self
+        return rules
+
+
+class DestinationSecret(ReloadsSettings):
+    """A destination's own signing secret: its postbacks are signed with its active ones (at
+    most two, for a rotation), whatever sign_postbacks says; the global secrets sign the rest."""
+
+    MAX_ACTIVE = SigningSecret.MAX_ACTIVE
+
+    destination = models.ForeignKey(Destination, on_delete=models.CASCADE, related_name="secrets")
+    label = models.CharField(max_length=100, help_text='e.g. "2026 rotation".')
+    secret = models.CharField(max_length=100, default=new_secret, editable=False)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.label
 
 
 class Outcome(models.TextChoices):

@@ -187,10 +187,11 @@ class Settler:
                 rows.append(deferral_record(tried, item.work.host, item.reason, until))
                 follow_ups.append(FollowUp(tried, now + item.deferred_until - redis_now))  # the same try, later
             else:
-                outcome = outcome_of(response, tried.try_in_series, config)
+                rules = item.work.config or config  # its destination's (a refused try has none)
+                outcome = outcome_of(response, tried.try_in_series, rules)
                 rows.append(attempt_record(tried, item.work.host, response, outcome))
                 if outcome == Outcome.RETRY:
-                    delay = retry_delay_seconds(tried.try_in_series, response.retry_after_seconds, config)
+                    delay = retry_delay_seconds(tried.try_in_series, response.retry_after_seconds, rules)
                     follow_ups.append(FollowUp(replace(tried, attempt=tried.attempt + 1), now + delay))
             self.counts[rows[-1].outcome] += 1
             self._one_done(item.work)

@@ -81,6 +81,8 @@ class Request:
     host: str = ""  # the URL's host[:port] (hosts.host_of), when the caller knows it already
     # The sender's headers (`endpoint.headers`, rendered): below the product's own, see header_lines.
     sender_headers: tuple[tuple[str, str], ...] = ()
+    # Its destination's extra headers (admin): over the sender's, below the product's own.
+    destination_headers: tuple[tuple[str, str], ...] = ()
     traceparent: str = ""  # the W3C traceparent header to send (the attempt's span), if any
 
 
@@ -90,12 +92,12 @@ def header_lines(request: Request, with_body: bool) -> list[str | bytes]:
 
     1. the product's own: X-Postback-Id and -Attempt, the signatures, the traceparent when
        sent, "Expect:" (no 100-continue wait before a body);
-    2. (a destination's headers, when destinations come, go here: over the sender's);
+    2. its destination's extra headers (`Destination.headers`, set in admin);
     3. the sender's (`endpoint.headers`), checked at ingestion and again when read from Redis;
     4. the product's defaults a sender may replace: Content-Type for a body, and libcurl's
        User-Agent and Accept, which a line of the same name replaces.
 
-    A sender's empty value goes as "Name;", libcurl's way of sending a header with no value
+    An empty value goes as "Name;", libcurl's way of sending a header with no value
     ("Name:" would remove it); a value beyond ASCII goes as UTF-8.
     """
     own = [f"X-Postback-Id: {request.postback_id}", f"X-Postback-Attempt: {request.attempt}", "Expect:"]
@@ -103,11 +105,11 @@ def header_lines(request: Request, with_body: bool) -> list[str | bytes]:
     if request.traceparent:
         own.append(f"traceparent: {request.traceparent}")
     defaults = ["Content-Type: application/json"] if with_body else []
-    if not request.sender_headers:
+    if not request.sender_headers and not request.destination_headers:
         return [*own, *defaults]
     lines: list[str | bytes] = list(own)
     taken = {line.partition(":")[0].strip().lower() for line in own}
-    for name, value in request.sender_headers:
+    for name, value in (*request.destination_headers, *request.sender_headers):
         lowered = name.lower()
         if lowered in taken:
             continue

@@ -39,6 +39,20 @@ def rate_per_address(address: str) -> str:
     return f"postback:rate:address:{address}"
 
 
+# --- destinations --------------------------------------------------------------------------
+
+
+def destination_rate(destination_id: int) -> str:
+    """A destination's rate limit: when its allowance is whole again (ms)."""
+    return f"postback:rate:destination:{destination_id}"
+
+
+def destination_throttled(destination_id: int) -> str:
+    """Set for a moment after a destination's rate limit held a postback back (the dashboard's
+    "throttled")."""
+    return f"postback:throttled:destination:{destination_id}"
+
+
 # --- circuits ------------------------------------------------------------------------------
 # Sorted set: host -> open until (ms).
 CIRCUITS_OPEN = "postback:circuits:open"

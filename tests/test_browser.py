@@ -17,7 +17,7 @@ from django.db import connections
 from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
 from pytest_django.live_server_helper import LiveServer
 
-from delivery.models import DeliveryAttempt, SigningSecret
+from delivery.models import DeliveryAttempt, Destination, SigningSecret
 from postbackproject import keys
 from postbackproject.queue import get_connection
 from postbackproject.settings import BASE_DIR
@@ -309,6 +309,17 @@ def test_every_page_fits_a_phone_and_a_desk_and_writes_times_one_way(site, clien
     )
     get_connection().hset(keys.CIRCUITS_FAILURES, host, 5)
     secret = SigningSecret.objects.create(label="2026 rotation")
+    destination = Destination.objects.create(
+        name="An ad network with a long name",
+        host=host,
+        url_prefix="/postback/" + "segment/" * 6,
+        paused=True,
+        rate_per_second=50,
+        rate_burst=10,
+        max_attempts=3,
+        headers=[["Authorization", "Bearer hidden"], ["X-Campaign-" + "long-name-" * 4, "v"]],
+    )
+    Destination.objects.create(name="Whole host", host=host, total_timeout_seconds=30)
 
     page = browser.new_page(viewport=screen)
     refused = watch_policy(page)
@@ -336,6 +347,13 @@ def test_every_page_fits_a_phone_and_a_desk_and_writes_times_one_way(site, clien
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"dashboard-{screen['width']}.png"), full_page=True)
 
+    page.goto(f"{site.url}/dashboard/?range=1h&host={host}")
+    page.wait_for_function("() => document.querySelectorAll('#table-destination tbody tr').length == 2")
+    assert_fits_and_writes_times_one_way(page, "a host's view with its destinations")
+    expect(page.locator("#table-destination")).to_contain_text("paused")
+    expect(page.locator("#table-hosts")).to_contain_text("An ad network with a long name")
+    page.screenshot(path=str(SCREENSHOTS / f"host-{screen['width']}.png"), full_page=True)
+
     page.goto(f"{site.url}/dashboard/postbacks/{failed.postback_id}/")
     assert_fits_and_writes_times_one_way(page, "a failed postback's page")
     expect(page.locator("#sender-headers")).to_contain_text("X-Campaign-long-name-")
@@ -360,6 +378,8 @@ def test_every_page_fits_a_phone_and_a_desk_and_writes_times_one_way(site, clien
         "/admin/delivery/signingsecret/",
         f"/admin/delivery/signingsecret/{secret.pk}/change/",
         "/admin/ingestion/senderkey/",
+        "/admin/delivery/destination/",
+        f"/admin/delivery/destination/{destination.pk}/change/",
     ]:
         page.goto(site.url + where)
         assert_fits_and_writes_times_one_way(page, where)

@@ -217,8 +217,56 @@
     return "open until " + until + failures;
   }
 
+  function destinationState(d) {
+    const states = [];
+    if (d.paused) states.push("paused");
+    if (d.throttled) states.push("throttled");
+    return states.join(", ");
+  }
+
+  // A destination's name, linked to its admin page, and its state (paused, throttled).
+  function destinationLink(d) {
+    const link = cell("a", d.name + (d.url_prefix ? " " + d.url_prefix : ""));
+    link.href = d.admin_url;
+    link.title = d.rules.join("; ") || "the global delivery settings";
+    return link;
+  }
+
+  function destinationsCell(destinations) {
+    const td = cell("td", "", "text");
+    destinations.forEach((d, index) => {
+      if (index) td.append(document.createTextNode(", "));
+      td.append(destinationLink(d));
+      const state = destinationState(d);
+      if (state) td.append(cell("span", " (" + state + ")", "destination-state"));
+    });
+    if (!destinations.length) td.textContent = "–";
+    return td;
+  }
+
+  function showHostView(view) {
+    const panel = document.getElementById("panel-destination");
+    panel.hidden = !view;
+    if (!view) return;
+    document.getElementById("destination-circuit").textContent = circuitText(view.circuit);
+    const rows = view.destinations.map((d) => {
+      const row = document.createElement("tr");
+      const name = document.createElement("th");
+      name.scope = "row";
+      name.className = "text";
+      name.append(destinationLink(d));
+      row.append(name, cell("td", d.url_prefix || "(any)", "text"));
+      row.append(cell("td", destinationState(d) || "sending", "text destination-state"));
+      row.append(cell("td", d.rules.join("; ") || "the global delivery settings", "text rules"));
+      return row;
+    });
+    document.querySelector("#table-destination tbody").replaceChildren(...rows);
+    document.getElementById("destination-none").hidden = rows.length > 0;
+  }
+
   async function loadHosts(query) {
     const body = await getJSON(root.dataset.hosts + "?" + query);
+    showHostView(body.host_view);
     const rows = body.hosts.map((h) => {
       const row = document.createElement("tr");
       const name = document.createElement("th");
@@ -232,6 +280,7 @@
       row.append(cell("td", formatValue(h.mean_ms, " ms")));
       row.append(cell("td", formatValue(h.p95_ms, " ms")));
       row.append(cell("td", circuitText(h.circuit), "circuit-" + h.circuit.state));
+      row.append(destinationsCell(h.destinations));
       return row;
     });
     document.querySelector("#table-hosts tbody").replaceChildren(...rows);
