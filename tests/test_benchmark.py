@@ -30,6 +30,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from benchmark import php
+from benchmark.costs import CommandCount, CostReadings, RedisCounters, TableCounts, command_counts
 from benchmark.database import AttemptRow
 from benchmark.dns import DnsProtocol, DnsServer, answer
 from benchmark.figures import RawRun, group_figures, summarize
@@ -342,6 +343,43 @@ def test_the_figures_add_up_from_what_was_recorded():
     assert redis["bytes_per_postback"] == pytest.approx(300.0)
     assert figures["series"]["step_seconds"] == 0.1  # a 3-second run is drawn in tenths
     assert sum(figures["series"]["accepted_per_second"]) * 0.1 == pytest.approx(3)  # rates, per tenth
+
+
+def test_commandstats_are_read_per_command_subcommands_included():
+    section = {  # INFO commandstats as redis-py parses it
+        "cmdstat_xadd": {"calls": 3, "usec": 12, "usec_per_call": 4.0, "rejected_calls": 0, "failed_calls": 0},
+        "cmdstat_client|setname": {"calls": 2, "usec": 1, "usec_per_call": 0.5},
+        "errorstat_ERR": {"count": 1},
+    }
+    assert command_counts(section) == {"xadd": CommandCount(3, 12), "client|setname": CommandCount(2, 1)}
+
+
+def test_each_part_s_cost_is_its_counters_growth_per_postback():
+    readings = CostReadings(
+        redis_before=RedisCounters(1.0, {"evalsha": CommandCount(10, 100), "xack": CommandCount(1, 1)}),
+        redis_after=RedisCounters(1.3, {"evalsha": CommandCount(20, 400), "xack": CommandCount(1, 1)}),
+        tables_before=TableCounts({"attempt": 5, "request": 5}, {"attempt": 8192, "request": 8192}),
+        tables_after=TableCounts({"attempt": 15, "request": 10}, {"attempt": 15192, "request": 10692}),
+    )
+    cpu = {"web": 0.2, "worker1": 0.1, "redis": 0.3}
+    figures = summarize(raw_run(costs=readings, cpu=cpu, service_processes=["web", "worker1", "redis"]))
+    costs = figures["costs"]  # 3 postbacks in 2 accepted requests (raw_run)
+    assert costs["web_cpu_us_per_request"] == pytest.approx(100_000)
+    assert costs["worker_cpu_us_per_postback"] == pytest.approx(100_000 / 3)
+    assert costs["redis_cpu_us_per_postback"] == pytest.approx(100_000)  # INFO cpu's 0.3 s, not psutil's
+    assert list(costs["redis_commands"]) == ["evalsha"]  # xack did not run during the scenario
+    assert costs["redis_commands"]["evalsha"]["usec_per_call"] == pytest.approx(30.0)
+    assert costs["redis_commands"]["evalsha"]["calls_per_postback"] == pytest.approx(10 / 3)
+    database = costs["database"]
+    assert (database["attempt_rows_per_postback"], database["attempt_bytes_per_row"]) == (pytest.approx(10 / 3), 700)
+    assert (database["request_bytes_per_row"], database["bytes_per_postback"]) == (500, pytest.approx(9500 / 3))
+    without_sizes = CostReadings(
+        readings.redis_before,
+        readings.redis_after,
+        TableCounts({"attempt": 0, "request": 0}, None),
+        TableCounts({"attempt": 3, "request": 3}, None),
+    )
+    assert summarize(raw_run(costs=without_sizes))["costs"]["database"]["bytes_per_postback"] is None  # SQLite
 
 
 def test_the_kill_figure_is_the_time_from_the_kill_to_the_last_final_outcome():

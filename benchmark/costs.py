@@ -1,0 +1,168 @@
+"""What each part of the service spends on one postback in a scenario: Redis CPU (INFO cpu, and
+INFO commandstats per command), web CPU per request, worker CPU per postback, database rows and
+bytes per postback, and Redis memory per postback waiting. docs/scaling.md turns these into
+ceilings per core (docs/decisions.md, 74).
+
+Counters are read once before the load and once after the wait, so the tool's own traffic
+(a few cheap commands a second) stays a rounding error. The arithmetic is pure functions of
+the readings, tested without processes.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connections
+from redis import Redis
+
+from benchmark.metrics import ratio
+from delivery.models import DeliveryAttempt, PostbackRequest
+
+# The commands shown per scenario, most Redis time first; the JSON keeps every one.
+TOP_COMMANDS = 6
+# Tables whose rows and bytes are counted: the attempt log (a partition a day on PostgreSQL,
+# each named `<table>_pYYYYMMDD`) and each postback's request, written once.
+TABLES = {"attempt": DeliveryAttempt, "request": PostbackRequest}
+
+
+@dataclass(frozen=True)
+class CommandCount:
+    calls: int
+    usec: int  # Redis's own time executing the command (a script's includes its commands')
+
+
+@dataclass(frozen=True)
+class RedisCounters:
+    cpu_seconds: float  # used_cpu_user + used_cpu_sys: Redis's main process and its threads
+    commands: dict[str, CommandCount]
+
+
+@dataclass(frozen=True)
+class TableCounts:
+    rows: dict[str, int]  # "attempt" / "request" -> rows
+    bytes: dict[str, int] | None  # the same -> bytes with indexes and TOAST; None: not PostgreSQL
+
+
+def command_counts(section: Mapping[str, Any]) -> dict[str, CommandCount]:
+    """INFO commandstats as redis-py returns it (`cmdstat_xadd` -> {"calls": 3, "usec": 12, ...},
+    subcommands as `cmdstat_client|setname`) -> command name -> its counts."""
+    counts = {}
+    for key, fields in section.items():
+        if key.startswith("cmdstat_") and isinstance(fields, Mapping):
+            counts[key.removeprefix("cmdstat_")] = CommandCount(int(fields["calls"]), int(fields["usec"]))
+    return counts
+
+
+def redis_counters(redis: Redis) -> RedisCounters:
+    cpu = redis.info("cpu")
+    return RedisCounters(
+        cpu_seconds=float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+        commands=command_counts(redis.info("commandstats")),
+    )
+
+
+def used_memory(redis: Redis) -> int:
+    return int(redis.info("memory")["used_memory"])
+
+
+def table_counts(alias: str) -> TableCounts:
+    rows = {name: model._default_manager.using(alias).count() for name, model in TABLES.items()}
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return TableCounts(rows, None)
+    sizes = {}
+    with connection.cursor() as cursor:
+        for name, model in TABLES.items():
+            table = model._meta.db_table
+            # relkind 'r': plain tables and the day partitions (a partitioned parent is 'p', 0 bytes).
+            cursor.execute(
+                "SELECT coalesce(sum(pg_total_relation_size(oid)), 0) FROM pg_class"
+                " WHERE relkind = 'r' AND (relname = %s OR relname ~ %s)",
+                [table, f"^{table}_p[0-9]{{8}}$"],
+            )
+            sizes[name] = int(cursor.fetchone()[0])
+    return TableCounts(rows, sizes)
+
+
+def redis_command_figures(
+    before: Mapping[str, CommandCount], after: Mapping[str, CommandCount], postbacks: int
+) -> dict[str, dict[str, float | None]]:
+    """Per command run during the scenario, most time first: calls and Redis µs per postback,
+    and µs per call."""
+    figures = {}
+    for name, now in after.items():
+        then = before.get(name, CommandCount(0, 0))
+        calls, usec = now.calls - then.calls, now.usec - then.usec
+        if calls > 0:
+            figures[name] = {
+                "calls_per_postback": ratio(calls, postbacks),
+                "usec_per_call": usec / calls,
+                "usec_per_postback": ratio(usec, postbacks),
+                "usec": float(usec),
+            }
+    return dict(sorted(figures.items(), key=lambda item: -(item[1]["usec"] or 0.0)))
+
+
+def database_figures(before: TableCounts, after: TableCounts, postbacks: int) -> dict[str, float | None]:
+    attempts = after.rows["attempt"] - before.rows["attempt"]
+    requests = after.rows["request"] - before.rows["request"]
+    figures: dict[str, float | None] = {
+        "attempt_rows": float(attempts),
+        "request_rows": float(requests),
+        "attempt_rows_per_postback": ratio(attempts, postbacks),
+        "request_rows_per_postback": ratio(requests, postbacks),
+        "attempt_bytes_per_row": None,
+        "request_bytes_per_row": None,
+        "bytes_per_postback": None,
+    }
+    if before.bytes is not None and after.bytes is not None:
+        grown = {name: after.bytes[name] - before.bytes[name] for name in TABLES}
+        figures["attempt_bytes_per_row"] = ratio(grown["attempt"], attempts)
+        figures["request_bytes_per_row"] = ratio(grown["request"], requests)
+        figures["bytes_per_postback"] = ratio(sum(grown.values()), postbacks)
+    return figures
+
+
+@dataclass(frozen=True)
+class CostReadings:
+    """What a scenario read for its costs: counters before the load and after the wait, and
+    the CPU seconds of the service's processes by role (web, workers, redis)."""
+
+    redis_before: RedisCounters
+    redis_after: RedisCounters
+    tables_before: TableCounts
+    tables_after: TableCounts
+
+
+def cost_figures(
+    readings: CostReadings, cpu_by_role: Mapping[str, float], requests: int, postbacks: int
+) -> dict[str, Any]:
+    """Each part's cost of one postback (web: of one request too), from the readings and the
+    postbacks accepted. CPU by role is None where the tool did not start the processes."""
+    web, workers = cpu_by_role.get("web"), cpu_by_role.get("workers")
+    redis_cpu = readings.redis_after.cpu_seconds - readings.redis_before.cpu_seconds
+    return {
+        "postbacks": postbacks,
+        "requests": requests,
+        "web_cpu_us_per_request": ratio(None if web is None else 1e6 * web, requests),
+        "web_cpu_us_per_postback": ratio(None if web is None else 1e6 * web, postbacks),
+        "worker_cpu_us_per_postback": ratio(None if workers is None else 1e6 * workers, postbacks),
+        "redis_cpu_us_per_postback": ratio(1e6 * redis_cpu, postbacks),
+        "redis_commands": redis_command_figures(
+            readings.redis_before.commands, readings.redis_after.commands, postbacks
+        ),
+        "database": database_figures(readings.tables_before, readings.tables_after, postbacks),
+        "redis_memory": None,  # filled in by the waiting-memory step, when the tool owns the workers
+    }
+
+
+def waiting_memory_figures(before: int, after: int, postbacks: int, requests: int) -> dict[str, float | None]:
+    """Redis memory that postbacks take while they wait in the inbox (workers stopped)."""
+    grown = after - before
+    return {
+        "postbacks": float(postbacks),
+        "requests": float(requests),
+        "bytes": float(grown),
+        "bytes_per_postback": ratio(grown, postbacks),
+        "bytes_per_request": ratio(grown, requests),
+    }
