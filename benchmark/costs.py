@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 from django.db import connections
 from redis import Redis
 
@@ -20,6 +21,8 @@ from delivery.models import DeliveryAttempt, PostbackRequest
 
 # The commands shown per scenario, most Redis time first; the JSON keeps every one.
 TOP_COMMANDS = 6
+# PostgreSQL's backends can be read with psutil only where the server runs on this machine.
+LOOPBACK_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
 # Tables whose rows and bytes are counted: the attempt log (a partition a day on PostgreSQL,
 # each named `<table>_pYYYYMMDD`) and each postback's request, written once.
 TABLES = {"attempt": DeliveryAttempt, "request": PostbackRequest}
@@ -41,6 +44,8 @@ class RedisCounters:
 class TableCounts:
     rows: dict[str, int]  # "attempt" / "request" -> rows
     bytes: dict[str, int] | None  # the same -> bytes with indexes and TOAST; None: not PostgreSQL
+    # CPU seconds of each backend (pid) connected to the database; None: not a PostgreSQL on this machine
+    backend_cpu: dict[int, float] | None = None
 
 
 def command_counts(section: Mapping[str, Any]) -> dict[str, CommandCount]:
@@ -81,7 +86,31 @@ def table_counts(alias: str) -> TableCounts:
                 [table, f"^{table}_p[0-9]{{8}}$"],
             )
             sizes[name] = int(cursor.fetchone()[0])
-    return TableCounts(rows, sizes)
+        cpu = None
+        if connection.settings_dict.get("HOST", "") in LOOPBACK_HOSTS:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            cpu = backend_cpu([int(pid) for (pid,) in cursor.fetchall()])
+    return TableCounts(rows, sizes, cpu)
+
+
+def backend_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of each PostgreSQL backend still running."""
+    seconds = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:  # gone since the query, or not ours to read
+            continue
+        seconds[pid] = float(times.user + times.system)
+    return seconds
+
+
+def backend_cpu_used(before: Mapping[int, float], after: Mapping[int, float]) -> float:
+    """CPU seconds the backends spent between two readings: a backend that connected meanwhile
+    counts from zero; one that disconnected meanwhile is lost (the workers keep theirs open)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def redis_command_figures(
@@ -114,7 +143,13 @@ def database_figures(before: TableCounts, after: TableCounts, postbacks: int) ->
         "attempt_bytes_per_row": None,
         "request_bytes_per_row": None,
         "bytes_per_postback": None,
+        "backend_cpu_us_per_postback": None,
+        "backend_cpu_us_per_attempt_row": None,
     }
+    if before.backend_cpu is not None and after.backend_cpu is not None:
+        used = 1e6 * backend_cpu_used(before.backend_cpu, after.backend_cpu)
+        figures["backend_cpu_us_per_postback"] = ratio(used, postbacks)
+        figures["backend_cpu_us_per_attempt_row"] = ratio(used, attempts)
     if before.bytes is not None and after.bytes is not None:
         grown = {name: after.bytes[name] - before.bytes[name] for name in TABLES}
         figures["attempt_bytes_per_row"] = ratio(grown["attempt"], attempts)

@@ -74,6 +74,7 @@ ROWS: list[tuple[str, Cell]] = [
     ("web CPU µs/req", lambda r: _num(_cost(r, "web_cpu_us_per_request"))),
     ("worker CPU µs/pb", lambda r: _num(_cost(r, "worker_cpu_us_per_postback"))),
     ("Redis CPU µs/pb", lambda r: _num(_cost(r, "redis_cpu_us_per_postback"), 1)),
+    ("DB CPU µs/pb", lambda r: _num(_cost(r, "database", "backend_cpu_us_per_postback"))),
     ("DB B/pb", lambda r: _num(_cost(r, "database", "bytes_per_postback"))),
     ("Redis B/pb waiting", lambda r: _num(_cost(r, "redis_memory", "bytes_per_postback"))),
     ("status", _status),

@@ -358,8 +358,11 @@ def test_each_part_s_cost_is_its_counters_growth_per_postback():
     readings = CostReadings(
         redis_before=RedisCounters(1.0, {"evalsha": CommandCount(10, 100), "xack": CommandCount(1, 1)}),
         redis_after=RedisCounters(1.3, {"evalsha": CommandCount(20, 400), "xack": CommandCount(1, 1)}),
-        tables_before=TableCounts({"attempt": 5, "request": 5}, {"attempt": 8192, "request": 8192}),
-        tables_after=TableCounts({"attempt": 15, "request": 10}, {"attempt": 15192, "request": 10692}),
+        tables_before=TableCounts({"attempt": 5, "request": 5}, {"attempt": 8192, "request": 8192}, {7: 1.0, 8: 2.0}),
+        # backend 8 disconnected (lost), 9 connected meanwhile (from zero)
+        tables_after=TableCounts(
+            {"attempt": 15, "request": 10}, {"attempt": 15192, "request": 10692}, {7: 1.5, 9: 0.5}
+        ),
     )
     cpu = {"web": 0.2, "worker1": 0.1, "redis": 0.3}
     figures = summarize(raw_run(costs=readings, cpu=cpu, service_processes=["web", "worker1", "redis"]))
@@ -373,6 +376,7 @@ def test_each_part_s_cost_is_its_counters_growth_per_postback():
     database = costs["database"]
     assert (database["attempt_rows_per_postback"], database["attempt_bytes_per_row"]) == (pytest.approx(10 / 3), 700)
     assert (database["request_bytes_per_row"], database["bytes_per_postback"]) == (500, pytest.approx(9500 / 3))
+    assert database["backend_cpu_us_per_attempt_row"] == pytest.approx(100_000)  # 1 s over 10 rows
     without_sizes = CostReadings(
         readings.redis_before,
         readings.redis_after,
