@@ -113,6 +113,21 @@ def backend_cpu_used(before: Mapping[int, float], after: Mapping[int, float]) ->
     return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
+def analyze(alias: str) -> None:
+    """Fresh planner statistics for the attempt and request tables (PostgreSQL; each partition
+    too). The recording's INSERT looks up each try and request before writing it, and on a
+    partition never analyzed the planner reads the partition whole for every batch instead of
+    using its index (170 ms instead of 5 ms for 200 requests over 340,000 rows, measured): a
+    server whose autovacuum is on analyzes a growing partition by itself, a shared test server
+    with it off does not, and the figures would measure stale statistics rather than the service."""
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        for model in TABLES.values():
+            cursor.execute(f"ANALYZE {connection.ops.quote_name(model._meta.db_table)}")
+
+
 def redis_command_figures(
     before: Mapping[str, CommandCount], after: Mapping[str, CommandCount], postbacks: int
 ) -> dict[str, dict[str, float | None]]:

@@ -19,7 +19,14 @@ from django.conf import settings
 from rich.progress import Progress
 
 from benchmark import baselines, payloads, php
-from benchmark.costs import CostReadings, redis_counters, table_counts, used_memory, waiting_memory_figures
+from benchmark.costs import (
+    CostReadings,
+    analyze,
+    redis_counters,
+    table_counts,
+    used_memory,
+    waiting_memory_figures,
+)
 from benchmark.database import (
     AttemptLog,
     apply_settings,
@@ -193,6 +200,7 @@ class ScenarioRun:
         processes = {**service.processes(), **destinations.pids()}
         monitor = Monitor(redis, AttemptLog(alias), counters, processes, set(service.processes()))
         monitor.in_flight = destinations.in_flight
+        analyze(alias)
         before = redis_stats(redis)
         redis_before, tables_before = redis_counters(redis), table_counts(alias)
         self.started = time.time()
