@@ -442,6 +442,13 @@ def test_a_short_scenario_runs_through_real_processes_and_its_figures_add_up(tmp
     assert figures["wait_timed_out"] is False
     assert figures["baselines"]["healthz_requests_per_second"] > 0
     assert {"web", "worker1", "worker2", "redis"} <= set(figures["processes"])
+    costs = figures["costs"]
+    assert (costs["database"]["attempt_rows_per_postback"], costs["database"]["request_rows_per_postback"]) == (1, 1)
+    assert costs["web_cpu_us_per_request"] > 0 and costs["worker_cpu_us_per_postback"] > 0
+    assert costs["redis_cpu_us_per_postback"] > 0 and "evalsha" in costs["redis_commands"]  # the ingest script
+    assert costs["redis_memory"]["postbacks"] == 4000  # sent with the workers stopped, then let go
+    assert costs["redis_memory"]["bytes_per_postback"] > 0
+    assert (costs["database"]["bytes_per_postback"] is not None) == (benchmark_database_url is not None)
     assert Path(plot).read_bytes().startswith(b"\x89PNG")
 
 
