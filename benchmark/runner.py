@@ -247,8 +247,9 @@ class ScenarioRun:
     def waiting_memory(self, service: Service, destinations: Destinations) -> dict[str, float | None] | None:
         """Redis memory per postback waiting: the workers stopped (SIGSTOP), the scenario's
         request sent until WAITING_POSTBACKS are accepted, used_memory before and after, the
-        workers let go again. Only with the tool's own workers (not with --url)."""
-        if not service.owned:
+        workers let go again. Only with the tool's own workers (not with --url), in the scenarios
+        that ask for it."""
+        if not service.owned or not self.scenario.waiting_memory:
             return None
         # Idle drain jobs end first, so that no stopped drainer is handed the entries to hold.
         time.sleep(settings.DELIVERY_DRAINER_IDLE_SECONDS + 1.0)
