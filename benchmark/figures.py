@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmark.costs import CostReadings, cost_figures
 from benchmark.database import FINAL_OUTCOMES, AttemptRow
 from benchmark.loadgen import LoadResult
 from benchmark.metrics import per_second_counts, per_second_percentiles, percentiles, ratio, rss_summary
@@ -39,6 +40,7 @@ class RawRun:
     service_processes: list[str] = field(default_factory=list)  # the processes of `cpu` that are the service
     kill_at: float | None = None
     exited: dict[str, float] = field(default_factory=dict)  # process -> when it was found gone
+    costs: CostReadings | None = None  # counters for each part's cost per postback (benchmark/costs.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -256,6 +258,11 @@ def summarize(run: RawRun) -> dict[str, Any]:
         "processes_exited": {name: at - run.started for name, at in sorted(run.exited.items())},
         **run.extra,
     }
+    if run.costs is not None:
+        ingest = figures["ingest"]
+        figures["costs"] = cost_figures(
+            run.costs, figures["cpu"]["by_role"], ingest["accepted_requests"], len(accepted.at)
+        )
     if run.kill_at is not None:
         figures["kill"] = kill_figures(run, accepted)
     figures["series"] = series(run, accepted)

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeElapsedColu
 from rich.table import Column, Table
 from rich.text import Text
 
+from benchmark.costs import TOP_COMMANDS
 from benchmark.targets import Verdict
 
 Figures = dict[str, Any]
@@ -41,6 +42,14 @@ def _added_latency(run: Figures) -> bool:
     return bool(run["delivery"]["receiver_latency_ms"]["p99"])
 
 
+def _cost(run: Figures, *path: str) -> float | None:
+    """A figure of the run's costs block (benchmark/costs.py); None where it was not measured."""
+    value: Any = run.get("costs")
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, int | float) else None
+
+
 # The summary's rows: a short label and how to read the value from one scenario's figures.
 ROWS: list[tuple[str, Cell]] = [
     ("ingest req/s", lambda r: _num(r["ingest"]["requests_per_second"])),
@@ -62,6 +71,12 @@ ROWS: list[tuple[str, Cell]] = [
     ("Redis B/pb out", lambda r: _num(r["redis"]["bytes_out_per_postback"])),
     ("peak RSS MiB", _peak_rss),
     ("CPU µs/pb", lambda r: _num(r["cpu"]["us_per_postback"])),
+    ("web CPU µs/req", lambda r: _num(_cost(r, "web_cpu_us_per_request"))),
+    ("worker CPU µs/pb", lambda r: _num(_cost(r, "worker_cpu_us_per_postback"))),
+    ("Redis CPU µs/pb", lambda r: _num(_cost(r, "redis_cpu_us_per_postback"), 1)),
+    ("DB CPU µs/pb", lambda r: _num(_cost(r, "database", "backend_cpu_us_per_postback"))),
+    ("DB B/pb", lambda r: _num(_cost(r, "database", "bytes_per_postback"))),
+    ("Redis B/pb waiting", lambda r: _num(_cost(r, "redis_memory", "bytes_per_postback"))),
     ("status", _status),
 ]
 LABEL_WIDTH = max(len(label) for label, _ in ROWS)
@@ -153,11 +168,36 @@ def details(run: Figures) -> list[str]:
     if cpu["by_role"]:
         roles = ", ".join(f"{role} {seconds:.1f}" for role, seconds in cpu["by_role"].items())
         lines.append(f"  CPU seconds: {roles} (service {cpu['service_seconds']:.1f})")
+    if "costs" in run:
+        lines += cost_details(run["costs"])
     grown = [f"{name} {p['growth']:+.0%}" for name, p in run["processes"].items() if p["growth"] is not None]
     if grown:
         lines.append("  RSS end vs 25 %: " + ", ".join(grown))
     load_cpu = _num(ingest["load_generator_cpu_us_per_request"], 1)
     lines.append(f"  load generator CPU: {load_cpu} µs a request (idle polling included)")
+    return lines
+
+
+def cost_details(costs: Figures) -> list[str]:
+    """Where Redis spends its time, and the rows written, per postback (docs/scaling.md)."""
+    commands = list(costs["redis_commands"].items())[:TOP_COMMANDS]
+    spent = ", ".join(
+        f"{name} {c['usec_per_postback']:.2f} ({c['calls_per_postback']:.3f} calls, {c['usec_per_call']:.1f} µs each)"
+        for name, c in commands
+    )
+    database = costs["database"]
+    lines = [
+        f"  Redis µs/pb by command: {spent or '-'}",
+        f"  database per postback: {_num(database['attempt_rows_per_postback'], 3)} attempt rows "
+        f"({_num(database['attempt_bytes_per_row'])} B each), {_num(database['request_rows_per_postback'], 3)} "
+        f"request rows ({_num(database['request_bytes_per_row'])} B each)",
+    ]
+    memory = costs["redis_memory"]
+    if memory:
+        lines.append(
+            f"  Redis memory, workers stopped: {_num(memory['bytes'])} B for {_num(memory['postbacks'])} postbacks "
+            f"in {_num(memory['requests'])} requests"
+        )
     return lines
 
 

@@ -2,18 +2,31 @@
 postback's final outcome, and the figures."""
 
 import contextlib
+import json
+import math
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
 from django.conf import settings
 from rich.progress import Progress
 
 from benchmark import baselines, payloads, php
+from benchmark.costs import (
+    CostReadings,
+    analyze,
+    redis_counters,
+    table_counts,
+    used_memory,
+    waiting_memory_figures,
+)
 from benchmark.database import (
     AttemptLog,
     apply_settings,
@@ -31,6 +44,8 @@ from benchmark.service import WORKERS_KEY, Service, ServiceExtras
 
 TICK_SECONDS = 0.1
 RQ_NOOP_JOBS = 2000
+# Postbacks sent with the workers stopped, to weigh what one takes in Redis while it waits.
+WAITING_POSTBACKS = 4000
 
 
 class ServiceProvider(Protocol):
@@ -114,6 +129,7 @@ class ScenarioRun:
                 raw = self.drive(service, alias, destinations)
                 raw.extra = {name: group_figures(raw, index) for name, index in self.scenario.groups.items()}
                 figures = summarize(raw)
+                figures["costs"]["redis_memory"] = self.waiting_memory(service, destinations)
             finally:
                 restore_settings(alias, previous)
                 close_database(alias)
@@ -184,7 +200,9 @@ class ScenarioRun:
         processes = {**service.processes(), **destinations.pids()}
         monitor = Monitor(redis, AttemptLog(alias), counters, processes, set(service.processes()))
         monitor.in_flight = destinations.in_flight
+        analyze(alias)
         before = redis_stats(redis)
+        redis_before, tables_before = redis_counters(redis), table_counts(alias)
         self.started = time.time()
         plans = [plan_for(phase, service, destinations, self.settings.ingest_path) for phase in self.scenario.phases]
         if self.scenario.together:
@@ -202,6 +220,7 @@ class ScenarioRun:
         monitor.finish()
         self.described = destinations.describe()
         after = redis_stats(redis)
+        costs = CostReadings(redis_before, redis_counters(redis), tables_before, table_counts(alias))
         ended = time.time()
         return RawRun(
             name=self.scenario.name,
@@ -222,7 +241,34 @@ class ScenarioRun:
             samples=monitor.samples,
             kill_at=self.kill_at,
             exited=monitor.exited,
+            costs=costs,
         )
+
+    def waiting_memory(self, service: Service, destinations: Destinations) -> dict[str, float | None] | None:
+        """Redis memory per postback waiting: the workers stopped (SIGSTOP), the scenario's
+        request sent until WAITING_POSTBACKS are accepted, used_memory before and after, the
+        workers let go again. Only with the tool's own workers (not with --url), in the scenarios
+        that ask for it."""
+        if not service.owned or not self.scenario.waiting_memory:
+            return None
+        # Idle drain jobs end first, so that no stopped drainer is handed the entries to hold.
+        time.sleep(settings.DELIVERY_DRAINER_IDLE_SECONDS + 1.0)
+        phase = self.scenario.phases[0]
+        body = plan_for(phase, service, destinations, self.settings.ingest_path).bodies[0]
+        requests = math.ceil(WAITING_POSTBACKS / (phase.objects or len(payloads.SAMPLE_DATA)))
+        redis = service.redis()
+        workers = [psutil.Process(child.pid) for child in service.workers() if child.alive()]
+        self.say("Redis memory, workers stopped")
+        for worker in workers:
+            worker.suspend()
+        try:
+            before = used_memory(redis)
+            accepted = sum(accepted_postbacks(service.url + self.settings.ingest_path, body) for _ in range(requests))
+            after = used_memory(redis)
+        finally:
+            for worker in workers:
+                worker.resume()
+        return waiting_memory_figures(before, after, accepted, requests)
 
     def run_loads(self, generators: list[LoadProcess], service: Service, monitor: Monitor) -> list[LoadResult]:
         """Watch the generators until every one has finished; their results in the same order."""
@@ -279,6 +325,16 @@ class ScenarioRun:
     def say(self, message: str) -> None:
         """A short word on what the scenario is doing (the progress line has little room)."""
         self.progress.update(self.task, description=f"{self.scenario.name} {message}")
+
+
+def accepted_postbacks(url: str, body: bytes) -> int:
+    """POST one request; the postbacks its 202 says were accepted (0 for any other answer)."""
+    request = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(json.load(response)["accepted"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return 0
 
 
 def busy_worker_pids(service: Service) -> list[int]:

@@ -30,6 +30,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from benchmark import php
+from benchmark.costs import CommandCount, CostReadings, RedisCounters, TableCounts, command_counts
 from benchmark.database import AttemptRow
 from benchmark.dns import DnsProtocol, DnsServer, answer
 from benchmark.figures import RawRun, group_figures, summarize
@@ -344,6 +345,47 @@ def test_the_figures_add_up_from_what_was_recorded():
     assert sum(figures["series"]["accepted_per_second"]) * 0.1 == pytest.approx(3)  # rates, per tenth
 
 
+def test_commandstats_are_read_per_command_subcommands_included():
+    section = {  # INFO commandstats as redis-py parses it
+        "cmdstat_xadd": {"calls": 3, "usec": 12, "usec_per_call": 4.0, "rejected_calls": 0, "failed_calls": 0},
+        "cmdstat_client|setname": {"calls": 2, "usec": 1, "usec_per_call": 0.5},
+        "errorstat_ERR": {"count": 1},
+    }
+    assert command_counts(section) == {"xadd": CommandCount(3, 12), "client|setname": CommandCount(2, 1)}
+
+
+def test_each_part_s_cost_is_its_counters_growth_per_postback():
+    readings = CostReadings(
+        redis_before=RedisCounters(1.0, {"evalsha": CommandCount(10, 100), "xack": CommandCount(1, 1)}),
+        redis_after=RedisCounters(1.3, {"evalsha": CommandCount(20, 400), "xack": CommandCount(1, 1)}),
+        tables_before=TableCounts({"attempt": 5, "request": 5}, {"attempt": 8192, "request": 8192}, {7: 1.0, 8: 2.0}),
+        # backend 8 disconnected (lost), 9 connected meanwhile (from zero)
+        tables_after=TableCounts(
+            {"attempt": 15, "request": 10}, {"attempt": 15192, "request": 10692}, {7: 1.5, 9: 0.5}
+        ),
+    )
+    cpu = {"web": 0.2, "worker1": 0.1, "redis": 0.3}
+    figures = summarize(raw_run(costs=readings, cpu=cpu, service_processes=["web", "worker1", "redis"]))
+    costs = figures["costs"]  # 3 postbacks in 2 accepted requests (raw_run)
+    assert costs["web_cpu_us_per_request"] == pytest.approx(100_000)
+    assert costs["worker_cpu_us_per_postback"] == pytest.approx(100_000 / 3)
+    assert costs["redis_cpu_us_per_postback"] == pytest.approx(100_000)  # INFO cpu's 0.3 s, not psutil's
+    assert list(costs["redis_commands"]) == ["evalsha"]  # xack did not run during the scenario
+    assert costs["redis_commands"]["evalsha"]["usec_per_call"] == pytest.approx(30.0)
+    assert costs["redis_commands"]["evalsha"]["calls_per_postback"] == pytest.approx(10 / 3)
+    database = costs["database"]
+    assert (database["attempt_rows_per_postback"], database["attempt_bytes_per_row"]) == (pytest.approx(10 / 3), 700)
+    assert (database["request_bytes_per_row"], database["bytes_per_postback"]) == (500, pytest.approx(9500 / 3))
+    assert database["backend_cpu_us_per_attempt_row"] == pytest.approx(100_000)  # 1 s over 10 rows
+    without_sizes = CostReadings(
+        readings.redis_before,
+        readings.redis_after,
+        TableCounts({"attempt": 0, "request": 0}, None),
+        TableCounts({"attempt": 3, "request": 3}, None),
+    )
+    assert summarize(raw_run(costs=without_sizes))["costs"]["database"]["bytes_per_postback"] is None  # SQLite
+
+
 def test_the_kill_figure_is_the_time_from_the_kill_to_the_last_final_outcome():
     figures = summarize(raw_run(kill_at=10.2, final_seen_at={"a1": 10.5, "a2": 11.0, "b1": 12.7}))
     assert figures["kill"]["all_final_after_seconds"] == pytest.approx(2.5)
@@ -400,6 +442,13 @@ def test_a_short_scenario_runs_through_real_processes_and_its_figures_add_up(tmp
     assert figures["wait_timed_out"] is False
     assert figures["baselines"]["healthz_requests_per_second"] > 0
     assert {"web", "worker1", "worker2", "redis"} <= set(figures["processes"])
+    costs = figures["costs"]
+    assert (costs["database"]["attempt_rows_per_postback"], costs["database"]["request_rows_per_postback"]) == (1, 1)
+    assert costs["web_cpu_us_per_request"] > 0 and costs["worker_cpu_us_per_postback"] > 0
+    assert costs["redis_cpu_us_per_postback"] > 0 and "evalsha" in costs["redis_commands"]  # the ingest script
+    assert costs["redis_memory"]["postbacks"] == 4000  # sent with the workers stopped, then let go
+    assert costs["redis_memory"]["bytes_per_postback"] > 0
+    assert (costs["database"]["bytes_per_postback"] is not None) == (benchmark_database_url is not None)
     assert Path(plot).read_bytes().startswith(b"\x89PNG")
 
 
