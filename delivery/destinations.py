@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 from delivery.clock import RedisClock
 from postbackproject import keys, scripts
+from postbackproject.inbox import gcra_args
 from postbackproject.queue import get_connection
 
 Rules = TypeVar("Rules")
@@ -30,15 +31,13 @@ Rules = TypeVar("Rules")
 # Returns {1, now} (charged) or {0, when the next request fits}, in ms by Redis's clock.
 _TAKE = """
 local now = now_ms()
-local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or 0), now)
-if tat - now > tolerance then
-  local fits = math.ceil(tat - tolerance)
+local tat, wait = gcra_wait(KEYS[1], now, tonumber(ARGV[2]))
+if wait > 0 then
+  local fits = math.ceil(now + wait)
   redis.call('SET', KEYS[2], fits, 'PX', fits - now + __THROTTLED_MS__)
   return {0, fits}
 end
-tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.max(1, math.ceil(tat - now)))
+gcra_charge(KEYS[1], tat + tonumber(ARGV[1]), now)
 return {1, now}
 """.replace("__THROTTLED_MS__", "2000")
 
@@ -63,8 +62,7 @@ class RateLimit:
         return 1000 / self.per_second
 
     def script_args(self) -> tuple[float, float]:
-        """GCRA's emission interval and tolerance, in ms."""
-        return self.interval_ms, (max(1, self.burst) - 1) * self.interval_ms
+        return gcra_args(self.per_second, self.burst)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,15 +68,12 @@ local now = now_ms()
 local limits = tonumber(ARGV[3])
 local charged = {}
 for n = 1, limits do
-  local interval, tolerance = tonumber(ARGV[2 + 2 * n]), tonumber(ARGV[3 + 2 * n])
-  local tat = math.max(tonumber(redis.call('GET', KEYS[3 + n]) or 0), now)
-  if tat - now > tolerance then return {n, math.ceil(tat - now - tolerance)} end
-  charged[n] = tat + interval
+  local tat, wait = gcra_wait(KEYS[3 + n], now, tonumber(ARGV[3 + 2 * n]))
+  if wait > 0 then return {n, math.ceil(wait)} end
+  charged[n] = tat + tonumber(ARGV[2 + 2 * n])
 end
 if redis.call('XLEN', inbox) >= tonumber(ARGV[1]) then return -1 end
-for n = 1, limits do
-  redis.call('SET', KEYS[3 + n], string.format('%.3f', charged[n]), 'PX', math.max(1, math.ceil(charged[n] - now)))
-end
+for n = 1, limits do gcra_charge(KEYS[3 + n], charged[n], now) end
 local first, id
 local tp = ARGV[4 + 2 * limits]
 for i = 5 + 2 * limits, #ARGV do
@@ -247,9 +244,14 @@ class RateLimit:
         return cls(keys.rate_per_address(address), per_second, "address")
 
     def script_args(self) -> tuple[float, float]:
-        """GCRA's emission interval and tolerance, in ms."""
-        interval = 1000 / self.per_second
-        return interval, (max(1.0, self.per_second) - 1) * interval
+        return gcra_args(self.per_second, self.per_second)
+
+
+def gcra_args(per_second: float, burst: float) -> tuple[float, float]:
+    """A GCRA limit's emission interval and tolerance, in ms, for the scripts' `gcra_wait`:
+    `per_second` requests a second, up to `burst` at once (at least one)."""
+    interval = 1000 / per_second
+    return interval, (max(1.0, burst) - 1) * interval
 
 
 class RateLimited(Exception):

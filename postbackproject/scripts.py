@@ -69,6 +69,18 @@ local function has_pending(inbox, group, consumer)
   return #redis.call('XPENDING', inbox, group, '-', '+', 1, consumer) > 0
 end
 
+-- GCRA rate limits: a limit's key holds the time (ms) at which its allowance is whole again.
+-- Returns that time (now, if past) and how long a request must wait to fit (0: it fits).
+local function gcra_wait(key, now, tolerance)
+  local tat = math.max(tonumber(redis.call('GET', key) or 0), now)
+  return tat, math.max(0, tat - now - tolerance)
+end
+
+-- Charge a request: the allowance is whole again at `tat` (kept until then).
+local function gcra_charge(key, tat, now)
+  redis.call('SET', key, string.format('%.3f', tat), 'PX', math.max(1, math.ceil(tat - now)))
+end
+
 -- Calls `call` with the items as arguments, a slice at a time (Lua's unpack has a stack limit).
 local function in_slices(items, call)
   for start = 1, #items, 1000 do
