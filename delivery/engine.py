@@ -391,17 +391,13 @@ class Engine:
 
 
 def limits_of(config: DeliverySettings) -> Limits:
-    """How long a request under these settings may take (kept with them: made once per
-    settings read, not per request)."""
-    limits = config.request_limits
-    if limits is None:
-        limits = config.request_limits = Limits(
-            connect_timeout=config.connect_timeout_seconds,
-            read_timeout=config.read_timeout_seconds,
-            total_timeout=config.total_timeout_seconds,
-            body_max_bytes=config.response_body_max_bytes,
-        )
-    return limits
+    """How long a request under these settings (its destination's, or the global ones) may take."""
+    return Limits(
+        connect_timeout=config.connect_timeout_seconds,
+        read_timeout=config.read_timeout_seconds,
+        total_timeout=config.total_timeout_seconds,
+        body_max_bytes=config.response_body_max_bytes,
+    )
 
 
 @cache

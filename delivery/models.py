@@ -5,7 +5,7 @@ import logging
 import time
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -14,9 +14,6 @@ from django.db import DatabaseError, models
 from delivery.destinations import RateLimit, Routes
 from delivery.hosts import host_of
 from delivery.signing import new_secret
-
-if TYPE_CHECKING:
-    from delivery.transport import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +146,6 @@ class DeliverySettings(models.Model):
     # such a copy, the destination it is for.
     routes: "Routes[DeliverySettings]" = Routes()
     destination: "Destination | None" = None
-    request_limits: "Limits | None" = None  # made from these settings once (`engine.limits_of`)
 
     _cache: ClassVar[tuple[float, "DeliverySettings"] | None] = None
 
@@ -378,7 +374,6 @@ class Destination(ReloadsSettings):
         if secrets:
             rules.signing_secrets = secrets
         rules.routes = Routes()
-        rules.request_limits = None
         rules.destination = self
         return rules
 
