@@ -20,7 +20,7 @@ from redis import Redis
 
 from benchmark.payloads import sample
 from benchmark.service import RedisAnswers, free_port, wait_for
-from postbackproject import keys
+from postbackproject import shards
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -76,7 +76,7 @@ Case = tuple[WSGIApp, str, str, bytes, str]  # application, method, path, body, 
 def cpu_us_per_call(case: Case, calls: int) -> float:
     """CPU µs per call over `calls` calls, Redis's inbox emptied first."""
     app, method, path, body, expected = case
-    Redis.from_url(settings.REDIS_URL).delete(keys.INBOX)
+    Redis.from_url(settings.REDIS_URL).delete(*(shard.inbox for shard in shards.configured()))
     requests = [environ(method, path, body) for _ in range(calls)]
     started = time.process_time()
     for request in requests:

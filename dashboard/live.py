@@ -7,7 +7,7 @@ from rq import Worker
 from rq.registry import FailedJobRegistry
 
 from delivery.circuit import OpenCircuit, count_circuits, open_circuits
-from postbackproject import inbox, keys
+from postbackproject import inbox, shards
 from postbackproject.queue import get_connection, get_queue
 
 
@@ -33,8 +33,13 @@ def figures() -> dict[str, Any]:
 def unfolded_accepted() -> dict[int, int]:
     """Accepted postbacks counted by ingestion and not yet folded into the database, per
     minute (Unix time): the current minute, and past ones while no worker folds."""
-    counts: dict[bytes, bytes] = get_connection().hgetall(keys.ACCEPTED)  # type: ignore[assignment]
-    return {int(minute): int(count) for minute, count in counts.items()}
+    connection = get_connection()
+    totals: dict[int, int] = {}
+    for shard in shards.listed():
+        counts: dict[bytes, bytes] = connection.hgetall(shard.accepted)  # type: ignore[assignment]
+        for minute, count in counts.items():
+            totals[int(minute)] = totals.get(int(minute), 0) + int(count)
+    return totals
 
 
 def circuits() -> dict[str, OpenCircuit]:

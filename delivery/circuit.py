@@ -32,7 +32,7 @@ from redis.client import Pipeline
 
 from delivery.clock import Clock, RedisClock
 from delivery.hosts import host_of
-from postbackproject import inbox, keys, scripts
+from postbackproject import inbox, keys, scripts, shards
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection
 
@@ -332,13 +332,16 @@ def close_circuits(hosts: Iterable[str]) -> int:
     connection = get_connection()
     names = sorted(closing)
     scripts.run(_CLOSE, [*_STATE_KEYS, *map(keys.circuit_probe, names)], names)
-    released = [
-        postback_id
-        for postback_id, text in connection.hscan_iter(keys.DUE_TRIES, count=1000)
-        if host_of(Try.from_fields(json.loads(text)).url) in closing
-    ]
-    for start in range(0, len(released), 1000):
-        connection.zadd(keys.DUE, dict.fromkeys(released[start : start + 1000], 0), xx=True)
+    released = 0
+    for shard in shards.listed():
+        waiting = [
+            postback_id
+            for postback_id, text in connection.hscan_iter(shard.due_tries, count=1000)
+            if host_of(Try.from_fields(json.loads(text)).url) in closing
+        ]
+        for start in range(0, len(waiting), 1000):
+            connection.zadd(shard.due, dict.fromkeys(waiting[start : start + 1000], 0), xx=True)
+        released += len(waiting)
     if released:
         inbox.sweep()
-    return len(released)
+    return released

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 from delivery.clock import RedisClock
 from postbackproject import keys, scripts
 from postbackproject.inbox import gcra_args
-from postbackproject.queue import get_connection
+from postbackproject.queue import get_many
 
 Rules = TypeVar("Rules")
 
@@ -93,8 +93,7 @@ def throttled_destinations(ids: Sequence[int]) -> set[int]:
     """Destinations that refused a request over their rate limit a moment ago."""
     if not ids:
         return set()
-    connection = get_connection()
-    marks = connection.mget([keys.destination_throttled(number) for number in ids])
+    marks = get_many([keys.destination_throttled(number) for number in ids])
     return {number for number, mark in zip(ids, marks, strict=True) if mark is not None}
 
 

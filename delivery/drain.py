@@ -47,7 +47,7 @@ from delivery.rollups import fold_accepted_now_and_then
 from delivery.settling import EntryState, FollowUp, Settler
 from delivery.transport import process_transport
 from postbackproject import inbox, keys
-from postbackproject.queue import get_connection
+from postbackproject.queue import get_connection, get_queue
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ IDLE_BLOCK_MS = 200
 # waiting on slow receivers then asks Redis forty times a second, not three hundred).
 READ_PAUSE_SECONDS = 0.003
 READ_PAUSE_MAX_SECONDS = 0.025
+# A drainer that has run this long hands over when a drain job has waited for a worker since
+# its last housekeeping: with more shards than workers, shards are drained in turn.
+FAIR_SHARE_SECONDS = 10.0
 # A drainer asks for a colleague at most this often.
 RECRUIT_PAUSE_SECONDS = 1.0
 # Longest a turn of the loop waits for replies (a ready socket ends the wait at once).
@@ -98,6 +101,7 @@ class Intake:
         self.engine = engine
         self.settler = settler
         self.lease = lease
+        self.shard = lease.shard
         self.clock = settler.clock
         self.unmade: deque[Unmade] = deque()  # entries taken in, with tries still to make
         self.unchecked: list[tuple[Unmade, EntryTries]] = []  # tries waiting for the database
@@ -107,7 +111,7 @@ class Intake:
         """Up to `count` new entries, waiting up to `block_ms` for one (0: no wait)."""
         try:
             reply: Any = self.connection.xreadgroup(
-                keys.GROUP, self.id, {keys.INBOX: ">"}, count=count, block=block_ms or None
+                keys.GROUP, self.id, {self.shard.inbox: ">"}, count=count, block=block_ms or None
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -118,7 +122,7 @@ class Intake:
 
     def create_group(self) -> None:
         try:
-            self.connection.xgroup_create(keys.INBOX, keys.GROUP, id="0", mkstream=True)
+            self.connection.xgroup_create(self.shard.inbox, keys.GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -187,12 +191,13 @@ class Intake:
     def reject(self, entry: inbox.Entry, why: str) -> None:
         """Set an entry aside, kept whole for a person to read: it is not ours, or it has
         already brought down MAX_DELIVERIES drainers."""
-        logger.error("inbox entry %s set aside in %s: %s", entry.id, keys.REJECTED, why)
+        shard = self.shard
+        logger.error("inbox entry %s set aside in %s: %s", entry.id, shard.rejected, why)
         kept = {"id": entry.id, "kind": entry.kind, "why": why, "payload": entry.payload.decode("utf-8", "replace")}
         with self.connection.pipeline() as pipe:
-            pipe.rpush(keys.REJECTED, json.dumps(kept))
-            pipe.xack(keys.INBOX, keys.GROUP, entry.id)
-            pipe.xdel(keys.INBOX, entry.id)
+            pipe.rpush(shard.rejected, json.dumps(kept))
+            pipe.xack(shard.inbox, keys.GROUP, entry.id)
+            pipe.xdel(shard.inbox, entry.id)
             pipe.execute()
 
     def retry_unchecked(self, config: DeliverySettings) -> None:
@@ -232,12 +237,15 @@ class Drainer:
         self.clock = clock
         self.counts: Counter[str] = Counter()
         self.lease = Lease(connection, drainer_id, settings.POSTBACK_QUEUE, circuits.redis_clock)
-        self.settler = Settler(connection, engine, circuits, clock, self.counts)
+        self.settler = Settler(connection, engine, circuits, clock, self.counts, self.lease.shard)
         self.intake = Intake(drainer_id, connection, engine, self.settler, self.lease)
         self.next_read_at = 0.0
         self.read_pause = 0.0
         self.next_recruit_at = 0.0
         self.stop_seen_at = 0.0
+        self.started = 0.0
+        self.jobs_waited = False  # at the last housekeeping, a drain job waited for a worker
+        self.yielding = False  # handing over to a drain job that waits for a worker
 
     @classmethod
     def in_this_process(cls, drainer_id: str) -> "Drainer":
@@ -250,7 +258,7 @@ class Drainer:
         if not self.lease.take():
             return {"not needed": 1}
         self.intake.create_group()
-        started = self.clock.monotonic()
+        started = self.started = self.clock.monotonic()
         last_work = started
         next_housekeeping = 0.0
         try:
@@ -262,7 +270,9 @@ class Drainer:
                 if now >= next_housekeeping:
                     self._housekeeping(config)
                     next_housekeeping = now + HOUSEKEEPING_SECONDS
-                accepting = not _stop.is_set() and now - started < settings.DELIVERY_DRAINER_MAX_SECONDS
+                accepting = (
+                    not _stop.is_set() and not self.yielding and now - started < settings.DELIVERY_DRAINER_MAX_SECONDS
+                )
                 if not accepting:
                     self._give_back_unsent()
                     if self._stop_grace_over(now):
@@ -394,6 +404,7 @@ class Drainer:
         collector.collect_when_due()
         self.lease.renew()
         unless_redis_is_full(inbox.sweep, "moving due tries into the inbox")
+        self.yielding = self.yielding or self._others_wait()
         try:
             unless_redis_is_full(fold_accepted_now_and_then, "folding accepted counts")
         except DatabaseError:
@@ -404,6 +415,15 @@ class Drainer:
         if self._needs_help():
             self._recruit()
         unless_redis_is_full(lambda: self.settler.tell_circuits(config, {}), "reading the circuits")
+
+    def _others_wait(self) -> bool:
+        """A drain job has waited for a worker since the last housekeeping, and this one has
+        run FAIR_SHARE_SECONDS: with more shards than workers, some shard's drainer waits in
+        RQ's queue while every worker drains another. Handing over (the successor queues
+        behind it) drains the shards in turn rather than leave one waiting for
+        DELIVERY_DRAINER_MAX_SECONDS."""
+        waited, self.jobs_waited = self.jobs_waited, get_queue().count > 0
+        return waited and self.jobs_waited and self.clock.monotonic() - self.started >= FAIR_SHARE_SECONDS
 
     def _needs_help(self) -> bool:
         """Every connection busy with work waiting, or a round of connections' worth waiting

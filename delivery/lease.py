@@ -1,8 +1,8 @@
 """A drainer's lease: the sorted set of live drainers, and the scripts that change it.
 
-A drain job runs under a lease (drainer id -> expiry on Redis's clock, `keys.LEASES`) that it
-renews every second. A drainer whose lease ran out is taken for dead: its pending entries go
-to the next drainer that looks. `Lease` is the one place that knows these scripts' KEYS and
+A drain job runs under a lease (drainer id -> expiry on Redis's clock, in its inbox shard's
+`leases` set) that it renews every second. A drainer whose lease ran out is taken for dead: its
+pending entries go to the next drainer that looks. `Lease` is the one place that knows these scripts' KEYS and
 ARGV: callers say what they want (take, renew, recruit, reclaim, leave), never build lists.
 """
 
@@ -13,20 +13,23 @@ from redis import Redis
 
 from delivery.clock import RedisClock
 from postbackproject import inbox, keys, scripts
+from postbackproject.queue import get_queue_connection
+from postbackproject.shards import shard_of_drainer
 
 # After a drain job fails, its entries wait this long before another drainer takes them.
 FAILURE_PAUSE_MS = 5000
 # Most entries taken over from a dead drainer at once.
 RECLAIM_MOST = 100
 
-# Register a drainer's lease, unless enough drainers are alive already (one per worker of the
-# queue); a drain job standing by its own lease (registered for it) may always keep it.
-# KEYS: leases, the queue's worker set. ARGV: lease ms, drainer id, 1 to keep its own lease.
+# Register a drainer's lease, unless enough drainers are alive already in its shard (one per
+# worker of the queue); a drain job standing by its own lease (registered for it) may always
+# keep it. KEYS: the shard's leases. ARGV: lease ms, drainer id, 1 to keep its own lease, the
+# queue's workers (RQ's set, on RQ's Redis: not a key of this script).
 # Returns {1 if the lease is held (renewed or new) else 0, Redis's time ms}.
 _RECRUIT = """
 local leases, now = KEYS[1], now_ms()
 local own = ARGV[3] == '1' and redis.call('ZSCORE', leases, ARGV[2])
-if not own and live_drainers(leases, now) >= math.max(1, redis.call('SCARD', KEYS[2])) then return {0, now} end
+if not own and live_drainers(leases, now) >= math.max(1, tonumber(ARGV[4])) then return {0, now} end
 redis.call('ZADD', leases, 'GT', now + tonumber(ARGV[1]), ARGV[2])
 return {1, now}
 """
@@ -90,11 +93,13 @@ class Reclaimed:
 
 
 class Lease:
-    """One drainer's lease. Each reply that carries Redis's time updates `redis_clock`."""
+    """One drainer's lease, in the shard its id names. Each reply that carries Redis's time
+    updates `redis_clock`."""
 
     def __init__(self, connection: Redis, drainer_id: str, queue: str, redis_clock: RedisClock) -> None:
         self.connection = connection
         self.id = drainer_id
+        self.shard = shard_of_drainer(drainer_id)
         self.queue_workers = keys.queue_workers(queue)
         self.redis_clock = redis_clock
 
@@ -113,7 +118,7 @@ class Lease:
 
     def recruit(self) -> bool:
         """Start a colleague (an RQ job under a lease of its own), up to one per worker."""
-        colleague = inbox.new_drainer_id()
+        colleague = self.shard.new_drainer_id()
         if not self._recruit(colleague, own=False):
             return False
         inbox.start_drainer(colleague)
@@ -121,28 +126,31 @@ class Lease:
 
     def reclaim(self) -> list[Reclaimed]:
         """Claim the pending entries of one drainer that left or died (RECLAIM_MOST at most)."""
-        claimed, deliveries = self._run(_RECLAIM, [keys.INBOX, keys.LEASES], [keys.GROUP, self.id, RECLAIM_MOST])
+        names = [self.shard.inbox, self.shard.leases]
+        claimed, deliveries = self._run(_RECLAIM, names, [keys.GROUP, self.id, RECLAIM_MOST])
         counts = {inbox.text(entry_id): int(count) for entry_id, count in deliveries}
         return [Reclaimed(entry, counts.get(entry.id, 0)) for entry in inbox.entries_from_reply(claimed)]
 
     def leave(self, handing_over: bool = False) -> bool:
         """Retire (idle) or hand over, starting a successor if one is needed; False when there
         is still work to read (idle only) and the lease is kept."""
-        successor = inbox.new_drainer_id() if handing_over else ""
-        verdict = self._run(_LEAVE, [keys.INBOX, keys.LEASES], [keys.GROUP, self.id, successor, inbox.LEASE_MS])
+        successor = self.shard.new_drainer_id() if handing_over else ""
+        names = [self.shard.inbox, self.shard.leases]
+        verdict = self._run(_LEAVE, names, [keys.GROUP, self.id, successor, inbox.LEASE_MS])
         if verdict == 1:
             inbox.start_drainer(successor)
         return bool(verdict != -1)
 
     def _recruit(self, drainer_id: str, own: bool) -> bool:
         asked_at = self.redis_clock.asking()
-        held, now = self._run(_RECRUIT, [keys.LEASES, self.queue_workers], [inbox.LEASE_MS, drainer_id, int(own)])
+        workers = get_queue_connection().scard(self.queue_workers)
+        held, now = self._run(_RECRUIT, [self.shard.leases], [inbox.LEASE_MS, drainer_id, int(own), workers])
         self.redis_clock.heard(int(now), asked_at)
         return bool(held)
 
     def _extend(self, ms: int, only_later: bool) -> None:
         asked_at = self.redis_clock.asking()
-        now = self._run(_EXTEND, [keys.LEASES], [ms, self.id, "GT" if only_later else "SET"])
+        now = self._run(_EXTEND, [self.shard.leases], [ms, self.id, "GT" if only_later else "SET"])
         self.redis_clock.heard(int(now), asked_at)
 
     def _run(self, source: str, names: list[str], args: list[str | int]) -> Any:

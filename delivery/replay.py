@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from delivery.models import DeliveryAttempt, Outcome, PostbackRequest
-from postbackproject import inbox
+from postbackproject import inbox, shards
 from postbackproject.postback import METHODS_WITH_BODY, Try
 
 # Postbacks looked up and queued per query and transaction.
@@ -130,7 +130,8 @@ def replay(postback_ids: Iterable[str]) -> int:
     for start in range(0, len(ids), REPLAY_CHUNK):
         tries = replay_tries(ids[start : start + REPLAY_CHUNK])
         if tries:
-            inbox.schedule_tries([(item, 0.0) for item in tries])  # due now, by Redis's clock
+            # Due now, by Redis's clock, in the shard whose turn it is.
+            inbox.schedule_tries(shards.turns.next(), [(item, 0.0) for item in tries])
         queued += len(tries)
     if queued:
         inbox.sweep()  # due now: into the inbox, and a drainer started if none is alive

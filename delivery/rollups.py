@@ -31,7 +31,7 @@ from delivery.models import (
     RollupFold,
     Span,
 )
-from postbackproject import keys, scripts
+from postbackproject import keys, scripts, shards
 from postbackproject.queue import get_connection
 
 
@@ -50,7 +50,6 @@ class Recorded(Protocol):
 
 # How often a process folds accepted counts (seconds); any process may, at any time.
 FOLD_EVERY_SECONDS = 10.0
-_STAGING_PREFIX = keys.ACCEPTED_FOLDING_PREFIX
 
 # Move the accepted counts of every minute before this one (by Redis's clock, which ingestion
 # counts minutes on) into the staging hash KEYS[2].
@@ -217,11 +216,12 @@ def fold_accepted() -> int:
     """Move the accepted counts of past minutes from Redis into AcceptedRollup; returns how
     many postbacks were folded. Also finishes folds that a crashed process left staged."""
     redis = get_connection()
-    folded = sum(_fold_staged(key.decode()) for key in redis.scan_iter(_STAGING_PREFIX + "*", count=100))
-    token = uuid.uuid4().hex
-    staged = scripts.run(_TAKE, [keys.ACCEPTED, _STAGING_PREFIX + token], [], client=redis)
-    if staged:
-        folded += _fold_staged(_STAGING_PREFIX + token)
+    staging = keys.ACCEPTED_FOLDING_PREFIX + ":*"
+    folded = sum(_fold_staged(key.decode()) for key in redis.scan_iter(staging, count=100))
+    for shard in shards.listed():
+        folding = shard.folding(uuid.uuid4().hex)
+        if scripts.run(_TAKE, [shard.accepted, folding], [], client=redis):
+            folded += _fold_staged(folding)
     return folded
 
 
@@ -229,7 +229,7 @@ def _fold_staged(key: str) -> int:
     """Add one staging hash to the database once (its token marks it), then drop it."""
     redis = get_connection()
     counts = {int(minute): int(count) for minute, count in redis.hgetall(key).items()}
-    token = key.removeprefix(_STAGING_PREFIX)
+    token = key.rpartition(":")[2]
     try:
         with transaction.atomic():
             RollupFold.objects.create(token=token)  # a second fold of the same token fails here

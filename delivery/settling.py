@@ -28,6 +28,7 @@ from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.recording import Record, attempt_record, count_in_metrics, deferral_record, log_attempts, save_attempts
 from postbackproject import inbox, tracing
 from postbackproject.postback import Try
+from postbackproject.shards import Shard
 
 # Finished tries are settled when this many have gathered, or the oldest has waited this long.
 SETTLE_BATCH = 500
@@ -90,12 +91,20 @@ def end_span(item: Finished, row: Record) -> None:
 
 
 class Settler:
-    """Gathers finished tries and settles them in batches; tells circuits what hosts did."""
+    """Gathers finished tries and settles them in batches; tells circuits what hosts did.
+    Follow-up tries wait in the inbox shard the entries came from."""
 
     def __init__(
-        self, connection: Redis, engine: HostTurns, circuits: Circuits, clock: Clock, counts: Counter[str]
+        self,
+        connection: Redis,
+        engine: HostTurns,
+        circuits: Circuits,
+        clock: Clock,
+        counts: Counter[str],
+        shard: Shard,
     ) -> None:
         self.connection = connection
+        self.shard = shard
         self.engine = engine
         self.circuits = circuits
         self.clock = clock
@@ -216,4 +225,5 @@ class Settler:
         tries = [(follow_up.item, follow_up.due - now) for follow_up in follow_ups]
         redis_clock = self.circuits.redis_clock
         asked_at = redis_clock.asking()
-        redis_clock.heard(inbox.schedule_tries(tries, [state.id for state in entries], self.connection), asked_at)
+        done = [state.id for state in entries]
+        redis_clock.heard(inbox.schedule_tries(self.shard, tries, done, self.connection), asked_at)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Wait until the Redis named by REDIS_URL (or, with REDIS_SENTINELS, the master the sentinels
-name) answers PING, then exit 0.
+name) answers PING, and, with REDIS_CLUSTER_NODES, until that Redis Cluster serves every slot
+(cluster_state:ok); then exit 0.
 
 Runs before the web and worker processes start (deploy/local-processes.py, and ExecStartPre in the
 systemd units), so that they do not start against a Redis that is still starting or still
@@ -23,9 +24,12 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 from rq.worker import Worker
 
@@ -72,6 +76,40 @@ def connect() -> tuple[redis.Redis, str]:
     return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2), redacted(url)
 
 
+def cluster_is_up() -> bool:
+    """Whether the Redis Cluster of REDIS_CLUSTER_NODES serves every slot (True without one)."""
+    nodes = [item.strip().rpartition(":") for item in os.environ.get("REDIS_CLUSTER_NODES", "").split(",")]
+    startup = [ClusterNode(host, int(port)) for host, _, port in nodes if host]  # type: ignore[no-untyped-call]
+    if not startup:
+        return True
+    cluster = RedisCluster(
+        startup_nodes=startup, password=os.environ.get("REDIS_PASSWORD") or None, socket_connect_timeout=1
+    )
+    try:
+        return bool(cluster.cluster_info().get("cluster_state") == "ok")
+    finally:
+        cluster.close()
+
+
+def wait_for(check: Callable[[], object], name: str, timeout: float) -> bool:
+    """Call `check` until it returns a true value, at most `timeout` seconds; say why not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return True
+            problem = "not ready"
+        except redis.AuthenticationError as exc:  # before ConnectionError: it is one
+            print(f"wait-for-redis: {name} refuses the credentials: {exc}", file=sys.stderr)
+            return False
+        except (redis.RedisError, RedisClusterException) as exc:  # refused, LOADING, timeout
+            problem = str(exc)
+        if time.monotonic() >= deadline:
+            print(f"wait-for-redis: no answer from {name} in {timeout:g} s: {problem}", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
@@ -79,23 +117,10 @@ def main() -> int:
     args = parser.parse_args()
 
     client, url = connect()
-    deadline = time.monotonic() + args.timeout
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.AuthenticationError as exc:  # before ConnectionError: it is one
-            print(f"wait-for-redis: {url} refuses the credentials: {exc}", file=sys.stderr)
-            return 1
-        except redis.RedisError as exc:  # refused, LOADING, timeout: keep trying
-            if time.monotonic() >= deadline:
-                print(
-                    f"wait-for-redis: no answer from {url} in {args.timeout:g} s: {exc}",
-                    file=sys.stderr,
-                )
-                return 1
-            time.sleep(0.2)
-
+    if not wait_for(client.ping, url, args.timeout):
+        return 1
+    if not wait_for(cluster_is_up, f"the Redis Cluster {os.environ.get('REDIS_CLUSTER_NODES')}", args.timeout):
+        return 1
     if args.forget_worker:
         forget_worker(client, args.forget_worker)
     return 0

@@ -25,18 +25,18 @@ here (drainers' leases: `delivery.lease`), each starting with the shared prelude
 import json
 import logging
 import math
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from redis import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ConnectionError, RedisError, ResponseError
 
-from postbackproject import keys, scripts
+from postbackproject import keys, scripts, shards
 from postbackproject.postback import DRAIN, Try
-from postbackproject.queue import get_connection, get_queue
+from postbackproject.queue import after_cluster_error, get_connection, get_queue, is_cluster, master_of
+from postbackproject.shards import Shard, drainer_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +57,28 @@ TRIES_PER_ENTRY = 100
 # the time, in ms, at which its sender's allowance is whole again).
 # Entries carry the trace their postbacks continue, when there is one (field `tp`, a W3C
 # traceparent), beside the request (field `r`).
-# KEYS: inbox, leases, accepted, one per rate limit. ARGV: most entries waiting, postbacks,
-# number of rate limits, for each its interval and tolerance (ms), the traceparent or "",
-# entries...
+# All of a shard's keys share one slot; on a Redis Cluster the rate limits (keys of their own
+# slots) are charged by a script of their own before this one, and none are given here.
+# KEYS: the shard's inbox, leases and accepted counts, one per rate limit. ARGV: most entries
+# waiting, postbacks, the shard's drainer id prefix, number of rate limits, for each its
+# interval and tolerance (ms), the traceparent or "", entries...
 # Returns {limit's number, ms to wait} (rate limited, nothing added), -1 (backlog full, nothing
 # added), 0, or the id of a drainer for the caller to start.
 _APPEND = """
 local inbox, leases = KEYS[1], KEYS[2]
 local now = now_ms()
-local limits = tonumber(ARGV[3])
+local limits = tonumber(ARGV[4])
 local charged = {}
 for n = 1, limits do
-  local tat, wait = gcra_wait(KEYS[3 + n], now, tonumber(ARGV[3 + 2 * n]))
+  local tat, wait = gcra_wait(KEYS[3 + n], now, tonumber(ARGV[4 + 2 * n]))
   if wait > 0 then return {n, math.ceil(wait)} end
-  charged[n] = tat + tonumber(ARGV[2 + 2 * n])
+  charged[n] = tat + tonumber(ARGV[3 + 2 * n])
 end
 if redis.call('XLEN', inbox) >= tonumber(ARGV[1]) then return -1 end
 for n = 1, limits do gcra_charge(KEYS[3 + n], charged[n], now) end
 local first, id
-local tp = ARGV[4 + 2 * limits]
-for i = 5 + 2 * limits, #ARGV do
+local tp = ARGV[5 + 2 * limits]
+for i = 6 + 2 * limits, #ARGV do
   if tp == '' then
     id = redis.call('XADD', inbox, '*', 'r', ARGV[i])
   else
@@ -86,7 +88,7 @@ for i = 5 + 2 * limits, #ARGV do
 end
 redis.call('HINCRBY', KEYS[3], math.floor(now / 60000) * 60, ARGV[2])
 if redis.call('ZCOUNT', leases, '(' .. now, '+inf') > 0 then return 0 end
-local drainer = 'drain-' .. first
+local drainer = ARGV[3] .. first
 redis.call('ZADD', leases, now + __LEASE_MS__, drainer)
 return drainer
 """
@@ -143,11 +145,17 @@ in_slices(ids, function(...) redis.call('XDEL', inbox, ...) end)
 return now
 """
 
+# Check and charge one rate limit (on a Redis Cluster, where its key has a slot of its own).
+# KEYS: the limit's key. ARGV: its interval and tolerance (ms). Returns ms to wait (0: charged).
+_CHARGE = """
+local now = now_ms()
+local tat, wait = gcra_wait(KEYS[1], now, tonumber(ARGV[2]))
+if wait > 0 then return math.ceil(wait) end
+gcra_charge(KEYS[1], tat + tonumber(ARGV[1]), now)
+return 0
+"""
+
 _APPEND_SOURCE = _APPEND.replace("__LEASE_MS__", str(LEASE_MS))
-
-
-def new_drainer_id() -> str:
-    return f"drain-{uuid.uuid4().hex}"
 
 
 # --- entries -----------------------------------------------------------------------------
@@ -274,8 +282,25 @@ def append_request(entries: list[str], postbacks: int, limits: Sequence[RateLimi
 
     Raises RateLimited, BacklogFull or RedisError, and then nothing was added (unless the
     connection broke after Redis ran the script, which the caller cannot tell from a refusal).
+    A shard whose master cannot be reached, or did not confirm its replicas, is passed over by
+    this process for a while (`shards.Turns.avoid`); a request refused a connection goes to the
+    next shard at once.
     """
-    started = _append(entries, postbacks, limits, traceparent)
+    shard = shards.turns.next()
+    if is_cluster():
+        _charge(limits)
+        limits = ()
+    try:
+        started = _append(shard, entries, postbacks, limits, traceparent)
+    except NotReplicated:
+        shards.turns.avoid(shard)
+        raise
+    except ConnectionError:
+        shards.turns.avoid(shard)
+        other = shards.turns.next()
+        if other == shard:
+            raise
+        started = _append(other, entries, postbacks, limits, traceparent)
     if isinstance(started, list):
         number, wait_ms = started
         raise RateLimited(limits[number - 1], wait_ms)
@@ -290,20 +315,36 @@ def append_request(entries: list[str], postbacks: int, limits: Sequence[RateLimi
             logger.warning("could not start drainer %s; the next sweep will", drainer, exc_info=True)
 
 
-def _append(entries: list[str], postbacks: int, limits: Sequence[RateLimit], traceparent: str) -> Any:
-    """The append script, and with REDIS_WAIT_FOR_REPLICAS, WAIT in the same round trip."""
-    names = [keys.INBOX, keys.LEASES, keys.ACCEPTED, *(limit.key for limit in limits)]
-    args: list[str | int | float] = [settings.INGEST_MAX_QUEUED_JOBS, postbacks, len(limits)]
+def _charge(limits: Sequence[RateLimit]) -> None:
+    """Charge rate limits one script each (a Redis Cluster keeps each key on its own slot).
+    Unlike the single Redis's one script, a limit charged before a later one refuses, or before
+    the backlog is found full, stays charged: the sender waits a little longer, no more."""
+    for limit in limits:
+        wait_ms = scripts.run(_CHARGE, [limit.key], limit.script_args())
+        if wait_ms:
+            raise RateLimited(limit, int(wait_ms))
+
+
+def _append(shard: Shard, entries: list[str], postbacks: int, limits: Sequence[RateLimit], traceparent: str) -> Any:
+    """The append script, and with REDIS_WAIT_FOR_REPLICAS, WAIT in the same round trip (on
+    a cluster, on the connection to the shard's master that ran the script: WAIT counts the
+    replicas that hold what that connection wrote)."""
+    names = [shard.inbox, shard.leases, shard.accepted, *(limit.key for limit in limits)]
+    args: list[str | int | float] = [settings.INGEST_MAX_QUEUED_JOBS, postbacks, drainer_prefix(shard), len(limits)]
     args += [number for limit in limits for number in limit.script_args()]
     args.append(traceparent)
     args += entries
     wanted = settings.REDIS_WAIT_FOR_REPLICAS
     if not wanted:
         return scripts.run(_APPEND_SOURCE, names, args)
-    with get_connection().pipeline(transaction=False) as pipe:
-        scripts.run(_APPEND_SOURCE, names, args, client=pipe)
-        pipe.wait(wanted, settings.REDIS_WAIT_TIMEOUT_MS)
-        started, replicas = pipe.execute()
+    try:
+        with master_of(shard.inbox).pipeline(transaction=False) as pipe:
+            scripts.run(_APPEND_SOURCE, names, args, client=pipe)
+            pipe.wait(wanted, settings.REDIS_WAIT_TIMEOUT_MS)
+            started, replicas = pipe.execute()
+    except RedisError as exc:
+        after_cluster_error(exc)
+        raise
     if started != -1 and not isinstance(started, list) and replicas < wanted:
         raise NotReplicated(f"{replicas} of {wanted} replicas confirmed the request")
     return started
@@ -325,9 +366,21 @@ def start_drainer(drainer: str) -> None:
 
 
 def sweep() -> int:
-    """Move due tries into the stream and start a drainer if work is orphaned; returns tries moved."""
-    drainer = new_drainer_id()
-    names = [keys.INBOX, keys.LEASES, keys.DUE, keys.DUE_TRIES]
+    """Sweep every shard there is (`sweep_shard`), and drop retired shards that hold nothing;
+    returns tries moved."""
+    found = shards.known()
+    moved = sum(sweep_shard(shard) for shard in found.shards)
+    for shard in found.retired:
+        if shards.drop_if_empty(shard):
+            logger.info("inbox shard %s dropped: no process uses it and it holds nothing", shard.id)
+    return moved
+
+
+def sweep_shard(shard: Shard) -> int:
+    """Move a shard's due tries into its stream and start a drainer if work there is orphaned;
+    returns tries moved."""
+    drainer = shard.new_drainer_id()
+    names = [shard.inbox, shard.leases, shard.due, shard.due_tries]
     moved, start = scripts.run(_SWEEP, names, [keys.GROUP, LEASE_MS, drainer, TRIES_PER_ENTRY])
     if start:
         start_drainer(drainer)
@@ -335,28 +388,44 @@ def sweep() -> int:
 
 
 def schedule_tries(
-    tries: Sequence[tuple[Try, float]], acknowledge: Sequence[str] = (), client: Redis | None = None
+    shard: Shard, tries: Sequence[tuple[Try, float]], acknowledge: Sequence[str] = (), client: Redis | None = None
 ) -> int:
-    """Make each try due that many seconds from now by Redis's clock, whatever this machine's
-    clock says (a postback has at most one try waiting: scheduled twice, the later stands), and
-    acknowledge and delete the inbox entries named, in one script call. Returns Redis's time (ms)."""
+    """Make each try due in the shard that many seconds from now by Redis's clock, whatever
+    this machine's clock says (a postback has at most one try waiting in a shard: scheduled
+    twice, the later stands), and acknowledge and delete the shard's entries named, in one
+    script call. Returns Redis's time (ms)."""
     args: list[str | int] = [keys.GROUP, len(tries)]
     for item, delay in tries:
         args += [item.postback_id, max(0, round(delay * 1000)), item.to_json()]
     args += acknowledge
-    return int(scripts.run(_SCHEDULE, [keys.INBOX, keys.DUE, keys.DUE_TRIES], args, client=client))
+    return int(scripts.run(_SCHEDULE, [shard.inbox, shard.due, shard.due_tries], args, client=client))
 
 
 def waiting_counts() -> dict[str, int]:
-    """Entries in the stream, entries read and not yet done, tries waiting for their time."""
+    """Entries in the streams, entries read and not yet done, tries waiting for their time,
+    over every shard."""
+    totals = {"entries": 0, "pending": 0, "due": 0}
+    for counts in waiting_by_shard().values():
+        for name, count in counts.items():
+            totals[name] += count
+    return totals
+
+
+def waiting_by_shard() -> dict[str, dict[str, int]]:
+    """`waiting_in` of every shard there is, by shard id."""
+    return {shard.id: waiting_in(shard) for shard in shards.listed()}
+
+
+def waiting_in(shard: Shard) -> dict[str, int]:
+    """A shard's entries in its stream, entries read and not yet done, tries waiting."""
     connection = get_connection()
     with connection.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.INBOX)
-        pipe.zcard(keys.DUE)
-        pipe.exists(keys.INBOX)
+        pipe.xlen(shard.inbox)
+        pipe.zcard(shard.due)
+        pipe.exists(shard.inbox)
         length, due, exists = pipe.execute()
     try:
-        pending = int(connection.xpending(keys.INBOX, keys.GROUP)["pending"]) if exists else 0
+        pending = int(connection.xpending(shard.inbox, keys.GROUP)["pending"]) if exists else 0
     except ResponseError:  # no drainer has created the group yet: nothing is pending
         pending = 0
     return {"entries": int(length), "pending": pending, "due": int(due)}

@@ -18,8 +18,8 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from delivery.circuit import count_circuits
-from postbackproject import keys
-from postbackproject.queue import get_connection
+from postbackproject import inbox, keys
+from postbackproject.queue import fullest_master_memory, get_connection, get_queue_connection
 
 INGESTED = Counter("postback_ingested", "Postbacks accepted by ingestion (answered 202).")
 INGEST_REJECTED = Counter(
@@ -47,19 +47,25 @@ class SharedStateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            with get_connection().pipeline(transaction=False) as pipe:
-                pipe.xlen(keys.INBOX)
-                pipe.zcard(keys.DUE)
-                pipe.scard(keys.queue_workers(self.queue_name))
-                count_circuits(pipe)
-                pipe.info("memory")
-                depth, due, workers, (circuits_open, probes_due), memory = pipe.execute()
+            connection = get_connection()
+            by_shard = inbox.waiting_by_shard()
+            workers = get_queue_connection().scard(keys.queue_workers(self.queue_name))
+            circuits_open, probes_due = count_circuits(connection)
+            memory = fullest_master_memory(connection)
         except RedisError:
             yield gauge("postback_redis_up", "1 when Redis answered this scrape.", 0)
             yield gauge("postback_ready", "1 when /readyz would answer 200.", 0)
             return
         yield gauge("postback_redis_up", "1 when Redis answered this scrape.", 1)
+        depth = sum(counts["entries"] for counts in by_shard.values())
+        due = sum(counts["due"] for counts in by_shard.values())
         yield gauge("postback_queue_depth", "Inbox entries waiting or being delivered.", depth)
+        shard_depth = GaugeMetricFamily(
+            "postback_inbox_shard_depth", "Entries waiting or being delivered in each inbox shard.", labels=["shard"]
+        )
+        for shard, counts in sorted(by_shard.items()):
+            shard_depth.add_metric([shard], counts["entries"])
+        yield shard_depth
         yield gauge("postback_scheduled_retries", "Postbacks waiting for a later try (retries, deferrals).", due)
         yield gauge("postback_workers", "RQ workers registered for the queue.", workers)
         yield gauge(
@@ -70,6 +76,7 @@ class SharedStateCollector(Collector):
             "Destination hosts whose circuit's open time has passed: the next postback for one goes out as its probe.",
             probes_due,
         )
+        # On a cluster: the master nearest its cap (the one that would refuse writes first).
         yield gauge("postback_redis_used_memory_bytes", "Memory Redis uses.", int(memory.get("used_memory", 0)))
         yield gauge("postback_redis_maxmemory_bytes", "Redis's memory cap (0: none).", int(memory.get("maxmemory", 0)))
         yield gauge("postback_ready", "1 when /readyz would answer 200.", int(self.ready()))

@@ -166,13 +166,18 @@ STORAGES = {
 # --- Queue -------------------------------------------------------------------------------
 
 REDIS_URL: str = env.str("REDIS_URL", default="redis://127.0.0.1:6380/0")
+
+
 # High availability: with Sentinel, every process finds the current master through these
 # sentinels (host:port,host:port,...) instead of REDIS_URL, and follows a failover without a
 # restart. REDIS_PASSWORD is the master's and replicas' password, REDIS_SENTINEL_PASSWORD the
 # sentinels' own (empty: none). docs/operations.md, "High availability".
-REDIS_SENTINELS: list[tuple[str, int]] = [
-    (host, int(port)) for host, _, port in (item.rpartition(":") for item in env.list("REDIS_SENTINELS", default=[]))
-]
+def _host_ports(name: str) -> list[tuple[str, int]]:
+    """host:port,host:port,... from the environment."""
+    return [(host, int(port)) for host, _, port in (item.rpartition(":") for item in env.list(name, default=[]))]
+
+
+REDIS_SENTINELS: list[tuple[str, int]] = _host_ports("REDIS_SENTINELS")
 REDIS_SENTINEL_MASTER: str = env.str("REDIS_SENTINEL_MASTER", default="postback")
 REDIS_PASSWORD: str = env.str("REDIS_PASSWORD", default="")
 REDIS_SENTINEL_PASSWORD: str = env.str("REDIS_SENTINEL_PASSWORD", default="")
@@ -181,6 +186,19 @@ REDIS_DB: int = env.int("REDIS_DB", default=0)
 # postback survives the master's sudden death. 0 (default): replication is asynchronous.
 REDIS_WAIT_FOR_REPLICAS: int = env.int("REDIS_WAIT_FOR_REPLICAS", default=0)
 REDIS_WAIT_TIMEOUT_MS: int = env.int("REDIS_WAIT_TIMEOUT_MS", default=1000)
+# Redis Cluster: host:port,... of some of its nodes (the client finds the rest, and follows a
+# failover or a slot's move without a restart). Every process then keeps the inbox, due tries,
+# drainers' leases, circuits and rate limits on the cluster; RQ's own keys (the drain jobs'
+# queue, the workers' registrations) stay on REDIS_URL or the sentinels' master, because RQ 2
+# moves jobs between keys of different hash slots. docs/operations.md, "Redis Cluster".
+REDIS_CLUSTER_NODES: list[tuple[str, int]] = _host_ports("REDIS_CLUSTER_NODES")
+# Streams the inbox is sharded into, each on one hash slot (so on one master of a cluster, and
+# one Redis core): one shard carries about 19,000-29,500 postbacks a second of sample-shaped
+# traffic (docs/scaling.md). Changing it on a live system loses nothing: old shards are drained,
+# then dropped. Every shard needs a drainer: run at least this many workers.
+INBOX_SHARDS: int = env.int("INBOX_SHARDS", default=1)
+if INBOX_SHARDS < 1:
+    raise environ.ImproperlyConfigured(f"INBOX_SHARDS must be 1 or more, not {INBOX_SHARDS}")
 POSTBACK_QUEUE = "postbacks"
 _QUEUE_CONNECTION: dict[str, object] = (
     {

@@ -10,9 +10,9 @@ from django.views.decorators.http import require_safe
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.exceptions import RedisError
 
-from postbackproject import keys
+from postbackproject import shards
 from postbackproject.metrics import SharedStateCollector, exposition
-from postbackproject.queue import REDIS_MEMORY_HIGH_WATER, get_connection
+from postbackproject.queue import REDIS_MEMORY_HIGH_WATER, fullest_master_memory, get_connection
 
 
 @require_safe
@@ -61,13 +61,15 @@ def readiness() -> dict[str, str]:
 
 
 def _redis_and_backlog_checks() -> tuple[str, str]:
-    """Both read in one round trip; without Redis the backlog cannot be known."""
+    """Without Redis the backlog cannot be known. The backlog is the longest shard's: the
+    limit holds for each shard (ingestion checks the one it appends to)."""
     try:
         redis = get_connection()
+        memory = fullest_master_memory(redis)
         with redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(keys.INBOX)
-            pipe.info("memory")
-            waiting, memory = pipe.execute()
+            for shard in shards.configured():
+                pipe.xlen(shard.inbox)
+            waiting = max(pipe.execute())
     except RedisError as exc:
         return f"unreachable: {exc}", "unknown: Redis is unreachable"
     return _memory_check(memory), _backlog_check(waiting)

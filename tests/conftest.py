@@ -29,10 +29,11 @@ from redis import Redis
 from delivery import circuit, drain, hosts, partitions, transport
 from delivery.models import DeliveryAttempt, Outcome, PostbackRequest
 from delivery.worker import DeliveryWorker
-from postbackproject import inbox, keys
+from postbackproject import inbox, shards
 from postbackproject.postback import Try
-from postbackproject.queue import get_connection, get_queue
+from postbackproject.queue import forget_connections, get_connection, get_queue, get_queue_connection
 from postbackproject.settings import BASE_DIR
+from postbackproject.shards import Shard
 from tests.lean_client import LeanPathClient
 
 
@@ -109,8 +110,7 @@ def start_redis(aof: bool = False, port: int | None = None, workdir: str | None 
 def use_redis(url: str) -> None:
     settings.REDIS_URL = url
     settings.RQ_QUEUES = {settings.POSTBACK_QUEUE: {**settings.RQ_QUEUES[settings.POSTBACK_QUEUE], "URL": url}}
-    get_connection.cache_clear()
-    get_queue.cache_clear()
+    forget_connections()
     circuit.process_circuits.cache_clear()
 
 
@@ -141,6 +141,7 @@ def clean_redis(redis_server: RedisServer) -> Iterator[Redis]:
     circuit.process_circuits.cache_clear()  # a fresh view of the circuits, for the fresh Redis
     drain._stop.clear()
     partitions.forget_known()  # a test's partitions went with its transaction
+    shards.turns = shards.Turns()  # its stamps of the shards in use went with Redis's contents
     yield get_connection()
 
 
@@ -301,26 +302,35 @@ def run_worker() -> None:
     """One burst of the real worker: every job now in the queue, then stop. The worker takes
     garbage collection over for its process (delivery/collector.py): the suite's process gets
     Python's own collector back afterwards."""
-    DeliveryWorker([settings.POSTBACK_QUEUE], connection=get_connection()).work(burst=True, logging_level="WARNING")
+    worker = DeliveryWorker([settings.POSTBACK_QUEUE], connection=get_queue_connection())
+    worker.work(burst=True, logging_level="WARNING")
     gc.unfreeze()
     gc.enable()
 
 
 def scheduled_retries() -> list[tuple[Try, float]]:
-    """Tries waiting for their time (retries, deferrals, replays), with the Unix time each is due."""
+    """Tries waiting for their time (retries, deferrals, replays), with the Unix time each is
+    due, in every inbox shard."""
+    return [found for shard in shards.listed() for found in scheduled_in(shard)]
+
+
+def scheduled_in(shard: Shard) -> list[tuple[Try, float]]:
     connection = get_connection()
-    due: list[tuple[bytes, float]] = connection.zrange(keys.DUE, 0, -1, withscores=True)  # type: ignore[assignment]
-    tries: dict[bytes, bytes] = connection.hgetall(keys.DUE_TRIES)  # type: ignore[assignment]
+    due: list[tuple[bytes, float]] = connection.zrange(shard.due, 0, -1, withscores=True)  # type: ignore[assignment]
+    tries: dict[bytes, bytes] = connection.hgetall(shard.due_tries)  # type: ignore[assignment]
     return [(Try.from_fields(json.loads(tries[pid])), score / 1000) for pid, score in due]
 
 
 def release_scheduled() -> int:
     """Make every waiting try due now, as time passing would."""
     connection = get_connection()
-    waiting: list[bytes] = connection.zrange(keys.DUE, 0, -1)  # type: ignore[assignment]
-    if waiting:
-        connection.zadd(keys.DUE, dict.fromkeys(waiting, 0))
-    return len(waiting)
+    released = 0
+    for shard in shards.listed():
+        waiting: list[bytes] = connection.zrange(shard.due, 0, -1)  # type: ignore[assignment]
+        if waiting:
+            connection.zadd(shard.due, dict.fromkeys(waiting, 0))
+        released += len(waiting)
+    return released
 
 
 def deliver_everything(max_rounds: int = 20) -> None:

@@ -16,7 +16,7 @@ from delivery.drain import Drainer
 from delivery.engine import Engine
 from delivery.models import DeliveryAttempt, DeliverySettings
 from delivery.transport import Request
-from postbackproject import inbox, keys
+from postbackproject import inbox, keys, shards
 from postbackproject.queue import get_connection, get_queue
 from tests.fakes import Answer, FakeClock, FakeTransport
 
@@ -150,6 +150,27 @@ def test_a_drainer_hands_over_after_its_time_box_without_starting_what_waits(set
     [successor] = get_queue().jobs
     assert successor.id != "drain-test"
     assert get_connection().xpending(keys.INBOX, keys.GROUP)["pending"] == 2  # left for the successor
+
+
+def test_a_drainer_hands_over_to_a_drain_job_that_waits_for_a_worker_after_its_fair_share(settings):
+    settings.INBOX_SHARDS = 3
+    DeliverySettings(max_in_flight_per_host=1).save()
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(200, after=2.5))
+    add_request([f"http://slow.example/{n}" for n in range(10)])  # 25 s of work, one at a time
+    waiting = shards.configured()[1].new_drainer_id()
+    inbox.start_drainer(waiting)  # another shard's drainer, with no worker free to run it
+    started = clock.now
+
+    counts = a_drainer(transport, clock).run()
+
+    # It ran its fair share (10 s, the queue seen waiting at two housekeepings), finished what
+    # was out, and left the rest pending for a successor queued behind the waiting job.
+    assert 4 <= counts["success"] <= 6
+    assert counts["success"] + counts["handed over"] == 10
+    assert clock.now - started < 20
+    [first, successor] = get_queue().job_ids
+    assert first == waiting and successor.startswith("drain-")
 
 
 def test_a_warm_shutdown_cuts_off_what_is_still_out_after_the_grace(settings):

@@ -20,7 +20,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from delivery import circuit, transport
-from postbackproject.queue import get_connection, get_queue
+from postbackproject.queue import forget_connections
 from tests.conftest import free_port, ingest_json, success_ids, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,8 +115,7 @@ def through_sentinels(cluster: Cluster) -> Iterator[Cluster]:
 
 
 def forget_clients() -> None:
-    get_connection.cache_clear()
-    get_queue.cache_clear()
+    forget_connections()
     transport.process_transport.cache_clear()
     circuit.process_circuits.cache_clear()
 

@@ -10,7 +10,7 @@ import pytest
 
 from delivery.drain import Drainer, request_stop
 from delivery.models import DeliveryAttempt, DeliverySettings
-from postbackproject import inbox, keys
+from postbackproject import inbox, keys, shards
 from postbackproject.keys import REJECTED
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection, get_queue
@@ -74,7 +74,7 @@ def test_a_try_recorded_as_will_retry_is_only_rescheduled_when_taken_over(client
 def test_scheduling_a_try_twice_keeps_one():
     item = Try("p-0", 2, 0, "GET", "http://h/", None)
     for delay in (60, 90):
-        inbox.schedule_tries([(item, delay)])
+        inbox.schedule_tries(shards.MAIN, [(item, delay)])
 
     [(waiting, due)] = scheduled_retries()
     assert waiting == item
@@ -97,7 +97,7 @@ def test_the_sweep_starts_a_drainer_for_orphaned_work_only_when_no_drainer_is_al
 
 def test_due_tries_are_moved_into_the_inbox_and_later_ones_wait(client):
     soon, later = Try("a-0", 2, 0, "GET", "http://h/a", None), Try("b-0", 2, 0, "GET", "http://h/b", None)
-    inbox.schedule_tries([(soon, -1), (later, 60)])
+    inbox.schedule_tries(shards.MAIN, [(soon, -1), (later, 60)])
 
     assert inbox.sweep() == 1
 

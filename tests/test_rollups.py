@@ -20,7 +20,7 @@ from delivery.models import (
     Span,
 )
 from delivery.recording import Record, save_attempts
-from postbackproject import keys
+from postbackproject import keys, shards
 from postbackproject.queue import get_connection
 from tests.conftest import Reply, deliver_everything, ingest_json
 
@@ -186,9 +186,9 @@ def test_past_minutes_are_folded_into_the_database_once():
 
 
 def test_a_fold_left_staged_by_a_crash_is_finished_once():
-    staged = rollups._STAGING_PREFIX + "token-a"
+    staged = shards.MAIN.folding("token-a")
     get_connection().hset(staged, mapping={1_800_000_000: 4})
-    done_before = rollups._STAGING_PREFIX + "token-b"  # reached the database, then the folder died
+    done_before = shards.MAIN.folding("token-b")  # reached the database, then the folder died
     get_connection().hset(done_before, mapping={1_800_000_000: 9})
     RollupFold.objects.create(token="token-b")
 

@@ -10,7 +10,7 @@ import pytest
 
 from delivery.models import DeliveryAttempt, DeliverySettings
 from delivery.recording import ERROR_MAX_CHARS, TEXT_MAX_CHARS, storable
-from postbackproject import inbox, keys
+from postbackproject import inbox, keys, shards
 from postbackproject.postback import Try
 from postbackproject.queue import get_connection
 from tests.conftest import Receiver, deliver_everything, ingest_json, sent_url
@@ -245,7 +245,7 @@ def test_an_entry_written_straight_into_redis_is_bounded_too(client, receiver: R
 
 def test_a_try_written_straight_into_redis_with_a_huge_url_is_not_sent(receiver: Receiver):
     huge = receiver.url("/t?" + "q" * 20_000)
-    inbox.schedule_tries([(Try("cafe-0", 2, 1, "GET", huge, None), 0.0)])
+    inbox.schedule_tries(shards.MAIN, [(Try("cafe-0", 2, 1, "GET", huge, None), 0.0)])
     inbox.sweep()
 
     deliver_everything()

@@ -1,0 +1,138 @@
+"""The inbox on a real Redis Cluster (three masters, a replica each): ingestion spreads requests
+over INBOX_SHARDS streams, each on its own master; worker processes drain every shard; a master
+killed during ingestion and delivery fails over to its replica with no process restarted, and
+every postback answered 202 is delivered. With REDIS_WAIT_FOR_REPLICAS=1 a 202 means a replica
+holds the request.
+
+RQ's own keys (the drain jobs' queue, the workers) stay on the suite's single redis-server
+(REDIS_URL): RQ 2 cannot run on a cluster (settings.REDIS_CLUSTER_NODES says why).
+"""
+
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from delivery import circuit, transport
+from postbackproject import keys, shards
+from postbackproject.queue import forget_connections, get_connection
+from tests.conftest import free_port, ingest_json, service_env, success_ids, wait_until
+from tests.redis_cluster import RedisClusterUnderTest, redis_cluster  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SHARDS = 3
+
+
+@pytest.fixture
+def on_the_cluster(redis_cluster: RedisClusterUnderTest) -> Iterator[RedisClusterUnderTest]:  # noqa: F811
+    """This process (ingestion) keeps the inbox on the cluster, as the workers will."""
+    saved = (settings.REDIS_CLUSTER_NODES, settings.INBOX_SHARDS, settings.REDIS_WAIT_FOR_REPLICAS)
+    settings.REDIS_CLUSTER_NODES = [
+        ("127.0.0.1", int(node.rpartition(":")[2])) for node in redis_cluster.nodes.split(",")
+    ]
+    settings.INBOX_SHARDS = SHARDS
+    settings.REDIS_WAIT_FOR_REPLICAS = 1
+    forget_clients()
+    yield redis_cluster
+    settings.REDIS_CLUSTER_NODES, settings.INBOX_SHARDS, settings.REDIS_WAIT_FOR_REPLICAS = saved
+    forget_clients()
+
+
+def forget_clients() -> None:
+    forget_connections()
+    shards.turns = shards.Turns()
+    transport.process_transport.cache_clear()
+    circuit.process_circuits.cache_clear()
+
+
+def cluster_env(cluster: RedisClusterUnderTest) -> dict[str, str]:
+    return {"REDIS_CLUSTER_NODES": cluster.nodes, "INBOX_SHARDS": str(SHARDS), "REDIS_WAIT_FOR_REPLICAS": "1"}
+
+
+def document(receiver: Any, path: str) -> dict[str, object]:
+    return {"endpoint": {"method": "GET", "url": receiver.url(path + "?n={n}")}, "data": [{"n": 1}, {"n": 2}]}
+
+
+def test_each_shard_lives_on_its_own_master_and_every_postback_is_delivered_once(
+    client, receiver, processes, on_the_cluster
+):
+    cluster = on_the_cluster
+    configured = shards.configured()
+    masters = {cluster.master_of(shard.inbox) for shard in configured}
+    assert len(masters) == SHARDS  # the tags put each shard in another third of the slots
+    workers = [processes.worker(**cluster_env(cluster)) for _ in range(2)]  # fewer workers than shards
+    accepted: list[str] = []
+    for _ in range(60):
+        response = ingest_json(client, document(receiver, "/c"))
+        assert response.status_code == 202, response.content
+        accepted += response.json()["postbacks"]
+
+    wait_until(lambda: success_ids() >= set(accepted), timeout=60, what="every postback delivered")
+    assert Counter(receiver.postback_ids()) == Counter(accepted)  # each once
+    entries = [get_connection().xlen(shard.inbox) for shard in configured]
+    assert entries == [0] * SHARDS
+    registered = {shards.Shard(shard_id.decode()) for shard_id in get_connection().hkeys(keys.SHARDS)}  # type: ignore[union-attr]
+    assert registered == set(configured)
+    assert all(worker.poll() is None for worker in workers), processes.output()
+
+
+def test_a_master_killed_during_ingestion_and_delivery_loses_no_postback_answered_202(
+    client, receiver, processes, on_the_cluster
+):
+    cluster = on_the_cluster
+    workers = [processes.worker(**cluster_env(cluster)) for _ in range(SHARDS)]
+    victim_shard = shards.configured()[1]
+    victim = cluster.master_of(victim_shard.inbox)
+    accepted: list[str] = []
+    accepted_before: set[str] = set()
+    refused = 0
+
+    def send() -> None:
+        nonlocal refused
+        response = ingest_json(client, document(receiver, "/k"))
+        if response.status_code == 202:
+            accepted.extend(response.json()["postbacks"])
+        else:
+            assert response.status_code == 503 and response["Retry-After"], response.content
+            refused += 1
+
+    for _ in range(60):
+        send()
+    wait_until(lambda: len(success_ids()) >= 60, timeout=30, what="steady delivery before the kill")
+
+    accepted_before.update(accepted)
+    cluster.kill(victim)
+    taken_at_kill = len(accepted)
+
+    def carried_on() -> bool:
+        send()
+        return len(accepted) - taken_at_kill >= 120
+
+    wait_until(carried_on, timeout=60, what="ingestion to carry on while the master fails over")
+    cluster.wait_for_failover(victim)
+    for _ in range(30):
+        send()
+
+    wait_until(lambda: success_ids() >= set(accepted), timeout=90, what="every postback answered 202 delivered")
+    assert all(worker.poll() is None for worker in workers), processes.output()  # nothing was restarted
+    sent_twice = {postback for postback, times in Counter(receiver.postback_ids()).items() if times > 1}
+    # Only what was in flight when the master died is sent again: postbacks accepted before it.
+    assert sent_twice <= accepted_before
+    # The victim's slots moved to its replica, which holds what was written before the kill.
+    assert cluster.master_of(victim_shard.inbox) != victim
+
+
+def test_wait_for_redis_waits_for_the_cluster_to_serve_every_slot(redis_cluster: RedisClusterUnderTest):  # noqa: F811
+    script = [sys.executable, "deploy/wait-for-redis.py", "--timeout", "3"]
+    up = subprocess.run(script, env=service_env(REDIS_CLUSTER_NODES=redis_cluster.nodes), capture_output=True)
+    assert up.returncode == 0, up.stderr
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    down = subprocess.run(script, env=service_env(REDIS_CLUSTER_NODES=nowhere), capture_output=True, text=True)
+    assert down.returncode == 1
+    assert f"no answer from the Redis Cluster {nowhere}" in down.stderr
