@@ -11,7 +11,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from delivery.models import DeliverySettings
-from postbackproject import keys
+from postbackproject import keys, shards
 from postbackproject.queue import get_connection
 from postbackproject.settings import BASE_DIR
 from tests.conftest import Reply, http_answers, ingest_json, run_worker, service_env, success_ids, wait_until
@@ -86,6 +86,21 @@ def test_circuits_past_their_open_time_are_counted_as_probe_due_not_open(client,
 
     assert figures[("postback_circuits_open", ())] == 1
     assert figures[("postback_circuits_probe_due", ())] == 2
+
+
+def test_the_inbox_depth_is_given_in_all_and_per_shard(client, token, settings, receiver):
+    settings.INBOX_SHARDS = 2
+    document = {"endpoint": {"method": "GET", "url": receiver.url("/m")}, "data": [{}]}
+    for _ in range(3):
+        assert ingest_json(client, document).status_code == 202
+    first, second = shards.configured()
+
+    figures = scrape(client, token)
+
+    assert figures[("postback_queue_depth", ())] == 3
+    assert figures[("postback_inbox_shard_depth", (("shard", first.id),))] == get_connection().xlen(first.inbox)
+    assert figures[("postback_inbox_shard_depth", (("shard", second.id),))] == get_connection().xlen(second.inbox)
+    assert {get_connection().xlen(first.inbox), get_connection().xlen(second.inbox)} == {1, 2}
 
 
 def scraped(base_url: str, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
