@@ -17,6 +17,7 @@ from redis import Redis
 from benchmark.database import AttemptLog, AttemptRow
 from benchmark.loadgen import ACCEPTED, SharedCounters
 from benchmark.metrics import cpu_seconds
+from postbackproject.keys import DUE, INBOX
 
 POLL_SECONDS = 0.5
 RSS_SECONDS = 0.5
@@ -29,8 +30,8 @@ def queue_keys() -> dict[str, tuple[str, str]]:
     return {
         "rq_queue": ("list", f"rq:queue:{queue}"),
         "rq_scheduled": ("zset", f"rq:scheduled:{queue}"),
-        "inbox": ("stream", "postback:inbox"),
-        "due": ("zset", "postback:due"),
+        "inbox": ("stream", INBOX),  # the benchmark runs one shard on one Redis
+        "due": ("zset", DUE),
     }
 
 

@@ -8,6 +8,7 @@ RQ's own keys (the drain jobs' queue, the workers) stay on the suite's single re
 (REDIS_URL): RQ 2 cannot run on a cluster (settings.REDIS_CLUSTER_NODES says why).
 """
 
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -21,7 +22,7 @@ from delivery import circuit, transport
 from postbackproject import keys, shards
 from postbackproject.queue import forget_connections, get_connection
 from tests.conftest import free_port, ingest_json, service_env, success_ids, wait_until
-from tests.redis_cluster import RedisClusterUnderTest, redis_cluster  # noqa: F401
+from tests.redis_cluster import RedisClusterUnderTest, node_client, redis_cluster  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -136,3 +137,28 @@ def test_wait_for_redis_waits_for_the_cluster_to_serve_every_slot(redis_cluster:
     down = subprocess.run(script, env=service_env(REDIS_CLUSTER_NODES=nowhere), capture_output=True, text=True)
     assert down.returncode == 1
     assert f"no answer from the Redis Cluster {nowhere}" in down.stderr
+
+
+def test_with_wait_for_replicas_a_202_means_the_shards_replica_holds_the_request(
+    client, receiver, on_the_cluster, settings
+):
+    cluster = on_the_cluster
+    settings.INBOX_SHARDS = 1  # every request to the one shard, whose replica the test stops
+    settings.REDIS_WAIT_TIMEOUT_MS = 300
+    [shard] = shards.configured()
+    master = cluster.master_of(shard.inbox)
+    [replica] = cluster.replicas_of(master)
+
+    taken = ingest_json(client, document(receiver, "/w"))
+    assert taken.status_code == 202
+    follower = node_client(replica)
+    follower.execute_command("READONLY")
+    assert follower.xlen(shard.inbox) == 1  # already there when the 202 came back
+
+    cluster.processes[replica].send_signal(signal.SIGSTOP)  # the replica hears nothing for now
+    try:
+        refused = ingest_json(client, document(receiver, "/w"))
+    finally:
+        cluster.processes[replica].send_signal(signal.SIGCONT)
+    assert refused.status_code == 503
+    assert "could not confirm" in refused.json()["error"]
