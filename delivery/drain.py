@@ -48,6 +48,7 @@ from delivery.settling import EntryState, FollowUp, Settler
 from delivery.transport import process_transport
 from postbackproject import inbox, keys
 from postbackproject.queue import get_connection, get_queue
+from postbackproject.shards import shard_of_drainer
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,11 @@ IDLE_BLOCK_MS = 200
 # waiting on slow receivers then asks Redis forty times a second, not three hundred).
 READ_PAUSE_SECONDS = 0.003
 READ_PAUSE_MAX_SECONDS = 0.025
-# A drainer that has run this long hands over when a drain job has waited for a worker since
-# its last housekeeping: with more shards than workers, shards are drained in turn.
+# A drainer that has run this long hands over when the drain job of a shard that nobody drains
+# waits for a worker: with more shards than workers, shards are drained in turn.
 FAIR_SHARE_SECONDS = 10.0
+# Queued drain jobs looked at for a starving shard.
+QUEUED_LOOKED_AT = 16
 # A drainer asks for a colleague at most this often.
 RECRUIT_PAUSE_SECONDS = 1.0
 # Longest a turn of the loop waits for replies (a ready socket ends the wait at once).
@@ -244,7 +247,6 @@ class Drainer:
         self.next_recruit_at = 0.0
         self.stop_seen_at = 0.0
         self.started = 0.0
-        self.jobs_waited = False  # at the last housekeeping, a drain job waited for a worker
         self.yielding = False  # handing over to a drain job that waits for a worker
 
     @classmethod
@@ -404,7 +406,7 @@ class Drainer:
         collector.collect_when_due()
         self.lease.renew()
         unless_redis_is_full(inbox.sweep, "moving due tries into the inbox")
-        self.yielding = self.yielding or self._others_wait()
+        self.yielding = self.yielding or self._a_starving_shard_waits()
         try:
             unless_redis_is_full(fold_accepted_now_and_then, "folding accepted counts")
         except DatabaseError:
@@ -416,14 +418,21 @@ class Drainer:
             self._recruit()
         unless_redis_is_full(lambda: self.settler.tell_circuits(config, {}), "reading the circuits")
 
-    def _others_wait(self) -> bool:
-        """A drain job has waited for a worker since the last housekeeping, and this one has
-        run FAIR_SHARE_SECONDS: with more shards than workers, some shard's drainer waits in
-        RQ's queue while every worker drains another. Handing over (the successor queues
-        behind it) drains the shards in turn rather than leave one waiting for
-        DELIVERY_DRAINER_MAX_SECONDS."""
-        waited, self.jobs_waited = self.jobs_waited, get_queue().count > 0
-        return waited and self.jobs_waited and self.clock.monotonic() - self.started >= FAIR_SHARE_SECONDS
+    def _a_starving_shard_waits(self) -> bool:
+        """This drainer has run FAIR_SHARE_SECONDS and a drain job waits in RQ's queue for a
+        shard that no running drainer serves: with more shards than workers, that shard would
+        wait for DELIVERY_DRAINER_MAX_SECONDS. Handing over (the successor queues behind it)
+        drains the shards in turn. A job queued for a shard that is drained already (a
+        colleague recruited while every worker is busy) is no reason to stop."""
+        if self.clock.monotonic() - self.started < FAIR_SHARE_SECONDS:
+            return False
+        queued = set(get_queue().get_job_ids(0, QUEUED_LOOKED_AT - 1))
+        now_ms = round(self.lease.redis_clock.now() * 1000)
+        for shard in {shard_of_drainer(job_id) for job_id in queued} - {self.lease.shard}:
+            leases: list[bytes] = self.connection.zrangebyscore(shard.leases, now_ms, "+inf")  # type: ignore[assignment]
+            if not {lease.decode() for lease in leases} - queued:
+                return True
+        return False
 
     def _needs_help(self) -> bool:
         """Every connection busy with work waiting, or a round of connections' worth waiting

@@ -164,13 +164,29 @@ def test_a_drainer_hands_over_to_a_drain_job_that_waits_for_a_worker_after_its_f
 
     counts = a_drainer(transport, clock).run()
 
-    # It ran its fair share (10 s, the queue seen waiting at two housekeepings), finished what
-    # was out, and left the rest pending for a successor queued behind the waiting job.
+    # It ran its fair share (10 s), finished what was out, and left the rest pending for a
+    # successor queued behind the waiting job.
     assert 4 <= counts["success"] <= 6
     assert counts["success"] + counts["handed over"] == 10
     assert clock.now - started < 20
     [first, successor] = get_queue().job_ids
     assert first == waiting and successor.startswith("drain-")
+
+
+def test_a_drain_job_queued_for_a_shard_that_is_drained_already_is_no_reason_to_hand_over(settings):
+    settings.INBOX_SHARDS = 3
+    DeliverySettings(max_in_flight_per_host=1).save()
+    clock = FakeClock()
+    transport = FakeTransport(clock, lambda request: Answer(200, after=2.5))
+    add_request([f"http://slow.example/{n}" for n in range(10)])
+    other = shards.configured()[1]
+    running = other.new_drainer_id()  # the other shard's drainer, running on another worker
+    get_connection().zadd(other.leases, {running: redis_ms() + 3_600_000})
+    inbox.start_drainer(other.new_drainer_id())  # a colleague it recruited, waiting for a worker
+
+    counts = a_drainer(transport, clock).run()
+
+    assert counts == {"success": 10}
 
 
 def test_a_warm_shutdown_cuts_off_what_is_still_out_after_the_grace(settings):
