@@ -17,6 +17,10 @@ Tries that must wait (retries after backoff, postbacks deferred by an open circu
 sorted set keyed by postback id, so scheduling the same try twice is one try; `sweep()` moves
 the due ones into the stream.
 
+The inbox is INBOX_SHARDS such streams, each with its own drainers, leases and due tries
+(`postbackproject.shards`): a request goes to one shard, and every script here works on one
+shard's keys, which share a hash slot (on a Redis Cluster, one master).
+
 The keys are named in `postbackproject.keys`; the scripts that change them together are
 here (drainers' leases: `delivery.lease`), each starting with the shared prelude
 (`postbackproject.scripts`). Every time kept in Redis is on Redis's clock.

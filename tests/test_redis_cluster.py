@@ -162,3 +162,14 @@ def test_with_wait_for_replicas_a_202_means_the_shards_replica_holds_the_request
         cluster.processes[replica].send_signal(signal.SIGCONT)
     assert refused.status_code == 503
     assert "could not confirm" in refused.json()["error"]
+
+
+def test_a_senders_rate_limit_holds_across_the_shards(client, receiver, on_the_cluster, settings):
+    settings.INGEST_RATE_LIMIT_PER_ADDRESS = 0.1  # one request, then one each 10 s
+
+    assert ingest_json(client, document(receiver, "/r")).status_code == 202
+    refused = [ingest_json(client, document(receiver, "/r")) for _ in range(SHARDS)]  # each to another shard
+
+    assert [response.status_code for response in refused] == [429] * SHARDS
+    assert all(response["Retry-After"] for response in refused)
+    assert sum(get_connection().xlen(shard.inbox) for shard in shards.configured()) == 1  # nothing else queued
