@@ -342,10 +342,13 @@ def _append(shard: Shard, entries: list[str], postbacks: int, limits: Sequence[R
     if not wanted:
         return scripts.run(_APPEND_SOURCE, names, args)
     try:
-        with master_of(shard.inbox).pipeline(transaction=False) as pipe:
-            scripts.run(_APPEND_SOURCE, names, args, client=pipe)
-            pipe.wait(wanted, settings.REDIS_WAIT_TIMEOUT_MS)
-            started, replicas = pipe.execute()
+        started, replicas = scripts.run_and(
+            _APPEND_SOURCE,
+            names,
+            args,
+            master_of(shard.inbox),
+            lambda pipe: pipe.wait(wanted, settings.REDIS_WAIT_TIMEOUT_MS),
+        )
     except RedisError as exc:
         after_cluster_error(exc)
         raise

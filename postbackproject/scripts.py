@@ -6,13 +6,14 @@ Scripts are loaded by hash (EVALSHA) and loaded again when Redis has lost them (
 failover), on whichever client or pipeline runs them.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from postbackproject.queue import get_connection
 
@@ -101,3 +102,25 @@ def _loaded(source: str) -> Script:
 def run(source: str, keys: Sequence[str], args: Sequence[Any], client: Redis | Pipeline | None = None) -> Any:
     """EVALSHA the script (PRELUDE + source), on the process's client unless given one."""
     return _loaded(source)(keys=keys, args=args, client=client if client is not None else get_connection())
+
+
+def run_and(
+    source: str, keys: Sequence[str], args: Sequence[Any], client: Redis, then: Callable[[Pipeline], Any]
+) -> list[Any]:
+    """EVALSHA the script and the commands `then` adds, in one round trip: the replies.
+
+    `run` on a pipeline would cost a round trip more: redis-py's pipeline asks SCRIPT EXISTS
+    before every execute that holds a script. Here the script is loaded only when Redis says it
+    lacks it (a restart, a failover), and the pipeline is sent again."""
+    script = _loaded(source)
+    for attempt in range(2):
+        with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            then(pipe)
+            try:
+                return pipe.execute()
+            except NoScriptError:
+                if attempt:
+                    raise
+                client.script_load(script.script)
+    raise AssertionError("unreachable")

@@ -16,6 +16,7 @@ using them.
 """
 
 import itertools
+import logging
 import random
 import threading
 import time
@@ -25,9 +26,12 @@ from functools import cache, cached_property
 
 from django.conf import settings
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import RedisError
 
 from postbackproject import keys, scripts
-from postbackproject.queue import get_connection
+from postbackproject.queue import after_cluster_error, get_connection, master_of
+
+logger = logging.getLogger(__name__)
 
 # A shard no process has used for this long, and that holds nothing, is dropped.
 RETIRE_AFTER_MS = 60_000
@@ -139,26 +143,61 @@ class Turns:
         if len(shards) == 1 and shards[0] == MAIN:
             return MAIN  # nothing to choose and, on a single Redis, nothing to stamp
         self.stamp_now_and_then(shards)
+        if self._avoided:
+            self._readmit_the_recovered()
         with self._lock:
             turn = next(self._turn)
-            if self._avoided:
-                now = time.monotonic()
-                self._avoided = {shard: until for shard, until in self._avoided.items() if until > now}
-                shards = [shard for shard in shards if shard not in self._avoided] or shards
+            shards = [shard for shard in shards if shard not in self._avoided] or shards
         return shards[turn % len(shards)]
 
     def avoid(self, shard: Shard) -> None:
-        """Pass a shard over for AVOID_SECONDS: its master could not be reached or did not
-        confirm its replicas (a failover under way, a promoted replica with none of its own)."""
+        """Pass a shard over for AVOID_SECONDS, and after that until its master answers with
+        the replicas REDIS_WAIT_FOR_REPLICAS asks for: it could not be reached or did not
+        confirm its replicas (a failover under way; a promoted replica with none of its own,
+        where every request would wait REDIS_WAIT_TIMEOUT_MS to be refused)."""
         with self._lock:
             self._avoided[shard] = time.monotonic() + AVOID_SECONDS
 
+    def _readmit_the_recovered(self) -> None:
+        """Avoided shards whose time is up: back in turn if their master is fit, else avoided
+        for AVOID_SECONDS more (one question to it, not a request sacrificed)."""
+        now = time.monotonic()
+        with self._lock:
+            due = [shard for shard, until in self._avoided.items() if until <= now]
+            for shard in due:  # asked by this thread alone
+                self._avoided[shard] = now + AVOID_SECONDS
+        for shard in due:
+            if master_is_fit(shard):
+                with self._lock:
+                    self._avoided.pop(shard, None)
+
     def stamp_now_and_then(self, shards: list[Shard]) -> None:
-        """Stamp the shards as used, at most once a STAMP_EVERY_SECONDS."""
+        """Stamp the shards as used, at most once a STAMP_EVERY_SECONDS. A stamp that fails
+        (the registry's master failing over) is left for the next: a shard is retired only
+        after a minute without one, and the request goes on to its own shard."""
         now = time.monotonic()
         if now - self._stamped_at >= STAMP_EVERY_SECONDS:
             self._stamped_at = now
-            stamp(shards)
+            try:
+                stamp(shards)
+            except RedisError as exc:
+                logger.warning("could not stamp the inbox shards in use: %s", exc)
+
+
+def master_is_fit(shard: Shard) -> bool:
+    """Whether the shard's master answers and has the replicas REDIS_WAIT_FOR_REPLICAS asks for
+    in sync."""
+    try:
+        master = master_of(shard.inbox)
+        if not settings.REDIS_WAIT_FOR_REPLICAS:
+            return bool(master.ping())
+        replication = master.info("replication")
+    except RedisError as exc:
+        after_cluster_error(exc)
+        return False
+    replicas = [value for name, value in replication.items() if name.startswith("slave") and isinstance(value, dict)]
+    in_sync = sum(value.get("state") == "online" for value in replicas)
+    return bool(in_sync >= settings.REDIS_WAIT_FOR_REPLICAS)
 
 
 turns = Turns()

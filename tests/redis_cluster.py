@@ -12,6 +12,8 @@ A test module takes the fixture by importing it (`from tests.redis_cluster impor
 Each node's cluster bus port is chosen free too (--cluster-port): the default, the port + 10000,
 is past 65535 for most of the ephemeral range free ports come from. A master sends its replica
 the first copy at once (--repl-diskless-sync-delay 0) rather than wait 5 s for more replicas.
+The masters that live on keep serving their slots while one fails over
+(--cluster-require-full-coverage no), as docs/operations.md tells production to run them.
 """
 
 import shutil
@@ -219,6 +221,7 @@ def start_redis_cluster(masters: int = 3, replicas: int = 1) -> RedisClusterUnde
                 ["redis-server", "--port", str(port), "--bind", HOST, "--dir", str(data),
                  "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
                  "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                 "--cluster-require-full-coverage", "no",
                  "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                  "--repl-diskless-sync-delay", "0"],
                 stdout=subprocess.DEVNULL,
