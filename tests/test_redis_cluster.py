@@ -60,7 +60,7 @@ def document(receiver: Any, path: str) -> dict[str, object]:
 
 
 def test_each_shard_lives_on_its_own_master_and_every_postback_is_delivered_once(
-    client, receiver, processes, on_the_cluster
+    client, receiver, processes, on_the_cluster, settings
 ):
     cluster = on_the_cluster
     configured = shards.configured()
@@ -77,6 +77,12 @@ def test_each_shard_lives_on_its_own_master_and_every_postback_is_delivered_once
     assert Counter(receiver.postback_ids()) == Counter(accepted)  # each once
     entries = [get_connection().xlen(shard.inbox) for shard in configured]
     assert entries == [0] * SHARDS
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and set(ready.json()["checks"].values()) == {"ok"}, ready.content
+    settings.METRICS_TOKEN = "scrape-me"
+    scraped = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-me").content.decode()
+    assert "postback_redis_up 1.0" in scraped
+    assert all(f'postback_inbox_shard_depth{{shard="{shard.id}"}} 0.0' in scraped for shard in configured)
     registered = {shards.Shard(shard_id.decode()) for shard_id in get_connection().hkeys(keys.SHARDS)}  # type: ignore[union-attr]
     assert registered == set(configured)
     assert all(worker.poll() is None for worker in workers), processes.output()
