@@ -46,7 +46,7 @@ from delivery.progress import resume
 from delivery.rollups import fold_accepted_now_and_then
 from delivery.settling import EntryState, FollowUp, Settler
 from delivery.transport import process_transport
-from postbackproject import inbox, keys
+from postbackproject import inbox, keys, shards
 from postbackproject.queue import get_connection, get_queue
 from postbackproject.shards import shard_of_drainer
 
@@ -429,8 +429,10 @@ class Drainer:
         queued = set(get_queue().get_job_ids(0, QUEUED_LOOKED_AT - 1))
         now_ms = round(self.lease.redis_clock.now() * 1000)
         for shard in {shard_of_drainer(job_id) for job_id in queued} - {self.lease.shard}:
-            leases: list[bytes] = self.connection.zrangebyscore(shard.leases, now_ms, "+inf")  # type: ignore[assignment]
-            if not {lease.decode() for lease in leases} - queued:
+            leases: list[bytes] | None = None
+            with shards.unless_a_master_is_down(f"looking at inbox shard {shard.id}'s drainers"):
+                leases = self.connection.zrangebyscore(shard.leases, now_ms, "+inf")  # type: ignore[assignment]
+            if leases is not None and not {lease.decode() for lease in leases} - queued:
                 return True
         return False
 

@@ -216,12 +216,15 @@ def fold_accepted() -> int:
     """Move the accepted counts of past minutes from Redis into AcceptedRollup; returns how
     many postbacks were folded. Also finishes folds that a crashed process left staged."""
     redis = get_connection()
-    staging = keys.ACCEPTED_FOLDING_PREFIX + ":*"
-    folded = sum(_fold_staged(key.decode()) for key in redis.scan_iter(staging, count=100))
+    folded = 0
+    with shards.unless_a_master_is_down("looking for folds left by a crash"):  # asks every master
+        staging = keys.ACCEPTED_FOLDING_PREFIX + ":*"  # every shard's: folds a crash left
+        folded += sum(_fold_staged(key.decode()) for key in redis.scan_iter(staging, count=100))
     for shard in shards.listed():
-        folding = shard.folding(uuid.uuid4().hex)
-        if scripts.run(_TAKE, [shard.accepted, folding], [], client=redis):
-            folded += _fold_staged(folding)
+        with shards.unless_a_master_is_down(f"folding inbox shard {shard.id}'s counts"):
+            folding = shard.folding(uuid.uuid4().hex)
+            if scripts.run(_TAKE, [shard.accepted, folding], [], client=redis):
+                folded += _fold_staged(folding)
     return folded
 
 

@@ -26,7 +26,7 @@ from delivery.full_redis import unless_redis_is_full
 from delivery.models import DeliverySettings, Outcome
 from delivery.policy import host_answered, outcome_of, retry_delay_seconds
 from delivery.recording import Record, attempt_record, count_in_metrics, deferral_record, log_attempts, save_attempts
-from postbackproject import inbox, tracing
+from postbackproject import inbox, shards, tracing
 from postbackproject.postback import Try
 from postbackproject.shards import Shard
 
@@ -161,9 +161,16 @@ class Settler:
 
     def tell_circuits(self, config: DeliverySettings, reports: dict[str, HostReport], fresh: bool = False) -> None:
         """Report to the circuits (with nothing to report: refresh this process's view), and
-        give the hosts whose circuits changed another turn in the engine."""
+        give the hosts whose circuits changed another turn in the engine.
+
+        The circuits live under one hash tag, so on a Redis Cluster on one master, maybe not
+        this shard's: while that master fails over, the drainer delivers on with its view of
+        the circuits as last read, and this report's failures go uncounted (a circuit opens a
+        few failures later), rather than stop every shard's drainers."""
         threshold, open_seconds = config.circuit_failure_threshold, config.circuit_open_seconds
-        changed = self.circuits.report(reports, threshold, open_seconds, fresh)
+        changed: set[str] = set()
+        with shards.unless_a_master_is_down(f"reporting {len(reports)} hosts to the circuits"):
+            changed = self.circuits.report(reports, threshold, open_seconds, fresh)
         if changed:
             self.engine.reconsider(changed)
 

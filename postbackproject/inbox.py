@@ -374,12 +374,18 @@ def start_drainer(drainer: str) -> None:
 
 def sweep() -> int:
     """Sweep every shard there is (`sweep_shard`), and drop retired shards that hold nothing;
-    returns tries moved."""
+    returns tries moved. On a Redis Cluster a shard whose master cannot be reached (failing
+    over) is left for the next sweep; the others are swept (the caller, maybe a drainer of a
+    shard that is fine, carries on)."""
     found = shards.known()
-    moved = sum(sweep_shard(shard) for shard in found.shards)
+    moved = 0
+    for shard in found.shards:
+        with shards.unless_a_master_is_down(f"sweeping inbox shard {shard.id}"):
+            moved += sweep_shard(shard)
     for shard in found.retired:
-        if shards.drop_if_empty(shard):
-            logger.info("inbox shard %s dropped: no process uses it and it holds nothing", shard.id)
+        with shards.unless_a_master_is_down(f"dropping inbox shard {shard.id}"):
+            if shards.drop_if_empty(shard):
+                logger.info("inbox shard %s dropped: no process uses it and it holds nothing", shard.id)
     return moved
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
@@ -101,7 +102,17 @@ def _loaded(source: str) -> Script:
 
 def run(source: str, keys: Sequence[str], args: Sequence[Any], client: Redis | Pipeline | None = None) -> Any:
     """EVALSHA the script (PRELUDE + source), on the process's client unless given one."""
-    return _loaded(source)(keys=keys, args=args, client=client if client is not None else get_connection())
+    client = client if client is not None else get_connection()
+    script = _loaded(source)
+    if not isinstance(client, RedisCluster):
+        return script(keys=keys, args=args, client=client)
+    try:
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        # Loaded on the master of the keys' slot alone: redis-py's Script would load it on every
+        # master, and fail while any one of them is down (failing over).
+        client.execute_command("SCRIPT LOAD", script.script, target_nodes=client.get_node_from_key(keys[0]))
+        return client.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def run_and(

@@ -21,15 +21,16 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, cached_property
 
 from django.conf import settings
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from postbackproject import keys, scripts
-from postbackproject.queue import after_cluster_error, get_connection, master_of
+from postbackproject.queue import after_cluster_error, get_connection, is_cluster, master_of
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,19 @@ class Turns:
                 logger.warning("could not stamp the inbox shards in use: %s", exc)
 
 
+@contextmanager
+def unless_a_master_is_down(what: str) -> Iterator[None]:
+    """For work on every shard: on a cluster, what needs a master that cannot be reached
+    (failing over) is skipped, said in the log, and the rest is done; on a single Redis the
+    error is everyone's and goes to the caller."""
+    try:
+        yield
+    except (ConnectionError, TimeoutError) as exc:
+        if not is_cluster():
+            raise
+        logger.warning("%s skipped, a master cannot be reached: %s", what, exc)
+
+
 def master_is_fit(shard: Shard) -> bool:
     """Whether the shard's master answers and has the replicas REDIS_WAIT_FOR_REPLICAS asks for
     in sync."""
@@ -224,14 +238,17 @@ class Known:
 
 
 def known() -> Known:
-    """Stamps this process's shards and reads which others exist (two round trips)."""
+    """Stamps this process's shards and reads which others exist (two round trips); while the
+    registry's master fails over, this process's own shards."""
     mine = configured()
-    now = stamp(mine)
-    used: dict[bytes, bytes] = get_connection().hgetall(keys.SHARDS)  # type: ignore[assignment]
-    others = {Shard(shard_id.decode()): int(at) for shard_id, at in used.items()}
-    shards = list(mine) + [shard for shard in others if shard not in mine]
-    retired = [shard for shard, at in others.items() if shard not in mine and at < now - RETIRE_AFTER_MS]
-    return Known(shards, retired)
+    with unless_a_master_is_down("reading which inbox shards are in use"):
+        now = stamp(mine)
+        used: dict[bytes, bytes] = get_connection().hgetall(keys.SHARDS)  # type: ignore[assignment]
+        others = {Shard(shard_id.decode()): int(at) for shard_id, at in used.items()}
+        shards = list(mine) + [shard for shard in others if shard not in mine]
+        retired = [shard for shard, at in others.items() if shard not in mine and at < now - RETIRE_AFTER_MS]
+        return Known(shards, retired)
+    return Known(mine, [])
 
 
 def listed() -> list[Shard]:
