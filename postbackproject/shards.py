@@ -123,9 +123,13 @@ def tag(index: int, count: int) -> str:
 def configured() -> list[Shard]:
     """The shards this process ingests into and drains: INBOX_SHARDS of them. On a single
     Redis the first is the main shard (the keys of an inbox before it was sharded)."""
-    count = settings.INBOX_SHARDS
-    cluster = bool(settings.REDIS_CLUSTER_NODES)
-    return [MAIN if index == 0 and not cluster else Shard(tag(index, count)) for index in range(count)]
+    return list(_configured(settings.INBOX_SHARDS, bool(settings.REDIS_CLUSTER_NODES)))
+
+
+@cache
+def _configured(count: int, cluster: bool) -> tuple[Shard, ...]:
+    """Built once per setting (every request asks): each shard's key names are made once."""
+    return tuple(MAIN if index == 0 and not cluster else Shard(tag(index, count)) for index in range(count))
 
 
 class Turns:
